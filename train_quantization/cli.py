@@ -1,0 +1,125 @@
+"""Shared command-line flags and run setup for the scripts (which stay thin)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+import mxnet as mx
+import numpy as np
+
+from . import data as data_mod
+from .config import Config, load_config
+from .errors import UserError
+from .layers import quantized_layers
+from .models import build_model
+from .train import parse_ctx
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    p.add_argument("--data", help="dataset: cifar-10-python.tar.gz, cifar-10-binary.tar.gz, an image-folder "
+                                  "tree or tarball, or 'synthetic' (overrides data.source)")
+    p.add_argument("--out", help="parent folder for the run folder (overrides out)")
+    p.add_argument("--name", help="run folder name (default: <config>-<kind>-<time>)")
+    p.add_argument("--epochs", type=int, help="override optim.epochs")
+    p.add_argument("--lr", type=float, help="override optim.lr")
+    p.add_argument("--batch-size", type=int, help="override data.batch_size")
+    p.add_argument("--width", type=float, help="override model.width")
+    p.add_argument("--augment", type=int, choices=(0, 1), help="override data.augment (0/1)")
+    p.add_argument("--seed", type=int, help="override seed")
+    p.add_argument("--ctx", help="devices: cpu, cpu:0,cpu:1 or gpu:N (overrides ctx)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, extra: Optional[dict] = None) -> Config:
+    overrides = {"data.source": args.data, "out": args.out, "name": args.name, "optim.epochs": args.epochs,
+                 "optim.lr": args.lr, "data.batch_size": args.batch_size, "model.width": args.width,
+                 "seed": args.seed, "ctx": args.ctx,
+                 "data.augment": None if args.augment is None else bool(args.augment)}
+    overrides.update(extra or {})
+    return load_config(args.config, overrides)
+
+
+def build_for(cfg: Config, ds: data_mod.Dataset, quant: bool) -> mx.gluon.HybridBlock:
+    h, w, c = ds.image_shape
+    if h != w:
+        raise UserError(f"images are {h}x{w}; VGG here needs square images")
+    return build_model(cfg.model, ds.num_classes, c, h, cfg.quant if quant else None)
+
+
+def resolve_params(path: str, prefer: str = "best.params") -> Path:
+    """A run folder (its ``best.params``) or a ``.params`` file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / prefer
+    if not p.is_file():
+        raise UserError(f"checkpoint not found: {p}; pass a run folder or a .params file")
+    return p
+
+
+def load_weights(net: mx.gluon.Block, path: Path, ctxs: list, expect_ranges: bool) -> list:
+    """Load ``path`` into ``net``; returns the parameter names the file did not have.
+
+    Only the range states (``*.input_max``) may be missing, and only when loading a float
+    checkpoint into a QAT network; anything else is a UserError naming the mismatch.
+    """
+    try:
+        saved = mx.nd.load(str(path))
+    except mx.base.MXNetError:
+        raise UserError(f"{path} is not an MXNet parameter file") from None
+    own = net._collect_params_with_prefix()
+    has_ranges = any(k.endswith("input_max") for k in saved)
+    if expect_ranges and not has_ranges:
+        raise UserError(f"{path} is a float checkpoint, but a QAT checkpoint is needed here "
+                        "(pass the run folder of train_qat.py)")
+    if not expect_ranges and has_ranges and not any(k.endswith("input_max") for k in own):
+        raise UserError(f"{path} is a QAT checkpoint, but a float one is needed here "
+                        "(pass the run folder of train_fp32.py)")
+    unknown = sorted(set(saved) - set(own))
+    if unknown:
+        raise UserError(f"{path} does not fit this model: unexpected parameters {unknown[:3]}; "
+                        "check --config/--width/--model match the checkpoint")
+    for k, v in saved.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise UserError(f"{path} does not fit this model: {k} has shape {tuple(v.shape)}, the model "
+                            f"expects {tuple(own[k].shape)}; check width and class count")
+    missing = sorted(set(own) - set(saved))
+    bad = [k for k in missing if not k.endswith("input_max")]
+    if bad:
+        raise UserError(f"{path} does not fit this model: missing parameters {bad[:3]}")
+    net.load_parameters(str(path), ctx=ctxs, allow_missing=bool(missing), ignore_extra=False)
+    for k in missing:  # range states start unset (0): calibration or the first batch sets them
+        own[k].initialize(ctx=ctxs)
+    return missing
+
+
+def init_net(net: mx.gluon.HybridBlock, ctxs: list) -> None:
+    net.initialize(mx.init.Xavier(magnitude=2.0), ctx=ctxs)
+
+
+def describe_ranges(net: mx.gluon.Block) -> list:
+    """Per-layer JSON summary: weight scale(s), activation range."""
+    from . import quant
+
+    rows = []
+    for name, layer in quantized_layers(net):
+        q = layer.q
+        w = layer.weight.data().asnumpy().astype(np.float64)
+        if hasattr(layer, "gamma"):
+            w, _ = quant.fold_bn_np(w, None, layer.gamma.data().asnumpy(), layer.beta.data().asnumpy(),
+                                    layer.running_mean.data().asnumpy(), layer.running_var.data().asnumpy(), 1e-5)
+        qmax = quant.qrange(q.weight_bits, narrow=True)[1]
+        s = quant.weight_scale_np(w, qmax, q.per_channel)
+        rows.append({"layer": name, "type": type(layer).__name__,
+                     "weight_scale": np.ravel(s).tolist() if q.per_channel else float(s),
+                     "input_max": float(layer.input_max.data().asscalar())})
+    return rows
+
+
+def write_json(path: Path, obj: object) -> None:
+    from .train import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2))

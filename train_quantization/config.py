@@ -1,0 +1,170 @@
+"""One typed config for float training and QAT, read from YAML.
+
+Every field has a unit or a meaning in its comment. Unknown keys and wrong types are
+errors that name the key (``UserError``); scripts turn them into one line and exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # archive, folder, image tree or "synthetic" (see data.py)
+    augment: bool = False  # random crop (4 px zero padding) + horizontal flip
+    batch_size: int = 128  # images per step (summed over devices)
+    eval_batch_size: int = 256  # images per evaluation batch
+    cache_dir: str = ".cache/data"  # decoded arrays (.npz) keyed by source path/size/mtime
+    # synthetic set only
+    synthetic_train: int = 2000  # training images
+    synthetic_test: int = 500  # test images
+    synthetic_size: int = 16  # image side, pixels
+    synthetic_channels: int = 3  # 1 or 3
+    synthetic_seed: int = 0  # generator seed (the set, not the training run)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vgg16"  # vgg11 | vgg13 | vgg16 | vgg19
+    width: float = 1.0  # channel multiplier on [64, 128, 256, 512, 512] and Dense 512
+    dropout: float = 0.5  # classifier dropout probability
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"  # sgd | nag | adam
+    lr: float = 0.05  # peak learning rate
+    momentum: float = 0.9  # sgd/nag momentum
+    wd: float = 5e-4  # weight decay (L2), applied by the trainer
+    epochs: int = 15  # passes over the training set
+    schedule: str = "cosine"  # cosine | step | constant
+    warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs
+    step_epochs: list = field(default_factory=lambda: [])  # step schedule: epochs where lr *= step_factor
+    step_factor: float = 0.1
+
+
+@dataclass
+class QuantConfig:
+    weight_bits: int = 8  # weights: narrow symmetric [-(2^(b-1)-1), 2^(b-1)-1]
+    act_bits: int = 8  # activations: signed [-2^(b-1), 2^(b-1)-1], scale moving_max / 2^(b-1)
+    per_channel: bool = False  # weight scale per output channel instead of per tensor
+    momentum: float = 0.95  # EMA: moving_max = m * moving_max + (1 - m) * max|x|
+    ste: str = "plain"  # plain: identity gradient; clipped: zero outside the range
+    bn_mode: str = "frozen"  # frozen: running statistics; paper: batch stats + correction, then frozen
+    bn_freeze_step: int = 0  # paper mode: optimizer steps before BN statistics freeze
+    train_bn_affine: bool = True  # frozen mode: gamma/beta keep learning
+    quantize_last_layer: bool = True  # False keeps the classifier's last Dense in float
+    calib_batches: int = 10  # training batches that initialize the ranges before QAT
+    epochs: int = 2  # QAT fine-tuning epochs (replace optim.epochs for train_qat.py)
+    lr: float = 0.005  # QAT peak learning rate (replaces optim.lr; cosine to 0, no warm-up)
+
+
+@dataclass
+class Config:
+    seed: int = 0  # seeds Python, NumPy and MXNet
+    ctx: str = "cpu"  # cpu | cpu:0,cpu:1 | gpu:0 ...
+    out: str = "runs"  # parent folder of run folders
+    name: str = ""  # run folder name; empty: <config stem>-<kind>-<timestamp>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.arch": ("vgg11", "vgg13", "vgg16", "vgg19"),
+    "optim.optimizer": ("sgd", "nag", "adam"),
+    "optim.schedule": ("cosine", "step", "constant"),
+    "quant.ste": ("plain", "clipped"),
+    "quant.bn_mode": ("frozen", "paper"),
+}
+
+
+def _check_type(key: str, value: Any, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool) and (type(value) is not typ):
+        raise UserError(f"config key '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    if typ is list or origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}' must be a list, got {type(value).__name__} {value!r}")
+    if origin is typing.Union and value is not None:  # Optional[X]
+        return _check_type(key, value, typing.get_args(typ)[0])
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"config section '{prefix or 'top level'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise UserError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, full + ".")
+        else:
+            kwargs[key] = _check_type(full, value, typ)
+    obj = cls(**kwargs)
+    for key, allowed in _CHOICES.items():
+        sect, _, attr = key.partition(".")
+        if prefix == sect + "." and getattr(obj, attr) not in allowed:
+            raise UserError(f"config key '{key}' must be one of {allowed}, got {getattr(obj, attr)!r}")
+    return obj
+
+
+def _validate(cfg: Config) -> Config:
+    q = cfg.quant
+    for key, bits in (("quant.weight_bits", q.weight_bits), ("quant.act_bits", q.act_bits)):
+        if not 2 <= bits <= 8:
+            raise UserError(f"config key '{key}' must be between 2 and 8, got {bits}")
+    if not 0.0 <= q.momentum < 1.0:
+        raise UserError(f"config key 'quant.momentum' must be in [0, 1), got {q.momentum}")
+    if cfg.model.width <= 0:
+        raise UserError(f"config key 'model.width' must be positive, got {cfg.model.width}")
+    if cfg.data.batch_size < 1 or cfg.optim.epochs < 0:
+        raise UserError("config keys 'data.batch_size' and 'optim.epochs' must be positive")
+    return cfg
+
+
+def from_dict(raw: dict) -> Config:
+    return _validate(_build(Config, raw or {}, ""))
+
+
+def load_config(path: str | Path, overrides: Optional[dict] = None) -> Config:
+    """Read YAML at ``path``, apply dotted ``overrides`` (e.g. ``{"optim.lr": 0.1}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path} (pass --config configs/<name>.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return from_dict(raw)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,165 @@
+"""Two numpy engines over an ``Int8Model`` (no MXNet at inference time).
+
+``simulate`` — float-simulated integer inference, as the original experiment did it::
+
+    x_q = clip(round(x / s_a), qmin, qmax)            (float32 division, half to even)
+    acc = conv(x_q, w_q) + b_q                          (float64: exact for |acc| < 2**53)
+    y   = acc * (s_w * s_a)                             dequantized, then ReLU / pool in float
+
+``run_integer`` — integer-only inference (Jacob et al. 2018): the input is quantized once,
+then int8 codes flow between layers; int32 accumulators (computed by float64 BLAS, exact
+below 2**53, cast to int64), int32 biases, requantization by the fixed-point multiplier
+``m0 * 2**(shift - 31)`` with half-to-even rounding, ReLU as a clamp at code 0, max pooling
+on codes, and logits dequantized at the end only.
+
+Float32 accumulation would not be exact: a 3x3 conv over 512 channels sums 4,608 products
+of up to 127 * 128, beyond float32's 2**24 integer range; float64 holds 2**53.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .model import Int8Model, requantize
+
+
+# ----------------------------------------------------------------------------- kernels
+def conv2d_int(x: np.ndarray, w: np.ndarray, pad: int, stride: int = 1) -> np.ndarray:
+    """Exact integer convolution of integer-valued arrays via float64 im2col + GEMM.
+
+    ``x``: (N, C, H, W), ``w``: (O, C, kh, kw) -> (N, O, H', W') float64 with integral values.
+    """
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
+    s = xp.strides
+    cols = np.lib.stride_tricks.as_strided(
+        xp, (n, ho, wo, c, kh, kw), (s[0], s[2] * stride, s[3] * stride, s[1], s[2], s[3]), writeable=False)
+    out = cols.reshape(n * ho * wo, c * kh * kw) @ np.asarray(w, np.float64).reshape(o, -1).T
+    return out.reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
+
+
+def dense_int(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Exact integer matrix product (float64 GEMM), ``x @ w.T``."""
+    return np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+
+
+def maxpool(x: np.ndarray, size: int, stride: int, ceil: bool) -> np.ndarray:
+    n, c, h, w = x.shape
+    ho = -(-(h - size) // stride) + 1 if ceil else (h - size) // stride + 1
+    wo = -(-(w - size) // stride) + 1 if ceil else (w - size) // stride + 1
+    ph, pw = max(0, (ho - 1) * stride + size - h), max(0, (wo - 1) * stride + size - w)
+    if ph or pw:
+        fill = np.iinfo(x.dtype).min if np.issubdtype(x.dtype, np.integer) else -np.inf
+        x = np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)), constant_values=fill)
+    s = x.strides
+    win = np.lib.stride_tricks.as_strided(x, (n, c, ho, wo, size, size),
+                                          (s[0], s[1], s[2] * stride, s[3] * stride, s[2], s[3]), writeable=False)
+    return win.max(axis=(4, 5))
+
+
+def _accumulate(layer: dict, codes: np.ndarray) -> np.ndarray:
+    a = layer["arrays"]
+    if layer["type"] == "conv":
+        acc = conv2d_int(codes, a["w"], layer["pad"], layer.get("stride", 1))
+        return acc + a["b"].astype(np.float64).reshape(1, -1, 1, 1)
+    return dense_int(codes, a["w"]) + a["b"].astype(np.float64)
+
+
+def _channel_shape(layer: dict) -> tuple:
+    return (1, -1, 1, 1) if layer["type"] == "conv" else (1, -1)
+
+
+def input_codes(layer: dict, x: np.ndarray) -> np.ndarray:
+    """``clip(round(x / s_a), qmin, qmax)`` in float32 (bit-identical to the training graph)."""
+    x = np.asarray(x, np.float32)
+    return np.clip(np.rint(x / np.float32(layer["in_scale"])), layer["in_qmin"], layer["in_qmax"])
+
+
+def normalize(model: Int8Model, images_nhwc_uint8: np.ndarray) -> np.ndarray:
+    """uint8 NHWC images -> float32 NCHW, ``(x / 255 - mean) / std`` (as the training pipeline)."""
+    x = images_nhwc_uint8.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
+    mean = np.asarray(model.input_mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(model.input_std, np.float32).reshape(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------- engines
+def simulate(model: Int8Model, x: np.ndarray, record: Optional[dict] = None) -> np.ndarray:
+    """Float-simulated integer inference on normalized float NCHW input; returns logits."""
+    h = np.asarray(x, np.float32)
+    for layer in model.layers:
+        t, a = layer["type"], layer.get("arrays", {})
+        if t in ("conv", "dense"):
+            codes = input_codes(layer, h)
+            if record is not None:
+                record[layer["name"]] = codes.astype(np.int32)
+            acc = _accumulate(layer, codes)
+            scale = a["w_scale"].astype(np.float64) * np.float64(layer["in_scale"])
+            y = acc * scale.reshape(_channel_shape(layer))
+            h = np.maximum(y, 0.0) if layer["relu"] else y
+        elif t == "maxpool":
+            h = maxpool(h, layer["size"], layer["stride"], layer["ceil"])
+        elif t == "flatten":
+            h = h.reshape(h.shape[0], -1)
+        elif t == "dense_float":
+            h = np.asarray(h, np.float64) @ a["w"].astype(np.float64).T + a["b"]
+            h = np.maximum(h, 0.0) if layer["relu"] else h
+        else:
+            raise ValueError(f"unknown layer type {t!r}")
+    return np.asarray(h, np.float64)
+
+
+def run_integer(model: Int8Model, x: np.ndarray, record: Optional[dict] = None) -> np.ndarray:
+    """Integer-only inference on normalized float NCHW input; returns float64 logits."""
+    q = None  # int codes between layers (None while the data is still float)
+    h = np.asarray(x, np.float32)
+    for layer in model.layers:
+        t, a = layer["type"], layer.get("arrays", {})
+        if t in ("conv", "dense"):
+            if q is None:
+                q = input_codes(layer, h).astype(np.int32)
+            if record is not None:
+                record[layer["name"]] = q
+            acc = np.rint(_accumulate(layer, q)).astype(np.int64)
+            if "m0" in a:  # stay in the integer domain: codes for the next quantized layer
+                lo = 0 if layer["relu"] else layer["out_qmin"]
+                q = requantize(acc, a["m0"], a["shift"], lo, layer["out_qmax"]).astype(np.int32)
+            else:  # leave it: dequantize (logits, or the input of a float layer)
+                scale = a["w_scale"].astype(np.float64) * np.float64(layer["in_scale"])
+                h = acc * scale.reshape(_channel_shape(layer))
+                h = np.maximum(h, 0.0) if layer["relu"] else h
+                q = None
+        elif t == "maxpool":
+            if q is not None:
+                q = maxpool(q, layer["size"], layer["stride"], layer["ceil"])
+            else:
+                h = maxpool(h, layer["size"], layer["stride"], layer["ceil"])
+        elif t == "flatten":
+            if q is not None:
+                q = q.reshape(q.shape[0], -1)
+            else:
+                h = h.reshape(h.shape[0], -1)
+        elif t == "dense_float":
+            h = np.asarray(h, np.float64) @ a["w"].astype(np.float64).T + a["b"]
+            h = np.maximum(h, 0.0) if layer["relu"] else h
+        else:
+            raise ValueError(f"unknown layer type {t!r}")
+    return np.asarray(h, np.float64)
+
+
+def predict(model: Int8Model, images: np.ndarray, engine: str = "sim", batch: int = 200,
+            progress: bool = False) -> np.ndarray:
+    """Logits for uint8 NHWC images with the ``sim`` or ``integer`` engine, in batches."""
+    fn = {"sim": simulate, "integer": run_integer}[engine]
+    out = []
+    rng = range(0, len(images), batch)
+    if progress:
+        from tqdm import tqdm
+
+        rng = tqdm(rng, desc=f"{engine} engine", leave=False)
+    for i in rng:
+        out.append(fn(model, normalize(model, images[i:i + batch])))
+    return np.concatenate(out)

@@ -1,0 +1,238 @@
+"""Gluon blocks: float ``Conv2DBN`` and the quantization-aware ``QConv2DBN`` and ``QDense``.
+
+The float and quantized blocks share parameter names (``weight``, ``gamma``, ``beta``,
+``running_mean``, ``running_var``; ``weight``, ``bias`` for Dense), so a float checkpoint
+loads into a QAT network by name; the only new parameter is each quantized layer's
+activation range state ``input_max`` (``grad_req='null'``, saved with the checkpoint).
+
+Activation range, in the graph (no Python reads a value, so the block hybridizes)::
+
+    batch_max  = max|x|                              (no gradient)
+    input_max <- batch_max                           first training batch (input_max == 0)
+    input_max <- m * input_max + (1 - m) * batch_max later training batches
+    input_max    unchanged                           evaluation
+    s_a = input_max / 2**(bits-1),   x_q = clip(round(x / s_a), -2**(bits-1), 2**(bits-1)-1) * s_a
+
+The state is written in-graph by ``sgd_mom_update`` (an op that declares a mutable input,
+composed positionally; with lr=1, momentum=0, wd=0 it sets ``mom = -grad`` exactly), and
+the train/eval switch comes from a ``BatchNorm`` over a constant (batch statistics in
+training, stored ones in evaluation).
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Optional
+
+import mxnet as mx
+from mxnet import gluon
+from mxnet.base import _LIB, check_call, c_str
+from mxnet.gluon import nn
+
+from . import quant
+from .config import QuantConfig
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9
+_OP_HANDLES: dict = {}
+
+
+def _positional_op(F: Any, op: str, inputs: list, **attrs: Any) -> Any:
+    """Call ``op`` with positional inputs. Symbol wrappers pass inputs by keyword, which
+    fails for optimizer ops (no input names registered), so compose the symbol directly."""
+    if F is mx.nd:
+        return getattr(mx.nd, op)(*inputs, **attrs)
+    from mxnet._ctypes.symbol import _symbol_creator
+    from mxnet.name import NameManager
+
+    if op not in _OP_HANDLES:
+        h = ctypes.c_void_p()
+        check_call(_LIB.NNGetOpHandle(c_str(op), ctypes.byref(h)))
+        _OP_HANDLES[op] = h.value
+    name = NameManager.current.get(None, op)
+    return _symbol_creator(_OP_HANDLES[op], inputs, None, list(attrs), [str(v) for v in attrs.values()], name, False)
+
+
+def assign_state(F: Any, state: Any, value: Any) -> Any:
+    """Write ``value`` into the parameter ``state`` in-graph; returns ``value`` (no gradient).
+
+    ``sgd_mom_update(weight=0, grad=-value, mom=state, lr=1, momentum=0, wd=0)`` computes
+    ``mom = 0 * mom - (0 * weight + 1 * grad) = value`` and returns ``weight + mom = value``,
+    both exactly. Using its output keeps the write in the graph.
+    """
+    zero = F.zeros_like(value)
+    out = _positional_op(F, "sgd_mom_update", [zero, F.negative(value), state],
+                         lr=1.0, momentum=0.0, wd=0.0, rescale_grad=1.0)
+    return F.BlockGrad(out)
+
+
+def train_flag(F: Any, state: Any) -> Any:
+    """1.0 in a training forward (``autograd.record(train_mode=True)``), 0.0 otherwise.
+
+    BatchNorm over the single value ``state + 1`` with ``state`` as moving mean and variance
+    and ``gamma = sqrt(state + eps)``: batch statistics give 0, the stored ones give 1.
+    ``momentum=1`` leaves ``state`` unchanged (``state * 1 + mean * 0``).
+    """
+    st = F.BlockGrad(state)
+    gamma = F.sqrt(st + 1e-3)
+    out = F.BatchNorm(F.reshape(st + 1.0, (1, 1)), gamma, F.zeros_like(st), state, state,
+                      momentum=1.0, eps=1e-3, fix_gamma=False, use_global_stats=False)
+    return F.BlockGrad(1.0 - F.round(F.reshape(out, (1,))))
+
+
+def update_range(F: Any, x: Any, state: Any, momentum: float, spatial: bool) -> Any:
+    """EMA of ``max|x|`` (see module docstring); returns the value to quantize with, shape (1,)."""
+    a = F.abs(F.BlockGrad(x))
+    if spatial:  # a global max pool is far faster than a full reduction over NCHW
+        a = F.Pooling(a, kernel=(1, 1), global_pool=True, pool_type="max")
+    bmax = F.reshape(F.max(a), (1,))
+    ema = float(momentum) * state + float(1.0 - momentum) * bmax
+    new = F.where(state > 0, ema, bmax)
+    return assign_state(F, state, F.where(train_flag(F, state), new, state))
+
+
+def quantize_input(F: Any, x: Any, state: Any, q: QuantConfig, ndim: int) -> tuple:
+    """Update the range state (training only) and fake-quantize ``x`` with it.
+
+    Returns ``(x_q, s_a)``, ``s_a`` of shape (1,).
+    """
+    amax = update_range(F, x, state, q.momentum, spatial=ndim == 4)
+    scale = F.where(amax > 0, amax, F.ones_like(amax)) / quant.act_divisor(q.act_bits)
+    qmin, qmax = quant.qrange(q.act_bits, signed=True)
+    return quant.fake_quant(F, x, F.reshape(scale, (1,) * ndim), qmin, qmax, q.ste), scale
+
+
+def quantize_weights(F: Any, w_f: Any, b_f: Any, s_a: Any, q: QuantConfig, ndim: int) -> tuple:
+    """Fake-quantized ``(w_q, b_q)``: narrow symmetric weights, bias on the int32 grid."""
+    qmin, qmax = quant.qrange(q.weight_bits, signed=True, narrow=True)
+    s_w = quant.weight_scale(F, w_f, qmax, q.per_channel, ndim)
+    return (quant.fake_quant(F, w_f, s_w, qmin, qmax, q.ste),
+            quant.fake_quant_bias(F, b_f, s_w, s_a, q.ste))
+
+
+class Conv2DBN(gluon.HybridBlock):
+    """Float 3x3 convolution (no bias), BatchNorm, optional ReLU."""
+
+    def __init__(self, channels: int, in_channels: int, kernel: int = 3, padding: int = 1,
+                 relu: bool = True, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.channels, self.in_channels, self.kernel, self.padding, self.relu = (
+            channels, in_channels, kernel, padding, relu)
+        self.weight = self.params.get("weight", shape=(channels, in_channels, kernel, kernel),
+                                      init=mx.init.Xavier(magnitude=2.0))
+        self.gamma = self.params.get("gamma", shape=(channels,), init="ones")
+        self.beta = self.params.get("beta", shape=(channels,), init="zeros")
+        self.running_mean = self.params.get("running_mean", shape=(channels,), init="zeros",
+                                            grad_req="null", differentiable=False)
+        self.running_var = self.params.get("running_var", shape=(channels,), init="ones",
+                                           grad_req="null", differentiable=False)
+
+    def _conv(self, F: Any, x: Any, w: Any, b: Optional[Any] = None) -> Any:
+        return F.Convolution(x, w, b, kernel=(self.kernel,) * 2, pad=(self.padding,) * 2,
+                             num_filter=self.channels, no_bias=b is None)
+
+    def hybrid_forward(self, F: Any, x: Any, weight: Any, gamma: Any, beta: Any,
+                       running_mean: Any, running_var: Any) -> Any:
+        y = F.BatchNorm(self._conv(F, x, weight), gamma, beta, running_mean, running_var,
+                        eps=BN_EPS, momentum=BN_MOMENTUM, fix_gamma=False)
+        return F.Activation(y, act_type="relu") if self.relu else y
+
+
+class QConv2DBN(Conv2DBN):
+    r"""Conv2D + BatchNorm folded and fake-quantized (Jacob et al. 2018, section 3.2).
+
+    With the BatchNorm running statistics :math:`\mu, \sigma^2` (frozen mode)::
+
+        w_f = w * gamma / sqrt(var + eps)            (per output channel)
+        b_f = beta - mean * gamma / sqrt(var + eps)
+        y   = conv(fq_a(x), fq_w(w_f)) + fq_b(b_f)    then ReLU
+
+    ``fq_w``: symmetric, narrow range, scale ``max|w_f| / (2**(b-1) - 1)`` per tensor or per
+    channel; ``fq_a``: see ``quantize_input``. The fold is in the graph, so the gradient
+    reaches ``w``, ``gamma`` and ``beta`` through it.
+
+    ``bn_mode="paper"`` (Krishnamoorthi 2018, section 3.2.1), until ``freeze_bn()``: training
+    batches normalize with their own statistics while the weights are still folded with the
+    running ones, via the correction ``sigma / sigma_B``::
+
+        c = conv(fq_a(x), fq_w(w_f))                 w_f folded with running sigma
+        y = BatchNorm_batch(c * sigma / gamma)       = c * sigma / sigma_B + beta - gamma * mu_B / sigma_B
+
+    (the batch statistics are those of the quantized-weight output), and the running
+    statistics keep updating. Evaluation, and training after ``freeze_bn()``, use ``c + fq_b(b_f)``.
+    """
+
+    def __init__(self, channels: int, in_channels: int, qcfg: QuantConfig, kernel: int = 3,
+                 padding: int = 1, relu: bool = True, **kwargs: Any):
+        super().__init__(channels, in_channels, kernel, padding, relu, **kwargs)
+        self.q = qcfg
+        self.bn_frozen = qcfg.bn_mode == "frozen"
+        self.input_max = self.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
+                                         differentiable=False)
+        if self.bn_frozen and not qcfg.train_bn_affine:
+            self.gamma.grad_req = self.beta.grad_req = "null"
+
+    def freeze_bn(self) -> None:
+        """Switch paper mode to running statistics for good (call ``hybridize()`` again)."""
+        self.bn_frozen = True
+
+    def hybrid_forward(self, F: Any, x: Any, weight: Any, gamma: Any, beta: Any, running_mean: Any,
+                       running_var: Any, input_max: Any) -> Any:
+        q = self.q
+        xq, s_a = quantize_input(F, x, input_max, q, ndim=4)
+        w_f, b_f = quant.fold_bn(F, weight, None, gamma, beta, running_mean, running_var, BN_EPS)
+        w_q, b_q = quantize_weights(F, w_f, b_f, s_a, q, 4)
+        if self.bn_frozen:
+            y = self._conv(F, xq, w_q, b_q)
+        else:
+            c = self._conv(F, xq, w_q)
+            sigma = F.sqrt(running_var + BN_EPS)
+            g_safe = F.where(F.abs(gamma) > 1e-12, gamma, F.ones_like(gamma) * 1e-12)
+            z = F.broadcast_mul(c, F.reshape(F.BlockGrad(sigma) / g_safe, (1, -1, 1, 1)))
+            batch = F.BatchNorm(z, gamma, beta, running_mean, running_var, eps=BN_EPS,
+                                momentum=BN_MOMENTUM, fix_gamma=False)
+            folded = F.broadcast_add(c, F.reshape(b_q, (1, -1, 1, 1)))
+            y = F.where(F.broadcast_like(F.reshape(train_flag(F, input_max), (1, 1, 1, 1)), c), batch, folded)
+        return F.Activation(y, act_type="relu") if self.relu else y
+
+
+class QDense(gluon.HybridBlock):
+    """Fully connected layer with fake-quantized input and weights (2-D input).
+
+    ``y = fq_a(x) @ fq_w(W).T + fq_b(b)`` (then ReLU if ``relu``); same parameter names as
+    ``gluon.nn.Dense`` plus the range state ``input_max``.
+    """
+
+    def __init__(self, units: int, in_units: int, qcfg: QuantConfig, relu: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.units, self.in_units, self.q, self.relu = units, in_units, qcfg, relu
+        self.weight = self.params.get("weight", shape=(units, in_units), init=None)
+        self.bias = self.params.get("bias", shape=(units,), init="zeros")
+        self.input_max = self.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
+                                         differentiable=False)
+
+    def hybrid_forward(self, F: Any, x: Any, weight: Any, bias: Any, input_max: Any) -> Any:
+        q = self.q
+        xq, s_a = quantize_input(F, x, input_max, q, ndim=2)
+        w_q, b_q = quantize_weights(F, weight, bias, s_a, q, 2)
+        y = F.FullyConnected(xq, w_q, b_q, num_hidden=self.units, flatten=False)
+        return F.Activation(y, act_type="relu") if self.relu else y
+
+
+def dense(units: int, in_units: int, relu: bool) -> nn.Dense:
+    """Float Dense with the parameter names ``QDense`` uses."""
+    return nn.Dense(units, activation="relu" if relu else None, in_units=in_units, flatten=False)
+
+
+def quantized_layers(net: gluon.Block) -> list:
+    """All ``QConv2DBN``/``QDense`` blocks of ``net`` in forward (registration) order, with names."""
+    out = []
+
+    def walk(block: gluon.Block, prefix: str) -> None:
+        for name, child in block._children.items():
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, (QConv2DBN, QDense)):
+                out.append((path, child))
+            walk(child, path)
+
+    walk(net, "")
+    return out

@@ -1,0 +1,183 @@
+"""Pure quantization math, with the quantizer's parameters as arguments.
+
+Every function here is stateless. The ``F`` functions take MXNet's ``F`` (``mx.nd`` or
+``mx.sym``) so they run imperatively and inside hybridized graphs; the ``*_np`` twins are
+float64/float32 numpy references used by the int8 engines and the tests.
+
+Rounding convention (one for the whole project): **round half to even**, as ``np.rint``,
+oneDNN and ONNX Runtime do. In graphs it is computed as ``(u + 1.5 * 2**23) - 1.5 * 2**23``
+in float32, which is exact for ``|u| <= 2**22`` (we clip first, so ``|u| <= 128``) and
+already has an identity gradient. ``rounding="half_away"`` (MXNet's ``round``, what the
+original experiment used) is kept as an option for comparison.
+
+Symbols: ``s`` scale, ``qmin``/``qmax`` integer range, ``u = x / s``.
+
+* fake quantization: ``fq(x) = clip(round(x / s), qmin, qmax) * s``
+* bias: ``fq_b(b) = round(b / (s_w * s_a)) * (s_w * s_a)`` (the int32 bias of the engines)
+* weight scale: ``s_w = max|w_f| / qmax`` (per tensor or per output channel); an all-zero
+  tensor or channel gets ``s_w = 1`` (every code is 0 anyway, and nothing divides by 0)
+* activation scale: ``s_a = moving_max / 2**(bits-1)``
+* EMA: ``moving_max <- m * moving_max + (1 - m) * max|x|``; the first batch sets it
+* BN fold: ``w_f = w * gamma / sqrt(var + eps)``, ``b_f = beta + (b - mean) * gamma / sqrt(var + eps)``
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds float32 half to even
+ROUNDINGS = ("half_even", "half_away")
+
+
+def qrange(bits: int, signed: bool = True, narrow: bool = False) -> Tuple[int, int]:
+    """Integer range of a ``bits``-bit code.
+
+    >>> qrange(8, signed=True, narrow=True)
+    (-127, 127)
+    >>> qrange(8, signed=True)
+    (-128, 127)
+    >>> qrange(4, signed=True, narrow=True)
+    (-7, 7)
+    >>> qrange(8, signed=False)
+    (0, 255)
+    """
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be in [2, 16], got {bits}")
+    if signed:
+        return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
+    return int(narrow), 2**bits - 1
+
+
+def act_divisor(bits: int) -> float:
+    """Activation scale divisor: ``s_a = moving_max / act_divisor(bits)``.
+
+    >>> act_divisor(8)
+    128.0
+    """
+    return float(2 ** (bits - 1))
+
+
+# ----------------------------------------------------------------------------- numpy
+def round_np(x: np.ndarray, rounding: str = "half_even") -> np.ndarray:
+    """Round with the project convention (``half_even``) or MXNet's ``half_away``.
+
+    >>> round_np(np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5])).tolist()
+    [-2.0, -2.0, -0.0, 0.0, 2.0, 2.0]
+    >>> round_np(np.array([-2.5, -0.5, 0.5, 2.5]), "half_away").tolist()
+    [-3.0, -1.0, 1.0, 3.0]
+    """
+    if rounding == "half_even":
+        return np.rint(x)
+    if rounding == "half_away":
+        return np.sign(x) * np.floor(np.abs(x) + 0.5)
+    raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+
+
+def quantize_np(x: np.ndarray, scale: Any, qmin: int, qmax: int, rounding: str = "half_even") -> np.ndarray:
+    """Integer codes ``clip(round(x / s), qmin, qmax)`` (float dtype of ``x``, integral values)."""
+    return np.clip(round_np(x / scale, rounding), qmin, qmax)
+
+
+def fake_quant_np(x: np.ndarray, scale: Any, qmin: int, qmax: int, rounding: str = "half_even") -> np.ndarray:
+    """``clip(round(x / s), qmin, qmax) * s`` in the dtype of ``x``.
+
+    >>> fake_quant_np(np.array([0.26, -1.0, 9.0], np.float32), np.float32(0.5), -4, 3).tolist()
+    [0.5, -1.0, 1.5]
+    """
+    return (quantize_np(x, scale, qmin, qmax, rounding) * scale).astype(x.dtype)
+
+
+def safe_scale_np(max_abs: np.ndarray, divisor: float) -> np.ndarray:
+    """``max_abs / divisor``, with 1 where ``max_abs`` is 0 (all-zero tensor or channel)."""
+    max_abs = np.asarray(max_abs)
+    return np.where(max_abs > 0, max_abs / max_abs.dtype.type(divisor), max_abs.dtype.type(1))
+
+
+def weight_scale_np(w: np.ndarray, qmax: int, per_channel: bool = False) -> np.ndarray:
+    """Symmetric weight scale ``max|w| / qmax``; shape (C, 1, ...) per channel, () per tensor."""
+    if per_channel:
+        m = np.abs(w).reshape(w.shape[0], -1).max(axis=1).reshape((-1,) + (1,) * (w.ndim - 1))
+    else:
+        m = np.abs(w).max()
+    return safe_scale_np(m, qmax)
+
+
+def ema_update_np(state: Optional[float], batch_max: float, momentum: float) -> np.float32:
+    """One EMA step in float32, exactly as the graph computes it; ``state=None`` means unset."""
+    b = np.float32(batch_max)
+    if state is None or state <= 0:
+        return b
+    return np.float32(np.float32(momentum) * np.float32(state)) + np.float32(np.float32(1.0 - momentum) * b)
+
+
+def fold_bn_np(w: np.ndarray, b: Optional[np.ndarray], gamma: np.ndarray, beta: np.ndarray,
+               mean: np.ndarray, var: np.ndarray, eps: float) -> tuple:
+    """BN fold in numpy: returns ``(w_f, b_f)``; ``w`` has the output channel first."""
+    inv = gamma / np.sqrt(var + eps)
+    b = np.zeros_like(mean) if b is None else b
+    return w * inv.reshape((-1,) + (1,) * (w.ndim - 1)), beta + (b - mean) * inv
+
+
+# ----------------------------------------------------------------------------- graph (F)
+def round_half_even(F: Any, u: Any) -> Any:
+    """Half-to-even rounding of float32 ``|u| <= 2**22`` with an identity gradient."""
+    return (u + MAGIC) - MAGIC
+
+
+def clip_ste(F: Any, u: Any, qmin: int, qmax: int) -> Any:
+    """``clip(u, qmin, qmax)`` with an identity gradient, exact in float32 for ``|u| < 2**24``."""
+    return u - F.BlockGrad(F.relu(u - qmax)) + F.BlockGrad(F.relu(qmin - u))
+
+
+def fake_quant(F: Any, x: Any, scale: Any, qmin: int, qmax: int, ste: str = "plain",
+               rounding: str = "half_even") -> Any:
+    """``clip(round(x / s), qmin, qmax) * s`` with a straight-through gradient.
+
+    ``scale`` must have ``x``'s number of dimensions (size-1 axes broadcast) and carries no
+    gradient. ``ste="plain"`` passes the gradient unchanged everywhere (the original);
+    ``ste="clipped"`` zeroes it where ``x / s`` is outside ``[qmin, qmax]`` (PyTorch).
+    Bit-identical to ``fake_quant_np`` in float32.
+    """
+    s = F.broadcast_like(F.BlockGrad(scale), x)
+    u = F.elemwise_div(x, s)
+    uc = F.clip(u, qmin, qmax) if ste == "clipped" else clip_ste(F, u, qmin, qmax)
+    if rounding == "half_even":
+        r = round_half_even(F, uc)
+    else:
+        r = uc + F.BlockGrad(F.round(uc) - uc)
+    return F.elemwise_mul(r, s)
+
+
+def weight_scale(F: Any, w: Any, qmax: int, per_channel: bool, ndim: int) -> Any:
+    """Symmetric weight scale with ``ndim`` dimensions (for broadcasting), no gradient.
+
+    Per tensor: shape (1,)*ndim; per channel: (C, 1, ...). Zero maxima give scale 1.
+    """
+    a = F.abs(F.BlockGrad(w))
+    if per_channel:
+        m = F.max(a, axis=tuple(range(1, ndim)), keepdims=True)
+    else:
+        m = F.reshape(F.max(a), (1,) * ndim)
+    return F.where(m > 0, m / float(qmax), F.ones_like(m))
+
+
+BIAS_QMAX = 2**22  # bias codes are int32; the float32 rounding trick is exact up to 2**22
+
+
+def fake_quant_bias(F: Any, b: Any, w_scale: Any, a_scale: Any, ste: str = "plain") -> Any:
+    """Bias as the integer engines use it: ``round(b / (s_w * s_a)) * (s_w * s_a)``.
+
+    ``w_scale`` has any shape with C or 1 elements, ``a_scale`` shape (1,).
+    """
+    s_b = F.broadcast_mul(F.reshape(w_scale, (-1,)), a_scale)
+    return fake_quant(F, b, s_b, -BIAS_QMAX, BIAS_QMAX, ste)
+
+
+def fold_bn(F: Any, w: Any, b: Optional[Any], gamma: Any, beta: Any, mean: Any, var: Any,
+            eps: float, ndim: int = 4) -> tuple:
+    """Graph BN fold, differentiable in ``w``, ``gamma``, ``beta`` (and ``b``): ``(w_f, b_f)``."""
+    inv = gamma / F.sqrt(var + eps)
+    w_f = F.broadcast_mul(w, F.reshape(inv, (-1,) + (1,) * (ndim - 1)))
+    b_f = beta - mean * inv if b is None else beta + (b - mean) * inv
+    return w_f, b_f

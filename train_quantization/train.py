@@ -1,0 +1,289 @@
+"""One training loop for float training and QAT; run folders, checkpoints, metrics.
+
+A run folder holds ``config.yaml`` (resolved), ``env.json`` (versions, commit, command),
+``train.log``, ``metrics.jsonl`` (one JSON object per epoch), ``best.params``,
+``last.params`` and ``last.states`` (trainer state) and ``state.json`` (epoch, step).
+Every file is written to a temporary name and renamed, so a crash never leaves a
+half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon
+from tqdm import tqdm
+
+from . import data as data_mod
+from .config import Config, dump_config
+from .errors import UserError
+from .layers import QConv2DBN, quantized_layers
+
+log = logging.getLogger("train_quantization")
+
+
+# ----------------------------------------------------------------------------- setup
+def parse_ctx(spec: str) -> list:
+    """``cpu``, ``cpu:0,cpu:1``, ``gpu:0`` ... -> list of contexts; a missing GPU is a UserError."""
+    ctxs = []
+    for part in spec.split(","):
+        kind, _, idx = part.strip().partition(":")
+        if kind not in ("cpu", "gpu") or (idx and not idx.isdigit()):
+            raise UserError(f"--ctx {spec!r}: use cpu, cpu:0,cpu:1 or gpu:N")
+        i = int(idx or 0)
+        if kind == "gpu" and i >= mx.context.num_gpus():
+            raise UserError(f"--ctx {part}: no such GPU (this MXNet sees {mx.context.num_gpus()}); use --ctx cpu")
+        ctxs.append(mx.gpu(i) if kind == "gpu" else mx.cpu(i))
+    return ctxs
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    mx.random.seed(seed)
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_params(net: gluon.Block, path: Path) -> None:
+    """``net.save_parameters`` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    net.save_parameters(str(tmp))
+    os.replace(tmp, path)
+
+
+def make_run_dir(cfg: Config, kind: str, stem: str) -> Path:
+    name = cfg.name or f"{stem}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = Path(cfg.out) / name
+    if (run / "metrics.jsonl").exists():
+        raise UserError(f"run folder {run} already holds a run; pass another --name or --out")
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / "config.yaml", dump_config(cfg))
+    env = {"kind": kind, "command": " ".join(sys.argv), "python": platform.python_version(),
+           "mxnet": mx.__version__, "numpy": np.__version__, "machine": platform.machine(),
+           "processor": platform.processor(), "cpus": os.cpu_count(), "commit": _git_commit(),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_text(run / "env.json", json.dumps(env, indent=2))
+    handler = logging.FileHandler(run / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return run
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("PIL").setLevel(logging.WARNING)
+
+
+# ----------------------------------------------------------------------------- pieces
+def make_trainer(net: gluon.Block, cfg: Config, steps_per_epoch: int, kvstore: str = "device") -> gluon.Trainer:
+    o = cfg.optim
+    total = max(1, o.epochs * steps_per_epoch)
+    warm = int(o.warmup_epochs * steps_per_epoch)
+    if o.schedule == "cosine":
+        sched = mx.lr_scheduler.CosineScheduler(max_update=total, base_lr=o.lr, final_lr=0.0,
+                                                warmup_steps=min(warm, total - 1), warmup_begin_lr=0.0)
+    elif o.schedule == "step":
+        steps = [int(e * steps_per_epoch) for e in o.step_epochs] or [total + 1]
+        sched = mx.lr_scheduler.MultiFactorScheduler(steps, o.step_factor, base_lr=o.lr,
+                                                     warmup_steps=warm, warmup_begin_lr=0.0)
+    else:
+        sched = mx.lr_scheduler.FactorScheduler(total + 1, 1.0, base_lr=o.lr, warmup_steps=warm,
+                                                warmup_begin_lr=0.0)
+    params = {"learning_rate": o.lr, "wd": o.wd, "lr_scheduler": sched}
+    if o.optimizer in ("sgd", "nag"):
+        params["momentum"] = o.momentum
+    # weight decay on weights only: BN affine, biases and range states are excluded
+    for name, p in net.collect_params().items():
+        if not name.endswith("weight"):
+            p.wd_mult = 0.0
+    return gluon.Trainer(net.collect_params(), o.optimizer, params, kvstore=kvstore)
+
+
+def split(batch: Any, ctxs: list) -> list:
+    return gluon.utils.split_and_load(batch, ctxs, even_split=False)
+
+
+def evaluate(net: gluon.Block, loader: gluon.data.DataLoader, norm: Any, ctxs: list,
+             return_outputs: bool = False) -> dict:
+    """Top-1 accuracy and mean cross-entropy in evaluation mode (ranges are not touched)."""
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    correct = total = 0
+    loss_sum = 0.0
+    outputs = []
+    for x, y in loader:
+        for xs, ys in zip(split(x, ctxs), split(y, ctxs)):
+            out = net(norm(xs))
+            loss_sum += float(loss_fn(out, ys.astype("float32")).sum().asscalar())
+            pred = out.argmax(axis=1).astype("int32")
+            correct += int((pred == ys.astype("int32")).sum().asscalar())
+            total += ys.shape[0]
+            if return_outputs:
+                outputs.append(out.asnumpy())
+    res = {"acc": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": total}
+    if return_outputs:
+        res["logits"] = np.concatenate(outputs)
+    return res
+
+
+def sync_ranges(net: gluon.Block) -> None:
+    """Make every device's activation ranges equal: the max over devices.
+
+    All devices start a step with the same ``input_max`` and the EMA is monotone in the
+    batch maximum, so the max of the per-device results equals the single-device update on
+    the whole global batch (``m * r + (1 - m) * max_d(max|x_d|)``).
+    """
+    for _, layer in quantized_layers(net):
+        arrs = layer.input_max.list_data()
+        if len(arrs) > 1:
+            m = mx.nd.max(mx.nd.stack(*[a.as_in_context(arrs[0].context) for a in arrs]), axis=0)
+            for a in arrs:
+                m.copyto(a)
+
+
+def range_summary(net: gluon.Block) -> dict:
+    return {name: float(layer.input_max.data().asscalar()) for name, layer in quantized_layers(net)}
+
+
+def calibrate(net: gluon.Block, loader: gluon.data.DataLoader, norm: Any, ctxs: list, batches: int) -> None:
+    """Initialize the EMA ranges with training-mode forwards (no backward, no weight update)."""
+    for i, (x, _) in enumerate(loader):
+        if i >= batches:
+            break
+        with autograd.train_mode():
+            for xs in split(x, ctxs):
+                net(norm(xs)).wait_to_read()
+        sync_ranges(net)
+
+
+# ----------------------------------------------------------------------------- loop
+def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ctxs: list,
+        qat: bool = False, extra_metrics: Optional[Callable[[], dict]] = None) -> dict:
+    """Train ``net`` for ``cfg.optim.epochs`` epochs; returns the best epoch's metrics."""
+    train_loader, test_loader = data_mod.make_loaders(ds, cfg.data.batch_size, cfg.data.eval_batch_size,
+                                                      cfg.data.augment, cfg.seed)
+    mean, std = ds.mean_std()
+    norm = data_mod.normalizer(mean, std)
+    steps_per_epoch = len(train_loader)
+    trainer = make_trainer(net, cfg, steps_per_epoch)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    metrics_path = run / "metrics.jsonl"
+    best: dict = {"test_acc": -1.0}
+    step = 0
+    bn_freeze = cfg.quant.bn_freeze_step if qat and cfg.quant.bn_mode == "paper" else None
+    for epoch in range(cfg.optim.epochs):
+        t0 = time.time()
+        loss_sum = correct = seen = 0.0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False,
+                   dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+        for x, y in bar:
+            if bn_freeze is not None and step >= bn_freeze:
+                freeze_bn(net)
+                bn_freeze = None
+            xs, ys = split(x, ctxs), split(y, ctxs)
+            with autograd.record():
+                outs = [net(norm(a)) for a in xs]
+                losses = [loss_fn(o, b.astype("float32")) for o, b in zip(outs, ys)]
+            autograd.backward(losses)
+            trainer.step(x.shape[0])
+            if qat:
+                sync_ranges(net)
+            step += 1
+            batch_loss = sum(float(v.sum().asscalar()) for v in losses)
+            if not math.isfinite(batch_loss):
+                last = run / "last.params"
+                raise UserError(f"loss is {batch_loss} at step {step} (epoch {epoch + 1}); stopped. "
+                                f"Last good checkpoint: {last if last.exists() else 'none'}; lower optim.lr")
+            loss_sum += batch_loss
+            correct += sum(int((o.argmax(axis=1).astype("int32") == b.astype("int32")).sum().asscalar())
+                           for o, b in zip(outs, ys))
+            seen += x.shape[0]
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.time() - t0):.0f}",
+                            lr=f"{trainer.learning_rate:.4f}", refresh=False)
+        train_time = time.time() - t0
+        ev = evaluate(net, test_loader, norm, ctxs)
+        rec = {"epoch": epoch + 1, "step": step, "lr": trainer.learning_rate,
+               "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+               "test_loss": ev["loss"], "test_acc": ev["acc"], "epoch_time_s": round(train_time, 2),
+               "images_per_s": round(seen / train_time, 1)}
+        if qat:
+            rec["ranges"] = range_summary(net)
+        if extra_metrics:
+            rec.update(extra_metrics())
+        save_params(net, run / "last.params")
+        tmp = run / "last.states.tmp"
+        trainer.save_states(str(tmp))
+        os.replace(tmp, run / "last.states")
+        if ev["acc"] > best["test_acc"]:
+            save_params(net, run / "best.params")
+            best = dict(rec)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        atomic_write_text(run / "state.json", json.dumps({"epoch": epoch + 1, "step": step}))
+        log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f  test_acc %.4f  %.0f img/s  %.1f s",
+                 epoch + 1, cfg.optim.epochs, rec["train_loss"], rec["train_acc"], ev["acc"],
+                 rec["images_per_s"], train_time)
+    return best
+
+
+def freeze_bn(net: gluon.HybridBlock) -> None:
+    """Paper BN mode: switch every QConv2DBN to running statistics and rebuild the graph."""
+    for _, layer in quantized_layers(net):
+        if isinstance(layer, QConv2DBN):
+            layer.freeze_bn()
+    net.hybridize(static_alloc=True)
+    log.info("BatchNorm statistics frozen")
+
+
+def clip_shares(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: Any, ctx: mx.Context,
+                batches: int = 2) -> dict:
+    """Share of each quantized layer's input values that saturate (evaluation mode)."""
+    from .quant import act_divisor, qrange
+
+    layers = quantized_layers(net)
+    counts = {name: [0, 0] for name, _ in layers}
+    net.hybridize(active=False)  # hooks only fire on imperative children
+    hooks = []
+    for name, layer in layers:
+        def hook(block: Any, inputs: tuple, name: str = name) -> None:
+            x = inputs[0]
+            s = max(float(block.input_max.data(x.context).asscalar()), 1e-12) / act_divisor(block.q.act_bits)
+            lo, hi = qrange(block.q.act_bits)
+            u = (x / s).asnumpy()
+            counts[name][0] += int(((u > hi + 0.5) | (u < lo - 0.5)).sum())
+            counts[name][1] += u.size
+        hooks.append(layer.register_forward_pre_hook(hook))
+    try:
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            net(norm(x.as_in_context(ctx)))
+    finally:
+        for h in hooks:
+            h.detach()
+        net.hybridize(static_alloc=True)
+    return {name: c[0] / max(c[1], 1) for name, c in counts.items()}
