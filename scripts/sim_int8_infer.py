@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from train_quantization.errors import UserError, cli_main  # noqa: E402
-from train_quantization.int8 import engine, model as int8_model  # noqa: E402
+from train_quantization.int8 import engine  # noqa: E402
+from train_quantization.int8 import model as int8_model
 
 
 def _fake_quant_logits(run: Path, data: str | None, ckpt: str) -> tuple:
@@ -80,11 +81,16 @@ def main() -> None:
         model = int8_model.load(path)  # evaluate what the file holds
     else:
         from train_quantization import data as data_mod
+        from train_quantization.config import DataConfig
 
         model = int8_model.load(args.artifact)
         if not args.data:
             raise UserError("--artifact needs --data (the dataset to evaluate on)")
-        ds = data_mod.load_dataset(args.data)
+        ds = data_mod.dataset_from_config(DataConfig(source=args.data))
+        h, w, c = ds.image_shape
+        if (c, h, w) != tuple(model.input_shape):
+            raise UserError(f"the artifact expects {tuple(model.input_shape)} (C, H, W) inputs, the data has "
+                            f"{(c, h, w)}; pass the dataset it was trained on")
         report["artifact"] = args.artifact
         report["artifact_bytes"] = int8_model.artifact_size(args.artifact)
     n = args.limit or len(ds.test_x)

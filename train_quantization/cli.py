@@ -14,7 +14,6 @@ from .config import Config, load_config
 from .errors import UserError
 from .layers import quantized_layers
 from .models import build_model
-from .train import parse_ctx
 
 
 def common_parser(description: str) -> argparse.ArgumentParser:
@@ -44,6 +43,9 @@ def config_from_args(args: argparse.Namespace, extra: Optional[dict] = None) -> 
 
 
 def build_for(cfg: Config, ds: data_mod.Dataset, quant: bool) -> mx.gluon.HybridBlock:
+    if cfg.data.batch_size > len(ds.train_x):
+        raise UserError(f"batch size {cfg.data.batch_size} is larger than the training set ({len(ds.train_x)} "
+                        "images); lower data.batch_size")
     h, w, c = ds.image_shape
     if h != w:
         raise UserError(f"images are {h}x{w}; VGG here needs square images")

@@ -53,6 +53,7 @@ class OptimConfig:
 
 @dataclass
 class QuantConfig:
+    enabled: bool = True  # False: quantized blocks run in float (BN fold only), e.g. a quantization delay
     weight_bits: int = 8  # weights: narrow symmetric [-(2^(b-1)-1), 2^(b-1)-1]
     act_bits: int = 8  # activations: signed [-2^(b-1), 2^(b-1)-1], scale moving_max / 2^(b-1)
     per_channel: bool = False  # weight scale per output channel instead of per tensor

@@ -137,13 +137,15 @@ def _decode_tree(files: dict, read: Callable[[str], bytes], where: str) -> Datas
 
     for split in ("train", "test"):
         if split not in files:
-            raise UserError(f"image folder {where} has no '{split}/' split (expected train/<class>/* and test/<class>/*)")
+            raise UserError(f"image folder {where} has no '{split}/' split "
+                            "(expected train/<class>/* and test/<class>/*)")
         empty = [c for c, v in files[split].items() if not v]
         if empty or not files[split]:
             raise UserError(f"image folder {where}: class folder(s) {empty or '(none)'} in '{split}/' hold no images")
     if sorted(files["train"]) != sorted(files["test"]):
         diff = sorted(set(files["train"]) ^ set(files["test"]))
-        raise UserError(f"image folder {where}: train/ and test/ have different classes ({', '.join(diff)}); make them match")
+        raise UserError(f"image folder {where}: train/ and test/ have different classes ({', '.join(diff)}); "
+                        "make them match")
     classes = sorted(files["train"])
     first = Image.open(io.BytesIO(read(files["train"][classes[0]][0])))
     mode = "L" if first.mode in ("L", "1", "I;16", "I") else "RGB"

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import mxnet as mx
 from mxnet import gluon
-from mxnet.base import _LIB, check_call, c_str
+from mxnet.base import _LIB, c_str, check_call
 from mxnet.gluon import nn
 
 from . import quant
@@ -93,8 +93,10 @@ def update_range(F: Any, x: Any, state: Any, momentum: float, spatial: bool) -> 
 def quantize_input(F: Any, x: Any, state: Any, q: QuantConfig, ndim: int) -> tuple:
     """Update the range state (training only) and fake-quantize ``x`` with it.
 
-    Returns ``(x_q, s_a)``, ``s_a`` of shape (1,).
+    Returns ``(x_q, s_a)``, ``s_a`` of shape (1,). With ``q.enabled`` False: ``(x, None)``.
     """
+    if not q.enabled:
+        return x, None
     amax = update_range(F, x, state, q.momentum, spatial=ndim == 4)
     scale = F.where(amax > 0, amax, F.ones_like(amax)) / quant.act_divisor(q.act_bits)
     qmin, qmax = quant.qrange(q.act_bits, signed=True)
@@ -103,6 +105,8 @@ def quantize_input(F: Any, x: Any, state: Any, q: QuantConfig, ndim: int) -> tup
 
 def quantize_weights(F: Any, w_f: Any, b_f: Any, s_a: Any, q: QuantConfig, ndim: int) -> tuple:
     """Fake-quantized ``(w_q, b_q)``: narrow symmetric weights, bias on the int32 grid."""
+    if not q.enabled:
+        return w_f, b_f
     qmin, qmax = quant.qrange(q.weight_bits, signed=True, narrow=True)
     s_w = quant.weight_scale(F, w_f, qmax, q.per_channel, ndim)
     return (quant.fake_quant(F, w_f, s_w, qmin, qmax, q.ste),

@@ -10,8 +10,7 @@ fake quantization produced, bit for bit. Then, per quantized layer::
 from __future__ import annotations
 
 import numpy as np
-from mxnet import gluon
-from mxnet import nd
+from mxnet import gluon, nd
 from mxnet.gluon import nn
 
 from .. import quant

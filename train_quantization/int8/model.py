@@ -131,7 +131,8 @@ def load(path: str | Path) -> Int8Model:
             header = json.loads(bytes(z["header"]).decode())
             data = {k: z[k] for k in z.files if k != "header"}
     except (zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        raise UserError(f"{path} is truncated or not an int8 artifact ({type(exc).__name__}); export it again") from None
+        raise UserError(f"{path} is truncated or not an int8 artifact ({type(exc).__name__}); "
+                        "export it again") from None
     if header.get("format") != FORMAT:
         raise UserError(f"{path} is not an int8 artifact of this project (format {header.get('format')!r})")
     if header.get("version") != VERSION:

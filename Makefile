@@ -1,0 +1,30 @@
+# make demo: venv + install + float training, QAT and int8 inference on the synthetic set
+# make test: venv + install + the test suite (CIFAR-10 integration test when ../shared has the data)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO := runs/demo
+
+.PHONY: demo test lint clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	rm -rf $(DEMO)
+	$(PY) scripts/train_fp32.py --config configs/synthetic_tiny.yaml --out $(DEMO) --name fp32
+	$(PY) scripts/train_qat.py --config configs/synthetic_tiny.yaml --pretrained $(DEMO)/fp32 --out $(DEMO) --name qat
+	$(PY) scripts/sim_int8_infer.py --qat $(DEMO)/qat --export $(DEMO)/qat/model.int8.npz
+	@echo "demo runs are in $(DEMO)/ (fp32, qat; int8 report: $(DEMO)/qat/int8_eval.json)"
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check train_quantization scripts tests
+
+clean:
+	rm -rf $(VENV) .cache runs *.egg-info

@@ -1,0 +1,80 @@
+"""Shared fixtures: a small synthetic set, and a float model and a QAT model trained on it once."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10_jpeg.tar.gz"
+
+import mxnet as mx  # noqa: E402
+
+from train_quantization import cli, train  # noqa: E402
+from train_quantization import data as data_mod  # noqa: E402
+from train_quantization.config import load_config  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001
+    if "slow" not in (config.getoption("-m") or ""):
+        skip = pytest.mark.skip(reason="slow: run with -m slow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
+
+
+def tiny_config(tmp: Path, **quant: object):
+    cfg = load_config(ROOT / "configs" / "synthetic_tiny.yaml", {"out": str(tmp), "data.cache_dir": ""})
+    return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, **quant))
+
+
+@pytest.fixture(scope="session")
+def tiny_ds():
+    cfg = load_config(ROOT / "configs" / "synthetic_tiny.yaml")
+    return data_mod.dataset_from_config(cfg.data)
+
+
+@pytest.fixture(scope="session")
+def float_run(tmp_path_factory, tiny_ds):
+    """A float VGG16 (width 0.125) trained for 6 epochs on the synthetic set."""
+    tmp = tmp_path_factory.mktemp("float")
+    cfg = tiny_config(tmp)
+    cfg = dataclasses.replace(cfg, name="fp32")
+    train.seed_all(0)
+    net = cli.build_for(cfg, tiny_ds, quant=False)
+    cli.init_net(net, [mx.cpu()])
+    net.hybridize(static_alloc=True)
+    run = train.make_run_dir(cfg, "fp32", "tiny")
+    best = train.fit(net, cfg, tiny_ds, run, [mx.cpu()])
+    return {"run": run, "cfg": cfg, "best": best}
+
+
+def qat_finetune(float_run, tiny_ds, tmp: Path, name: str, **quant: object) -> dict:
+    cfg = tiny_config(tmp, **quant)
+    cfg = dataclasses.replace(cfg, name=name, optim=dataclasses.replace(cfg.optim, epochs=cfg.quant.epochs,
+                                                                       lr=cfg.quant.lr, warmup_epochs=0.0))
+    train.seed_all(0)
+    net = cli.build_for(cfg, tiny_ds, quant=True)
+    new = cli.load_weights(net, float_run["run"] / "best.params", [mx.cpu()], expect_ranges=False)
+    net.hybridize(static_alloc=True)
+    run = train.make_run_dir(cfg, "qat", "tiny")
+    loader, test_loader = data_mod.make_loaders(tiny_ds, 64, 250, False, 0)
+    norm = data_mod.normalizer(*tiny_ds.mean_std())
+    train.calibrate(net, loader, norm, [mx.cpu()], cfg.quant.calib_batches)
+    train.fit(net, cfg, tiny_ds, run, [mx.cpu()], qat=True)
+    ev = train.evaluate(net, test_loader, norm, [mx.cpu()], return_outputs=True)
+    return {"run": run, "cfg": cfg, "net": net, "new": new, "acc": ev["acc"], "logits": ev["logits"],
+            "norm": norm}
+
+
+@pytest.fixture(scope="session")
+def qat_run(float_run, tiny_ds, tmp_path_factory):
+    """The float model fine-tuned for 2 QAT epochs (W8A8, per tensor)."""
+    return qat_finetune(float_run, tiny_ds, tmp_path_factory.mktemp("qat"), "qat")
+
+
+os.environ.setdefault("MXNET_STORAGE_FALLBACK_LOG_VERBOSE", "0")

@@ -1,0 +1,143 @@
+"""Configs, model shapes, checkpoints and the three scripts end to end (subprocesses)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+import pytest
+from conftest import ROOT, SHARED_CIFAR
+
+from train_quantization.config import ModelConfig, QuantConfig, from_dict, load_config
+from train_quantization.errors import UserError
+from train_quantization.models import build_model
+
+
+def test_config_validation_names_the_key(tmp_path):
+    cfg = load_config(ROOT / "configs" / "cifar10_vgg16_w025.yaml")
+    assert cfg.model.width == 0.25 and cfg.data.augment is True and cfg.optim.epochs == 15
+    for name in ("cifar10_vgg16.yaml", "cifar10_vgg16_aug.yaml", "synthetic_tiny.yaml"):
+        load_config(ROOT / "configs" / name)
+    with pytest.raises(UserError, match="unknown config key 'optim.lrr'"):
+        from_dict({"optim": {"lrr": 0.1}})
+    with pytest.raises(UserError, match="'optim.lr' must be float, got str"):
+        from_dict({"optim": {"lr": "fast"}})
+    with pytest.raises(UserError, match="'data.augment' must be bool"):
+        from_dict({"data": {"augment": 1}})
+    with pytest.raises(UserError, match="'quant.bn_mode' must be one of"):
+        from_dict({"quant": {"bn_mode": "sometimes"}})
+    with pytest.raises(UserError, match="'quant.act_bits' must be between 2 and 8"):
+        from_dict({"quant": {"act_bits": 9}})
+    assert from_dict({"optim": {"lr": 1}}).optim.lr == 1.0  # ints are fine where floats are expected
+
+
+@pytest.mark.parametrize("shape,channels", [((32, 32), 3), ((28, 28), 1)])
+def test_model_output_shapes_and_shared_names(shape, channels):
+    for quant in (None, QuantConfig()):
+        net = build_model(ModelConfig(width=0.125), 10, channels, shape[0], quant)
+        net.initialize()
+        out = net(mx.nd.zeros((2, channels) + shape))
+        assert out.shape == (2, 10)
+    fnames = set(build_model(ModelConfig(width=0.125), 10, 3, 32)._collect_params_with_prefix())
+    qnames = set(build_model(ModelConfig(width=0.125), 10, 3, 32, QuantConfig())._collect_params_with_prefix())
+    assert fnames < qnames and all(n.endswith("input_max") for n in qnames - fnames)
+    q_last_float = build_model(ModelConfig(width=0.125), 10, 3, 32, QuantConfig(quantize_last_layer=False))
+    assert not hasattr(q_last_float.classifier[3], "input_max")
+
+
+def test_training_beats_bound_and_checkpoint_roundtrip(float_run, tiny_ds, tmp_path):
+    from train_quantization import cli, train
+    from train_quantization import data as data_mod
+
+    assert float_run["best"]["test_acc"] >= 0.6  # chance is 0.1
+    rows = [json.loads(line) for line in (float_run["run"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 7))
+    for f in ("config.yaml", "env.json", "best.params", "last.params", "last.states", "train.log"):
+        assert (float_run["run"] / f).is_file()
+    net = cli.build_for(float_run["cfg"], tiny_ds, quant=False)
+    cli.load_weights(net, float_run["run"] / "best.params", [mx.cpu()], expect_ranges=False)
+    _, test_loader = data_mod.make_loaders(tiny_ds, 64, 250, False, 0)
+    acc = train.evaluate(net, test_loader, data_mod.normalizer(*tiny_ds.mean_std()), [mx.cpu()])["acc"]
+    assert acc == pytest.approx(float_run["best"]["test_acc"], abs=1e-9)
+    with pytest.raises(UserError, match="QAT checkpoint is needed"):
+        cli.load_weights(cli.build_for(float_run["cfg"], tiny_ds, quant=True), float_run["run"] / "best.params",
+                         [mx.cpu()], expect_ranges=True)
+    other = build_model(ModelConfig(width=0.25), 10, 3, 16)
+    with pytest.raises(UserError, match="does not fit this model"):
+        cli.load_weights(other, float_run["run"] / "best.params", [mx.cpu()], expect_ranges=False)
+
+
+def _run(*args, cwd=ROOT, timeout=300):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_cli_end_to_end_on_synthetic(tmp_path):
+    out = tmp_path / "runs"
+    r = _run("scripts/train_fp32.py", "--config", "configs/synthetic_tiny.yaml", "--out", str(out), "--name", "f",
+             "--epochs", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"run folder: {out / 'f'}" in r.stdout and "best checkpoint:" in r.stdout
+    r = _run("scripts/train_qat.py", "--config", "configs/synthetic_tiny.yaml", "--pretrained", str(out / "f"),
+             "--out", str(out), "--name", "q", "--epochs", "1", "--per-channel", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "new parameters: " in r.stdout and "fake-quant before QAT" in r.stdout
+    layers = json.loads((out / "q" / "layers.json").read_text())
+    assert len(layers) == 15 and all(len(la["weight_scale"]) > 1 for la in layers)  # per channel
+    assert all(la["input_max"] > 0 and 0 <= la["clipped_share"] < 0.05 for la in layers)
+    r = _run("scripts/sim_int8_infer.py", "--qat", str(out / "q"), "--export", str(tmp_path / "m.npz"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((out / "q" / "int8_eval.json").read_text())
+    assert rep["integer_agree_sim"] >= 0.999 and abs(rep["sim_acc"] - rep["fake_quant_acc"]) <= 0.004
+    r = _run("scripts/sim_int8_infer.py", "--artifact", str(tmp_path / "m.npz"), "--data", "synthetic",
+             "--engine", "integer")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "integer_acc" in r.stdout
+
+
+def _bad(args, match, tmp_path):
+    r = _run(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr[-1500:])
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and match in lines[0], r.stderr[-1500:]
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, float_run):
+    out = tmp_path / "runs"
+    base = ["scripts/train_fp32.py", "--config", "configs/synthetic_tiny.yaml", "--out", str(out)]
+    _bad(base + ["--data", str(tmp_path / "nope.tar.gz")], "data path not found", tmp_path)
+    (tmp_path / "x.txt").write_text("not data")
+    _bad(base + ["--data", str(tmp_path / "x.txt")], "is not a dataset", tmp_path)
+    (tmp_path / "tree" / "train" / "a").mkdir(parents=True)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "tree" / "train" / "a" / "0.png")
+    _bad(base + ["--data", str(tmp_path / "tree")], "no 'test/' split", tmp_path)
+    (tmp_path / "typo.yaml").write_text("optim:\n  epocs: 3\n")
+    _bad(["scripts/train_fp32.py", "--config", str(tmp_path / "typo.yaml")], "unknown config key 'optim.epocs'",
+         tmp_path)
+    (tmp_path / "type.yaml").write_text("optim:\n  epochs: three\n")
+    _bad(["scripts/train_fp32.py", "--config", str(tmp_path / "type.yaml")], "'optim.epochs' must be int", tmp_path)
+    _bad(base + ["--ctx", "gpu:0"], "no such GPU", tmp_path)
+    _bad(base + ["--batch-size", "5000"], "larger than the training set", tmp_path)
+    _bad(["scripts/sim_int8_infer.py", "--qat", str(float_run["run"])], "float checkpoint", tmp_path)
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04garbage")
+    _bad(["scripts/sim_int8_infer.py", "--artifact", str(tmp_path / "cut.npz"), "--data", "synthetic"],
+         "truncated or not an int8 artifact", tmp_path)
+    assert not out.exists() or not any(out.iterdir())  # no run folder was started
+
+
+@pytest.mark.cifar
+@pytest.mark.skipif(not SHARED_CIFAR.is_file(), reason="needs ../shared/datasets/cifar10_jpeg.tar.gz")
+def test_cifar10_w025_one_epoch(tmp_path):
+    """The w0.25 config for one epoch (390 steps) on the shared CIFAR-10 copy."""
+    r = _run("scripts/train_fp32.py", "--config", "configs/cifar10_vgg16_w025.yaml", "--data", str(SHARED_CIFAR),
+             "--out", str(tmp_path), "--name", "c", "--epochs", "1", "--lr", "0.05", timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((Path(tmp_path) / "c" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["test_acc"] >= 0.40, rec

@@ -1,0 +1,139 @@
+"""Int8 export, the float-simulated and integer-only engines, and the artifact."""
+from __future__ import annotations
+
+import json
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from train_quantization.errors import UserError
+from train_quantization.int8 import engine
+from train_quantization.int8 import model as int8_model
+from train_quantization.int8.export import export
+
+
+@pytest.fixture(scope="module")
+def int8(qat_run, tiny_ds):
+    mean, std = tiny_ds.mean_std()
+    return export(qat_run["net"], mean, std, (3, 16, 16), tiny_ds.classes)
+
+
+def test_multiplier_decomposition_error_and_rounding():
+    rng = np.random.default_rng(0)
+    m = np.exp(rng.uniform(np.log(1e-6), np.log(50.0), 10000))
+    m0, shift = int8_model.quantize_multiplier(m)
+    assert m0.dtype == np.int32 and np.all(m0 >= 2**30) and np.all(m0.astype(np.int64) < 2**31)
+    approx = m0.astype(np.float64) * np.exp2(shift.astype(np.float64) - 31)
+    assert np.max(np.abs(approx - m) / m) <= 2.0**-31
+    # ties round half to even, both signs; non-ties to nearest
+    p = np.array([6, 10, 14, -6, -10, -14, 7, -7, 9], np.int64)  # /4: 1.5 2.5 3.5 -1.5 -2.5 -3.5 1.75 -1.75 2.25
+    assert int8_model.rounding_shift(p, np.int64(2)).tolist() == [2, 2, 4, -2, -2, -4, 2, -2, 2]
+    # requantize: exact multiplier 0.5 -> ties, and saturation at both ends
+    m0, sh = int8_model.quantize_multiplier(np.array([0.5]))
+    acc = np.array([[1, 3, 5, -1, -3, 1000, -1000]], np.int64)
+    out = int8_model.requantize(acc, m0, sh, -128, 127, channel_axis=0)
+    assert out.tolist() == [[0, 2, 2, 0, -2, 127, -128]]
+
+
+def test_float64_gemm_equals_int64_gemm():
+    rng = np.random.default_rng(1)
+    x = rng.integers(-128, 128, (2, 5, 6, 6))
+    w = rng.integers(-127, 128, (4, 5, 3, 3))
+    got = engine.conv2d_int(x, w, pad=1)
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    ref = np.zeros((2, 4, 6, 6), np.int64)
+    for i in range(6):
+        for j in range(6):
+            ref[:, :, i, j] = np.einsum("ncij,ocij->no", xp[:, :, i:i + 3, j:j + 3], w.astype(np.int64))
+    assert np.array_equal(got, ref.astype(np.float64))
+    a, b = rng.integers(-128, 128, (7, 300)), rng.integers(-127, 128, (9, 300))
+    assert np.array_equal(engine.dense_int(a, b), (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.float64))
+
+
+def test_float32_accumulation_would_be_wrong_but_ours_is_exact():
+    # a 3x3 conv over 512 channels: 4,608 products of up to 127*128, near 2**26 in all
+    x = np.full((1, 512, 3, 3), 127.0)
+    w = np.full((1, 512, 3, 3), 127.0)
+    w[0, 0, 0, 0] = 126  # make the sum odd: float32 cannot hold an odd integer above 2**24
+    exact = int((x.astype(np.int64) * w.astype(np.int64)).sum())
+    assert exact > 2**24 and exact % 2 == 1
+    f32 = np.float32(0)
+    for v in (x * w).astype(np.float32).ravel():
+        f32 = np.float32(f32 + v)
+    assert int(f32) != exact  # sequential float32 accumulation rounds
+    got = engine.conv2d_int(x, w, pad=0)
+    assert got.shape == (1, 1, 1, 1) and int(got[0, 0, 0, 0]) == exact
+
+
+def test_sim_and_integer_engines_give_the_same_codes(int8, tiny_ds):
+    rng = np.random.default_rng(3)
+    x = engine.normalize(int8, tiny_ds.test_x[:40]) + rng.normal(0, 0.2, (40, 3, 16, 16)).astype(np.float32)
+    rec_s, rec_i = {}, {}
+    ls = engine.simulate(int8, x, rec_s)
+    li = engine.run_integer(int8, x, rec_i)
+    total = diff = 0
+    for name in rec_s:
+        total += rec_s[name].size
+        diff += int((rec_s[name] != rec_i[name]).sum())
+        assert np.abs(rec_s[name] - rec_i[name]).max() <= 1  # at most one step, at rare near-ties
+    assert diff / total <= 1e-4
+    assert np.mean(ls.argmax(1) == li.argmax(1)) >= 0.975  # 40 images: at most one differs
+
+
+def test_engines_match_fake_quant_on_the_synthetic_set(int8, qat_run, tiny_ds):
+    labels = tiny_ds.test_y
+    sim = engine.predict(int8, tiny_ds.test_x, "sim").argmax(1)
+    integer = engine.predict(int8, tiny_ds.test_x, "integer").argmax(1)
+    fq_acc = float((qat_run["logits"].argmax(1) == labels).mean())
+    assert abs(float((sim == labels).mean()) - fq_acc) <= 0.001
+    assert float((integer == sim).mean()) >= 0.999
+
+
+def test_artifact_roundtrip_size_and_errors(int8, tiny_ds, tmp_path):
+    path = int8_model.save(int8, tmp_path / "m.npz")
+    back = int8_model.load(path)
+    assert [la["name"] for la in back.layers] == [la["name"] for la in int8.layers]
+    for a, b in zip(int8.layers, back.layers):
+        for k in a.get("arrays", {}):
+            assert np.array_equal(a["arrays"][k], b["arrays"][k]) and a["arrays"][k].dtype == b["arrays"][k].dtype
+    x = engine.normalize(int8, tiny_ds.test_x[:20])
+    assert np.array_equal(engine.run_integer(int8, x), engine.run_integer(back, x))
+    assert back.layers[0]["arrays"]["w"].dtype == np.int8 and back.layers[0]["arrays"]["b"].dtype == np.int32
+    # truncated file
+    raw = path.read_bytes()
+    bad = tmp_path / "cut.npz"
+    bad.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UserError, match="truncated"):
+        int8_model.load(bad)
+    # wrong format version
+    header = json.loads(bytes(np.load(path)["header"]).decode())
+    header["version"] = 99
+    arrays = dict(np.load(path))
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    np.savez(tmp_path / "v99.npz", **arrays)
+    with pytest.raises(UserError, match="version 99"):
+        int8_model.load(tmp_path / "v99.npz")
+    np.savez(tmp_path / "foreign.npz", a=np.zeros(3))
+    with pytest.raises(UserError, match="not an int8 artifact"):
+        int8_model.load(tmp_path / "foreign.npz")
+
+
+def test_artifact_is_at_most_026_of_float_params(tmp_path):
+    """On a real-size network (VGG16 width 0.25, CIFAR shape) the artifact is ~1/4 the .params."""
+    from train_quantization.config import ModelConfig, QuantConfig
+    from train_quantization.layers import quantized_layers
+    from train_quantization.models import build_model
+
+    fnet = build_model(ModelConfig(width=0.25), 10, 3, 32)
+    fnet.initialize(mx.init.Xavier())
+    fnet(mx.nd.zeros((1, 3, 32, 32)))
+    fnet.save_parameters(str(tmp_path / "f.params"))
+    qnet = build_model(ModelConfig(width=0.25), 10, 3, 32, QuantConfig(per_channel=True))
+    qnet.load_parameters(str(tmp_path / "f.params"), allow_missing=True)
+    for _, layer in quantized_layers(qnet):
+        layer.input_max.initialize(init=mx.init.Constant(4.0))
+    m = export(qnet, (0.5,) * 3, (0.25,) * 3, (3, 32, 32), [str(i) for i in range(10)])
+    size = int8_model.artifact_size(int8_model.save(m, tmp_path / "m.npz"))
+    ratio = size / (tmp_path / "f.params").stat().st_size
+    assert 0.15 < ratio <= 0.26
