@@ -63,6 +63,7 @@ class QuantConfig:
     bn_freeze_step: int = 0  # paper mode: optimizer steps before BN statistics freeze
     train_bn_affine: bool = True  # frozen mode: gamma/beta keep learning
     quantize_last_layer: bool = True  # False keeps the classifier's last Dense in float
+    kernel: str = "auto"  # auto: compiled fused quantizer if it builds, else stock ops | fused | stock
     calib_batches: int = 10  # training batches that initialize the ranges before QAT
     epochs: int = 2  # QAT fine-tuning epochs (replace optim.epochs for train_qat.py)
     lr: float = 0.005  # QAT peak learning rate (replaces optim.lr; cosine to 0, no warm-up)
@@ -89,6 +90,7 @@ _CHOICES = {
     "optim.schedule": ("cosine", "step", "constant"),
     "quant.ste": ("plain", "clipped"),
     "quant.bn_mode": ("frozen", "paper"),
+    "quant.kernel": ("auto", "fused", "stock"),
 }
 
 

@@ -90,13 +90,30 @@ def update_range(F: Any, x: Any, state: Any, momentum: float, spatial: bool) -> 
     return assign_state(F, state, F.where(train_flag(F, state), new, state))
 
 
-def quantize_input(F: Any, x: Any, state: Any, q: QuantConfig, ndim: int) -> tuple:
+def use_fused(q: QuantConfig) -> bool:
+    """Whether blocks built now use the compiled quantizer (a static, per-block choice)."""
+    if q.kernel == "stock":
+        return False
+    from . import fused
+
+    if q.kernel == "fused" and not fused.available():
+        raise RuntimeError("quant.kernel is 'fused' but the compiled operator could not be built or loaded")
+    return fused.available()
+
+
+def quantize_input(F: Any, x: Any, state: Any, q: QuantConfig, ndim: int, fused: bool = False) -> tuple:
     """Update the range state (training only) and fake-quantize ``x`` with it.
 
     Returns ``(x_q, s_a)``, ``s_a`` of shape (1,). With ``q.enabled`` False: ``(x, None)``.
+    ``fused``: one compiled op does the same arithmetic (``csrc/tq_ops.cc``).
     """
     if not q.enabled:
         return x, None
+    if fused:
+        qmin, qmax = quant.qrange(q.act_bits, signed=True)
+        out = _positional_op(F, "tq_act_quant", [x, state, train_flag(F, state)], momentum=q.momentum,
+                             qmin=qmin, qmax=qmax, divisor=quant.act_divisor(q.act_bits), ste=q.ste)
+        return out[0], F.BlockGrad(out[1])
     amax = update_range(F, x, state, q.momentum, spatial=ndim == 4)
     scale = F.where(amax > 0, amax, F.ones_like(amax)) / quant.act_divisor(q.act_bits)
     qmin, qmax = quant.qrange(q.act_bits, signed=True)
@@ -169,6 +186,7 @@ class QConv2DBN(Conv2DBN):
                  padding: int = 1, relu: bool = True, **kwargs: Any):
         super().__init__(channels, in_channels, kernel, padding, relu, **kwargs)
         self.q = qcfg
+        self.fused = use_fused(qcfg)
         self.bn_frozen = qcfg.bn_mode == "frozen"
         self.input_max = self.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
                                          differentiable=False)
@@ -182,7 +200,7 @@ class QConv2DBN(Conv2DBN):
     def hybrid_forward(self, F: Any, x: Any, weight: Any, gamma: Any, beta: Any, running_mean: Any,
                        running_var: Any, input_max: Any) -> Any:
         q = self.q
-        xq, s_a = quantize_input(F, x, input_max, q, ndim=4)
+        xq, s_a = quantize_input(F, x, input_max, q, ndim=4, fused=self.fused)
         w_f, b_f = quant.fold_bn(F, weight, None, gamma, beta, running_mean, running_var, BN_EPS)
         w_q, b_q = quantize_weights(F, w_f, b_f, s_a, q, 4)
         if self.bn_frozen:
@@ -209,6 +227,7 @@ class QDense(gluon.HybridBlock):
     def __init__(self, units: int, in_units: int, qcfg: QuantConfig, relu: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
         self.units, self.in_units, self.q, self.relu = units, in_units, qcfg, relu
+        self.fused = use_fused(qcfg)
         self.weight = self.params.get("weight", shape=(units, in_units), init=None)
         self.bias = self.params.get("bias", shape=(units,), init="zeros")
         self.input_max = self.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
@@ -216,7 +235,7 @@ class QDense(gluon.HybridBlock):
 
     def hybrid_forward(self, F: Any, x: Any, weight: Any, bias: Any, input_max: Any) -> Any:
         q = self.q
-        xq, s_a = quantize_input(F, x, input_max, q, ndim=2)
+        xq, s_a = quantize_input(F, x, input_max, q, ndim=2, fused=self.fused)
         w_q, b_q = quantize_weights(F, weight, bias, s_a, q, 2)
         y = F.FullyConnected(xq, w_q, b_q, num_hidden=self.units, flatten=False)
         return F.Activation(y, act_type="relu") if self.relu else y

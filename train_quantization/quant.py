@@ -135,18 +135,20 @@ def fake_quant(F: Any, x: Any, scale: Any, qmin: int, qmax: int, ste: str = "pla
     """``clip(round(x / s), qmin, qmax) * s`` with a straight-through gradient.
 
     ``scale`` must have ``x``'s number of dimensions (size-1 axes broadcast) and carries no
-    gradient. ``ste="plain"`` passes the gradient unchanged everywhere (the original);
-    ``ste="clipped"`` zeroes it where ``x / s`` is outside ``[qmin, qmax]`` (PyTorch).
+    gradient. ``ste="plain"`` passes the gradient unchanged everywhere (the original), as
+    ``BlockGrad(fq(x)) + (x - BlockGrad(x))``: the forward value is exactly ``fq(x)``
+    (``x - x`` is +0) and the backward pass skips the quantizer entirely. ``ste="clipped"``
+    zeroes the gradient where ``x / s`` is outside ``[qmin, qmax]`` (PyTorch's choice).
     Bit-identical to ``fake_quant_np`` in float32.
     """
-    s = F.broadcast_like(F.BlockGrad(scale), x)
-    u = F.elemwise_div(x, s)
-    uc = F.clip(u, qmin, qmax) if ste == "clipped" else clip_ste(F, u, qmin, qmax)
-    if rounding == "half_even":
-        r = round_half_even(F, uc)
-    else:
-        r = uc + F.BlockGrad(F.round(uc) - uc)
-    return F.elemwise_mul(r, s)
+    s = F.broadcast_like(F.BlockGrad(scale), x)  # then elementwise ops: broadcasting ones are slow here
+    if ste == "clipped":
+        u = F.clip(F.elemwise_div(x, s), qmin, qmax)
+        r = round_half_even(F, u) if rounding == "half_even" else u + F.BlockGrad(F.round(u) - u)
+        return F.elemwise_mul(r, s)
+    u = F.clip(F.elemwise_div(F.BlockGrad(x), s), qmin, qmax)
+    r = round_half_even(F, u) if rounding == "half_even" else F.round(u)
+    return F.BlockGrad(F.elemwise_mul(r, s)) + (x - F.BlockGrad(x))
 
 
 def weight_scale(F: Any, w: Any, qmax: int, per_channel: bool, ndim: int) -> Any:
