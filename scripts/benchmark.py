@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Training step time: hybridized float step vs QAT step of the same network and batch.
+"""Training step time: hybridized float step vs QAT steps of the same network and batch.
 
-Measured in one process after warm-up, alternating float and QAT blocks of steps, and
-reported as medians over the repeats. Prints JSON.
+QAT is timed with the compiled quantizer (``qat_fused``, when it builds) and with the
+stock-MXNet fallback (``qat_stock``). Measured in one process after warm-up, alternating
+blocks of steps, reported as medians over the repeats. Prints JSON.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -19,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon  # noqa: E402
 
+from train_quantization import fused  # noqa: E402
 from train_quantization.config import load_config  # noqa: E402
 from train_quantization.errors import cli_main  # noqa: E402
 from train_quantization.models import build_model  # noqa: E402
@@ -64,27 +67,28 @@ def main() -> None:
     fnet = build_model(cfg.model, 10, 3, args.image_size)
     fnet.initialize(mx.init.Xavier(magnitude=2.0))
     fnet(x)
-    qcfg = cfg.quant
-    if args.per_channel:
-        import dataclasses
-
-        qcfg = dataclasses.replace(qcfg, per_channel=True)
-    qnet = build_model(cfg.model, 10, 3, args.image_size, qcfg)
-    qnet.initialize(mx.init.Xavier(magnitude=2.0))
-    for net in (fnet, qnet):
+    nets = {"float": fnet}
+    for kernel in ("fused", "stock"):
+        qcfg = dataclasses.replace(cfg.quant, per_channel=args.per_channel, kernel=kernel)
+        if kernel == "fused" and not fused.available():
+            continue
+        nets[f"qat_{kernel}"] = build_model(cfg.model, 10, 3, args.image_size, qcfg)
+        nets[f"qat_{kernel}"].initialize(mx.init.Xavier(magnitude=2.0))
+    steps = {}
+    for k, net in nets.items():
         net.hybridize(static_alloc=True, static_shape=True)
-    steps = {"float": _stepper(fnet, x, y), "qat": _stepper(qnet, x, y)}
-    for s in steps.values():
-        _time(s, args.warmup)
-    times = {"float": [], "qat": []}
+        steps[k] = _stepper(net, x, y)
+        _time(steps[k], args.warmup)
+    times = {k: [] for k in steps}
     for _ in range(args.repeats):
         for k, s in steps.items():
             times[k].append(_time(s, args.steps))
-    f, q = statistics.median(times["float"]), statistics.median(times["qat"])
-    ratios = [b / a for a, b in zip(times["float"], times["qat"])]
+    med = {k: statistics.median(v) for k, v in times.items()}
     res = {"config": args.config, "batch_size": args.batch_size, "width": cfg.model.width,
-           "per_channel": qcfg.per_channel, "float_step_s": round(f, 4), "qat_step_s": round(q, 4),
-           "ratio": round(q / f, 3), "ratio_per_repeat": [round(r, 3) for r in ratios],
+           "per_channel": args.per_channel, "step_s": {k: round(v, 4) for k, v in med.items()},
+           "ratio": {k: round(v / med["float"], 3) for k, v in med.items() if k != "float"},
+           "ratio_per_repeat": {k: [round(b / a, 3) for a, b in zip(times["float"], v)]
+                                for k, v in times.items() if k != "float"},
            "machine": f"{platform.machine()} {os.cpu_count()} cpus", "mxnet": mx.__version__,
            "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(res, indent=2))

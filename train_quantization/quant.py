@@ -125,11 +125,6 @@ def round_half_even(F: Any, u: Any) -> Any:
     return (u + MAGIC) - MAGIC
 
 
-def clip_ste(F: Any, u: Any, qmin: int, qmax: int) -> Any:
-    """``clip(u, qmin, qmax)`` with an identity gradient, exact in float32 for ``|u| < 2**24``."""
-    return u - F.BlockGrad(F.relu(u - qmax)) + F.BlockGrad(F.relu(qmin - u))
-
-
 def fake_quant(F: Any, x: Any, scale: Any, qmin: int, qmax: int, ste: str = "plain",
                rounding: str = "half_even") -> Any:
     """``clip(round(x / s), qmin, qmax) * s`` with a straight-through gradient.

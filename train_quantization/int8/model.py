@@ -25,7 +25,6 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -150,10 +149,3 @@ def load(path: str | Path) -> Int8Model:
 
 def artifact_size(path: str | Path) -> int:
     return Path(path).stat().st_size
-
-
-def describe(model: Int8Model) -> Optional[str]:
-    rows = [f"{la['name']:<22} {la['type']:<11} "
-            + (f"w {la['arrays']['w'].shape} s_a {la['in_scale']:.5g}" if la["type"] in ("conv", "dense") else "")
-            for la in model.layers]
-    return "\n".join(rows)
