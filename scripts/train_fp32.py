@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -24,13 +25,17 @@ def main() -> None:
     ds = dataset_from_config(cfg.data)
     train.seed_all(cfg.seed)
     net = cli.build_for(cfg, ds, quant=False)
-    cli.init_net(net, ctxs)
+    if args.resume:
+        run = Path(args.resume)
+        cli.load_weights(net, run / "last.params", ctxs, expect_ranges=False)
+        train.log_to(run)
+    else:
+        cli.init_net(net, ctxs)
+        run = train.make_run_dir(cfg, "fp32", os.path.splitext(os.path.basename(args.config))[0])
     net.hybridize(static_alloc=True)
-    stem = os.path.splitext(os.path.basename(args.config))[0]
-    run = train.make_run_dir(cfg, "fp32", stem)
     log.info("run folder %s; %d train / %d test images %s, %d classes", run, len(ds.train_x), len(ds.test_x),
              ds.image_shape, ds.num_classes)
-    best = train.fit(net, cfg, ds, run, ctxs)
+    best = train.fit(net, cfg, ds, run, ctxs, resume=bool(args.resume))
     cli.write_json(run / "result.json", {"kind": "fp32", "best_test_acc": best["test_acc"],
                                          "best_epoch": best["epoch"], "classes": ds.classes})
     print(f"run folder: {run}")

@@ -8,9 +8,11 @@ accuracy before fine-tuning, fine-tunes, and saves the QAT checkpoint plus layer
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -24,13 +26,15 @@ log = logging.getLogger("train_quantization")
 @cli_main
 def main() -> None:
     p = cli.common_parser(__doc__)
-    p.add_argument("--pretrained", required=True, help="float run folder (uses best.params) or .params file")
+    p.add_argument("--pretrained", help="float run folder (uses best.params) or .params file")
     p.add_argument("--per-channel", type=int, choices=(0, 1), help="override quant.per_channel (0/1)")
     p.add_argument("--bn-mode", choices=("frozen", "paper"), help="override quant.bn_mode")
     p.add_argument("--weight-bits", type=int, help="override quant.weight_bits (2-8)")
     p.add_argument("--act-bits", type=int, help="override quant.act_bits (2-8)")
     p.add_argument("--ste", choices=("plain", "clipped"), help="override quant.ste")
     args = p.parse_args()
+    if not args.resume and not args.pretrained:
+        raise UserError("pass --pretrained FLOAT_RUN_DIR (or --resume QAT_RUN_DIR)")
     extra = {"quant.per_channel": None if args.per_channel is None else bool(args.per_channel),
              "quant.bn_mode": args.bn_mode, "quant.weight_bits": args.weight_bits,
              "quant.act_bits": args.act_bits, "quant.ste": args.ste,
@@ -41,32 +45,36 @@ def main() -> None:
                                                              warmup_epochs=0.0, schedule="cosine"))
     train.setup_logging()
     ctxs = train.parse_ctx(cfg.ctx)
-    weights = cli.resolve_params(args.pretrained)
     ds = data_mod.dataset_from_config(cfg.data)
     train.seed_all(cfg.seed)
-
-    fnet = cli.build_for(cfg, ds, quant=False)
-    cli.load_weights(fnet, weights, ctxs, expect_ranges=False)
-    fnet.hybridize(static_alloc=True)
     _, test_loader = data_mod.make_loaders(ds, cfg.data.batch_size, cfg.data.eval_batch_size, False, cfg.seed)
     norm = data_mod.normalizer(*ds.mean_std())
-    float_acc = train.evaluate(fnet, test_loader, norm, ctxs)["acc"]
-
     net = cli.build_for(cfg, ds, quant=True)
-    new = cli.load_weights(net, weights, ctxs, expect_ranges=False)
-    if any(not k.endswith("input_max") for k in new):
-        raise UserError(f"unexpected new parameters {new}")
-    net.hybridize(static_alloc=True)
-    stem = os.path.splitext(os.path.basename(args.config))[0]
-    run = train.make_run_dir(cfg, "qat", stem)
-    log.info("loaded %s; new parameters (range states only): %s", weights, ", ".join(new))
-    calib_loader, _ = data_mod.make_loaders(ds, cfg.data.batch_size, cfg.data.eval_batch_size, False, cfg.seed)
-    train.calibrate(net, calib_loader, norm, ctxs, cfg.quant.calib_batches)
-    before = train.evaluate(net, test_loader, norm, ctxs)["acc"]
-    log.info("float accuracy %.4f; fake-quant accuracy before QAT %.4f (ranges from %d batches)",
-             float_acc, before, cfg.quant.calib_batches)
-    cli.write_json(run / "layers_before.json", cli.describe_ranges(net))
-    best = train.fit(net, cfg, ds, run, ctxs, qat=True)
+    if args.resume:
+        run = Path(args.resume)
+        start = json.loads((run / "qat_start.json").read_text())
+        cli.load_weights(net, run / "last.params", ctxs, expect_ranges=True)
+        net.hybridize(static_alloc=True)
+        train.log_to(run)
+    else:
+        weights = cli.resolve_params(args.pretrained)
+        fnet = cli.build_for(cfg, ds, quant=False)
+        cli.load_weights(fnet, weights, ctxs, expect_ranges=False)
+        fnet.hybridize(static_alloc=True)
+        float_acc = train.evaluate(fnet, test_loader, norm, ctxs)["acc"]
+        new = cli.load_weights(net, weights, ctxs, expect_ranges=False)
+        net.hybridize(static_alloc=True)
+        run = train.make_run_dir(cfg, "qat", os.path.splitext(os.path.basename(args.config))[0])
+        log.info("loaded %s; new parameters (range states only): %s", weights, ", ".join(new))
+        calib_loader, _ = data_mod.make_loaders(ds, cfg.data.batch_size, cfg.data.eval_batch_size, False, cfg.seed)
+        train.calibrate(net, calib_loader, norm, ctxs, cfg.quant.calib_batches)
+        before = train.evaluate(net, test_loader, norm, ctxs)["acc"]
+        log.info("float accuracy %.4f; fake-quant accuracy before QAT %.4f (ranges from %d batches)",
+                 float_acc, before, cfg.quant.calib_batches)
+        start = {"pretrained": str(weights), "float_acc": float_acc, "fq_acc_before": before, "new_parameters": new}
+        cli.write_json(run / "qat_start.json", start)
+        cli.write_json(run / "layers_before.json", cli.describe_ranges(net))
+    best = train.fit(net, cfg, ds, run, ctxs, qat=True, resume=bool(args.resume))
     # evaluate the final weights (last.params) as the QAT result; best.params is also kept
     after = train.evaluate(net, test_loader, norm, ctxs)["acc"]
     layers = cli.describe_ranges(net)
@@ -74,12 +82,12 @@ def main() -> None:
     for row in layers:
         row["clipped_share"] = shares[row["layer"]]
     cli.write_json(run / "layers.json", layers)
-    result = {"kind": "qat", "pretrained": str(weights), "float_acc": float_acc, "fq_acc_before": before,
-              "fq_acc": after, "best_fq_acc": best["test_acc"], "best_epoch": best["epoch"],
-              "new_parameters": new, "classes": ds.classes, "mean_std": ds.mean_std()}
+    result = dict(start, kind="qat", fq_acc=after, best_fq_acc=best["test_acc"], best_epoch=best["epoch"],
+                  classes=ds.classes, mean_std=ds.mean_std())
     cli.write_json(run / "result.json", result)
-    print(f"new parameters: {', '.join(new)}")
-    print(f"float accuracy {float_acc:.4f}; fake-quant before QAT {before:.4f}; after QAT {after:.4f}")
+    print(f"new parameters: {', '.join(start['new_parameters'])}")
+    print(f"float accuracy {start['float_acc']:.4f}; fake-quant before QAT {start['fq_acc_before']:.4f}; "
+          f"after QAT {after:.4f}")
     print(f"run folder: {run}")
     print(f"QAT checkpoint: {run / 'last.params'}")
 

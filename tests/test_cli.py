@@ -10,8 +10,8 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import ROOT, SHARED_CIFAR
 
+from conftest import ROOT, SHARED_CIFAR
 from train_quantization.config import ModelConfig, QuantConfig, from_dict, load_config
 from train_quantization.errors import UserError
 from train_quantization.models import build_model

@@ -183,7 +183,6 @@ def test_qat_accuracy_within_one_point_of_float(float_run, qat_run):
 
 def test_paper_bn_mode_consistent_after_freeze(float_run, tiny_ds):
     from conftest import tiny_config
-
     from train_quantization import cli, train
     from train_quantization.data import normalizer
 

@@ -18,7 +18,8 @@ from .models import build_model
 
 def common_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    p.add_argument("--config", help="YAML config (configs/*.yaml); required unless --resume")
+    p.add_argument("--resume", help="run folder to continue after its last completed epoch (uses its config.yaml)")
     p.add_argument("--data", help="dataset: cifar-10-python.tar.gz, cifar-10-binary.tar.gz, an image-folder "
                                   "tree or tarball, or 'synthetic' (overrides data.source)")
     p.add_argument("--out", help="parent folder for the run folder (overrides out)")
@@ -34,6 +35,13 @@ def common_parser(description: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, extra: Optional[dict] = None) -> Config:
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.yaml").is_file():
+            raise UserError(f"--resume {run}: not a run folder (no config.yaml)")
+        return load_config(run / "config.yaml")
+    if not args.config:
+        raise UserError("pass --config configs/<name>.yaml (or --resume RUN_DIR)")
     overrides = {"data.source": args.data, "out": args.out, "name": args.name, "optim.epochs": args.epochs,
                  "optim.lr": args.lr, "data.batch_size": args.batch_size, "model.width": args.width,
                  "seed": args.seed, "ctx": args.ctx,

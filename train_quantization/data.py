@@ -303,6 +303,9 @@ class CropFlip:
 
     def __init__(self, pad: int = 4, seed: int = 0):
         self.pad = pad
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
 
     def augment(self, x: np.ndarray) -> np.ndarray:
@@ -343,8 +346,10 @@ def make_loaders(ds: Dataset, batch_size: int, eval_batch_size: int, augment: bo
 
 def normalizer(mean: tuple, std: tuple) -> object:
     """Batch transform: uint8 NHWC -> float32 NCHW, ``(x / 255 - mean) / std``."""
+    from mxnet.gluon import nn
     from mxnet.gluon.data.vision import transforms
 
-    t = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    t = nn.HybridSequential()
+    t.add(transforms.ToTensor(), transforms.Normalize(mean, std))
     t.hybridize()
     return t

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import mxnet as mx
 import numpy as np
@@ -88,10 +88,15 @@ def make_run_dir(cfg: Config, kind: str, stem: str) -> Path:
            "processor": platform.processor(), "cpus": os.cpu_count(), "commit": _git_commit(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write_text(run / "env.json", json.dumps(env, indent=2))
+    log_to(run)
+    return run
+
+
+def log_to(run: Path) -> None:
+    """Append this process's log to ``run/train.log``."""
     handler = logging.FileHandler(run / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
-    return run
 
 
 def setup_logging() -> None:
@@ -181,9 +186,29 @@ def calibrate(net: gluon.Block, loader: gluon.data.DataLoader, norm: Any, ctxs: 
 
 
 # ----------------------------------------------------------------------------- loop
+def resume_point(run: Path) -> tuple:
+    """(completed epochs, global step, best record) of an interrupted run; drops metrics lines
+    of an epoch whose checkpoint was not completed."""
+    state_file = run / "state.json"
+    if not state_file.is_file() or not (run / "last.params").is_file():
+        raise UserError(f"{run} has no completed epoch to resume from (no state.json/last.params); start it again")
+    state = json.loads(state_file.read_text())
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+    rows = [json.loads(ln) for ln in lines if ln.strip()]
+    rows = [r for r in rows if r["epoch"] <= state["epoch"]]
+    atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    best = max(rows, key=lambda r: r["test_acc"]) if rows else {"test_acc": -1.0}
+    return state["epoch"], state["step"], best
+
+
 def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ctxs: list,
-        qat: bool = False, extra_metrics: Optional[Callable[[], dict]] = None) -> dict:
-    """Train ``net`` for ``cfg.optim.epochs`` epochs; returns the best epoch's metrics."""
+        qat: bool = False, resume: bool = False) -> dict:
+    """Train ``net`` for ``cfg.optim.epochs`` epochs; returns the best epoch's metrics.
+
+    Each epoch reseeds Python, NumPy and MXNet from ``(seed, epoch)``, so a run resumed after
+    its last completed epoch (``resume=True``: trainer state, schedule position and metrics
+    come from the run folder; the caller loads ``last.params``) continues as it would have.
+    """
     train_loader, test_loader = data_mod.make_loaders(ds, cfg.data.batch_size, cfg.data.eval_batch_size,
                                                       cfg.data.augment, cfg.seed)
     mean, std = ds.mean_std()
@@ -193,9 +218,19 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     metrics_path = run / "metrics.jsonl"
     best: dict = {"test_acc": -1.0}
-    step = 0
+    step = start = 0
+    if resume:
+        start, step, best = resume_point(run)
+        trainer.load_states(str(run / "last.states"))
+        log.info("resuming %s after epoch %d (step %d)", run, start, step)
     bn_freeze = cfg.quant.bn_freeze_step if qat and cfg.quant.bn_mode == "paper" else None
-    for epoch in range(cfg.optim.epochs):
+    if bn_freeze is not None and step >= bn_freeze:
+        freeze_bn(net)
+        bn_freeze = None
+    for epoch in range(start, cfg.optim.epochs):
+        seed_all(cfg.seed * 100003 + epoch)
+        if isinstance(train_loader._batchify_fn, data_mod.CropFlip):
+            train_loader._batchify_fn.reseed(cfg.seed * 100003 + epoch)
         t0 = time.time()
         loss_sum = correct = seen = 0.0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False,
@@ -232,8 +267,6 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
                "images_per_s": round(seen / train_time, 1)}
         if qat:
             rec["ranges"] = range_summary(net)
-        if extra_metrics:
-            rec.update(extra_metrics())
         save_params(net, run / "last.params")
         tmp = run / "last.states.tmp"
         trainer.save_states(str(tmp))
