@@ -100,16 +100,23 @@ def simulate(model: Int8Model, x: np.ndarray, record: Optional[dict] = None) -> 
             scale = a["w_scale"].astype(np.float64) * np.float64(layer["in_scale"])
             y = acc * scale.reshape(_channel_shape(layer))
             h = np.maximum(y, 0.0) if layer["relu"] else y
-        elif t == "maxpool":
-            h = maxpool(h, layer["size"], layer["stride"], layer["ceil"])
-        elif t == "flatten":
-            h = h.reshape(h.shape[0], -1)
-        elif t == "dense_float":
-            h = np.asarray(h, np.float64) @ a["w"].astype(np.float64).T + a["b"]
-            h = np.maximum(h, 0.0) if layer["relu"] else h
         else:
-            raise ValueError(f"unknown layer type {t!r}")
+            h = _other_layer(layer, h)
     return np.asarray(h, np.float64)
+
+
+def _other_layer(layer: dict, h: np.ndarray) -> np.ndarray:
+    """Max pool and flatten (on floats or codes alike) and a Dense left in float."""
+    t = layer["type"]
+    if t == "maxpool":
+        return maxpool(h, layer["size"], layer["stride"], layer["ceil"])
+    if t == "flatten":
+        return h.reshape(h.shape[0], -1)
+    if t == "dense_float":
+        a = layer["arrays"]
+        y = np.asarray(h, np.float64) @ a["w"].astype(np.float64).T + a["b"]
+        return np.maximum(y, 0.0) if layer["relu"] else y
+    raise ValueError(f"unknown layer type {t!r}")
 
 
 def run_integer(model: Int8Model, x: np.ndarray, record: Optional[dict] = None) -> np.ndarray:
@@ -132,21 +139,10 @@ def run_integer(model: Int8Model, x: np.ndarray, record: Optional[dict] = None) 
                 h = acc * scale.reshape(_channel_shape(layer))
                 h = np.maximum(h, 0.0) if layer["relu"] else h
                 q = None
-        elif t == "maxpool":
-            if q is not None:
-                q = maxpool(q, layer["size"], layer["stride"], layer["ceil"])
-            else:
-                h = maxpool(h, layer["size"], layer["stride"], layer["ceil"])
-        elif t == "flatten":
-            if q is not None:
-                q = q.reshape(q.shape[0], -1)
-            else:
-                h = h.reshape(h.shape[0], -1)
-        elif t == "dense_float":
-            h = np.asarray(h, np.float64) @ a["w"].astype(np.float64).T + a["b"]
-            h = np.maximum(h, 0.0) if layer["relu"] else h
+        elif q is not None and t in ("maxpool", "flatten"):  # max pooling on the codes
+            q = _other_layer(layer, q)
         else:
-            raise ValueError(f"unknown layer type {t!r}")
+            h = _other_layer(layer, h)
     return np.asarray(h, np.float64)
 
 
