@@ -97,6 +97,10 @@ def test_cli_end_to_end_on_synthetic(tmp_path):
              "--engine", "integer")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "integer_acc" in r.stdout
+    r = _run("scripts/summarize.py", str(out / "f"), str(out / "q"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    q_row = next(ln for ln in r.stdout.splitlines() if ln.startswith("| q |"))
+    assert f"{100 * rep['integer_acc']:.2f}" in q_row and r.stdout.count("| f | 3 |") == 1
 
 
 def _bad(args, match, tmp_path):
