@@ -65,10 +65,11 @@ def qat_finetune(float_run, tiny_ds, tmp: Path, name: str, **quant: object) -> d
     loader, test_loader = data_mod.make_loaders(tiny_ds, 64, 250, False, 0)
     norm = data_mod.normalizer(*tiny_ds.mean_std())
     train.calibrate(net, loader, norm, [mx.cpu()], cfg.quant.calib_batches)
+    ptq_acc = train.evaluate(net, test_loader, norm, [mx.cpu()])["acc"]
     train.fit(net, cfg, tiny_ds, run, [mx.cpu()], qat=True)
     ev = train.evaluate(net, test_loader, norm, [mx.cpu()], return_outputs=True)
     return {"run": run, "cfg": cfg, "net": net, "new": new, "acc": ev["acc"], "logits": ev["logits"],
-            "norm": norm}
+            "norm": norm, "ptq_acc": ptq_acc}
 
 
 @pytest.fixture(scope="session")
