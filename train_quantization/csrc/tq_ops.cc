@@ -18,6 +18,7 @@
 using namespace mxnet::ext;
 
 static const float kMagic = 12582912.0f;  // 1.5 * 2**23, as quant.MAGIC
+static const int64_t kSerialBelow = 1 << 15;  // small tensors: a thread team costs more than it saves
 
 static int n_threads() {
   const char* e = std::getenv("OMP_NUM_THREADS");
@@ -45,7 +46,7 @@ MXReturnValue act_forward(const std::unordered_map<std::string, std::string>& at
   float st = state[0];
   if (flag > 0.5f) {
     float b = 0.0f;
-#pragma omp parallel for num_threads(nt) reduction(max : b)
+#pragma omp parallel for num_threads(nt) reduction(max : b) if (n >= kSerialBelow)
     for (int64_t i = 0; i < n; ++i) {
       const float a = std::fabs(x[i]);
       b = a > b ? a : b;
@@ -57,7 +58,7 @@ MXReturnValue act_forward(const std::unordered_map<std::string, std::string>& at
   }
   const float s = (st > 0.0f ? st : 1.0f) / divisor;
   scale_out[0] = s;
-#pragma omp parallel for num_threads(nt)
+#pragma omp parallel for num_threads(nt) if (n >= kSerialBelow)
   for (int64_t i = 0; i < n; ++i) {
     float u = x[i] / s;
     u = u < qmin ? qmin : (u > qmax ? qmax : u);
@@ -78,7 +79,7 @@ MXReturnValue act_backward(const std::unordered_map<std::string, std::string>& a
   const bool clipped = attrs.count("ste") && attrs.at("ste") == "clipped";
   const float qmin = attr_f(attrs, "qmin"), qmax = attr_f(attrs, "qmax");
   const int nt = n_threads();
-#pragma omp parallel for num_threads(nt)
+#pragma omp parallel for num_threads(nt) if (n >= kSerialBelow)
   for (int64_t i = 0; i < n; ++i) {
     if (clipped) {
       const float u = x[i] / s;

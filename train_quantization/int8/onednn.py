@@ -1,0 +1,120 @@
+"""Real int8 execution on MXNet's oneDNN (MKLDNN) kernels: our learned ranges, or PTQ.
+
+``with_learned_ranges`` deploys a QAT model: the hybridized network (QAT weights, BatchNorm
+unfolded as in the float graph) is exported, fused by the ``MKLDNN_QUANTIZE`` backend,
+quantized by ``quantize_graph`` with channel-wise weights, and its calibration table
+(``min_max_dict``) is filled with the ranges QAT learned instead of MXNet's own statistics:
+
+* ``data``: ``(-r_0, r_0)``, the first layer's input range,
+* each fused layer's output: the next quantized layer's input range, ``(0, r)`` after a
+  ReLU (max pooling does not change it),
+* the logits: the largest logit magnitude on the calibration images (so they come out in
+  float).
+
+oneDNN's arithmetic is not the original scheme's: int8 inputs at ``127.5/T``, post-ReLU
+tensors uint8 at ``255.5/T``, weights per output channel at ``127.5/max|w_c|``, round half to
+even. So a model trained with the original scheme agrees with the simulation on most but
+not all images.
+
+``ptq`` is MXNet's own post-training quantization of the float network (``naive``: max of
+the calibration outputs; ``entropy``: KL-divergence thresholds, the TensorRT method).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Optional
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+from mxnet.contrib import quantization as mxq
+
+from ..layers import quantized_layers
+
+log = logging.getLogger(__name__)
+
+
+def _export(net: gluon.HybridBlock, input_shape: tuple) -> tuple:
+    net.hybridize(static_alloc=True)
+    net(mx.nd.zeros((1,) + tuple(input_shape)))
+    with tempfile.TemporaryDirectory() as d:
+        net.export(os.path.join(d, "m"), 0)
+        sym, args, auxs = mx.model.load_checkpoint(os.path.join(d, "m"), 0)
+    return sym.get_backend_symbol("MKLDNN_QUANTIZE"), args, auxs
+
+
+def _block(qsym: mx.sym.Symbol, args: dict, auxs: dict) -> gluon.SymbolBlock:
+    qsym = qsym.get_backend_symbol("MKLDNN_QUANTIZE")
+    block = gluon.SymbolBlock(qsym, [mx.sym.var("data")])
+    params = {**{f"arg:{k}": v for k, v in args.items()}, **{f"aux:{k}": v for k, v in auxs.items()}}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "q.params")
+        mx.nd.save(path, params)
+        block.collect_params().load(path, cast_dtype=True, dtype_source="saved", ignore_extra=True)
+    block.collect_params().reset_ctx(mx.cpu())
+    return block
+
+
+def _quiet(fn, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202 - MXNet logs every layer at INFO
+    logger = logging.getLogger("quantize")
+    logger.setLevel(logging.WARNING)
+    return fn(*a, logger=logger, **kw)
+
+
+def with_learned_ranges(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_shape: tuple,
+                        calib_x: mx.nd.NDArray) -> gluon.SymbolBlock:
+    """oneDNN int8 network that uses the QAT network's activation ranges.
+
+    ``float_net`` must hold the QAT weights (same parameter names, ranges ignored).
+    """
+    ranges = [float(layer.input_max.data().asscalar()) for _, layer in quantized_layers(qat_net)]
+    logits = float(mx.nd.abs(float_net(calib_x)).max().asscalar())
+    sym, args, auxs = _export(float_net, input_shape)
+    qsym, qargs, qauxs, collector = _quiet(
+        mxq.quantize_graph, sym=sym, arg_params=args, aux_params=auxs, ctx=mx.cpu(), calib_mode="naive",
+        quantized_dtype="auto", quantize_granularity="channel-wise")
+    names = list(collector.include_layer)
+    if len(names) != len(ranges) + 1 or names[0] != "data":
+        raise ValueError(f"cannot map {len(ranges)} learned ranges onto oneDNN's layers {names}")
+    table = {"data": (-ranges[0], ranges[0])}
+    for name, r in zip(names[1:-1], ranges[1:]):
+        table[name] = (0.0, r)  # every fused layer but the last ends in ReLU
+    table[names[-1]] = (-logits, logits)
+    collector.min_max_dict = table
+    qsym, qargs, qauxs = _quiet(mxq.calib_graph, qsym=qsym, arg_params=qargs, aux_params=qauxs,
+                                collector=collector, calib_mode="naive", quantized_dtype="auto")
+    return _block(qsym, qargs, qauxs)
+
+
+def ptq(float_net: gluon.HybridBlock, input_shape: tuple, calib_x: mx.nd.NDArray, mode: str = "naive",
+        granularity: str = "channel-wise") -> gluon.SymbolBlock:
+    """MXNet's post-training quantization of ``float_net`` calibrated on ``calib_x``."""
+    sym, args, auxs = _export(float_net, input_shape)
+    qsym, qargs, qauxs, collector = _quiet(
+        mxq.quantize_graph, sym=sym, arg_params=args, aux_params=auxs, ctx=mx.cpu(), calib_mode=mode,
+        quantized_dtype="auto", quantize_granularity=granularity)
+    batch = min(64, calib_x.shape[0])
+    mod = mx.mod.Module(symbol=sym, context=mx.cpu(), data_names=["data"], label_names=None)
+    mod.bind(for_training=False, data_shapes=[("data", (batch,) + tuple(calib_x.shape[1:]))])
+    mod.set_params(args, auxs, allow_missing=False, force_init=True)
+    it = mx.io.NDArrayIter(calib_x, batch_size=batch, last_batch_handle="discard")
+    _quiet(mxq._collect_layer_statistics, mod, it, collector, calib_x.shape[0])
+    qsym, qargs, qauxs = _quiet(mxq.calib_graph, qsym=qsym, arg_params=qargs, aux_params=qauxs,
+                                collector=collector, calib_mode=mode, quantized_dtype="auto")
+    return _block(qsym, qargs, qauxs)
+
+
+def logits(block: gluon.Block, x: np.ndarray, batch: int = 250) -> np.ndarray:
+    """Run ``block`` over normalized float NCHW ``x`` in batches."""
+    out = [block(mx.nd.array(x[i:i + batch])).asnumpy() for i in range(0, len(x), batch)]
+    return np.concatenate(out)
+
+
+def size_bytes(block: gluon.SymbolBlock) -> Optional[int]:
+    """Bytes of the block's parameters as MXNet saves them."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "p.params")
+        block.save_parameters(path)
+        return os.path.getsize(path)
