@@ -106,6 +106,15 @@ def ptq(float_net: gluon.HybridBlock, input_shape: tuple, calib_x: mx.nd.NDArray
     return _block(qsym, qargs, qauxs)
 
 
+def calib_table(block: gluon.SymbolBlock) -> dict:
+    """The thresholds that landed in the int8 graph: {node name: (min, max)}."""
+    import json
+
+    graph = json.loads(block._cached_graph[1].tojson())
+    return {n["name"]: (float(n["attrs"]["min_calib_range"]), float(n["attrs"]["max_calib_range"]))
+            for n in graph["nodes"] if "max_calib_range" in n.get("attrs", {})}
+
+
 def logits(block: gluon.Block, x: np.ndarray, batch: int = 250) -> np.ndarray:
     """Run ``block`` over normalized float NCHW ``x`` in batches."""
     out = [block(mx.nd.array(x[i:i + batch])).asnumpy() for i in range(0, len(x), batch)]

@@ -1,0 +1,53 @@
+"""Real int8 on oneDNN: the learned ranges land in the graph; PTQ baselines run."""
+from __future__ import annotations
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from train_quantization import cli
+from train_quantization.int8 import engine, onednn
+from train_quantization.int8.export import export
+from train_quantization.layers import quantized_layers
+
+
+@pytest.fixture(scope="module")
+def nets(qat_run, float_run, tiny_ds):
+    qnet = qat_run["net"]
+    fnet = cli.build_for(qat_run["cfg"], tiny_ds, quant=False)
+    path = qat_run["run"] / "last.params"
+    qnet.save_parameters(str(path))
+    fnet.load_parameters(str(path), ignore_extra=True)
+    fnet.hybridize(static_alloc=True)
+    m = export(qnet, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
+    calib = mx.nd.array(engine.normalize(m, tiny_ds.train_x[:256]))
+    return qnet, fnet, m, calib
+
+
+def test_learned_ranges_land_in_the_int8_graph_and_agree(nets, tiny_ds):
+    qnet, fnet, m, calib = nets
+    block = onednn.with_learned_ranges(fnet, qnet, (3, 16, 16), calib)
+    table = onednn.calib_table(block)
+    ranges = [float(la.input_max.data().asscalar()) for _, la in quantized_layers(qnet)]
+    got = [v for k, v in table.items() if k != "data_quantize"]
+    assert table["data_quantize"] == pytest.approx((-ranges[0], ranges[0]), abs=1e-6)
+    assert len(got) == len(ranges) - 1  # every fused layer whose output feeds a quantized layer
+    for (lo, hi), r in zip(got, ranges[1:]):
+        assert lo == 0.0 and hi == pytest.approx(r, abs=1e-6)
+    x = engine.normalize(m, tiny_ds.test_x)
+    sim = engine.simulate(m, x).argmax(1)
+    one = onednn.logits(block, x).argmax(1)
+    # the original scheme is not oneDNN's arithmetic (127.5/255.5 divisors, uint8 after ReLU)
+    assert np.mean(one == sim) >= 0.97
+    assert np.mean(one == tiny_ds.test_y) >= np.mean(sim == tiny_ds.test_y) - 0.02
+
+
+@pytest.mark.parametrize("mode", ["naive", "entropy"])
+def test_ptq_baselines_run(nets, float_run, tiny_ds, mode):
+    _, _, m, calib = nets
+    fnet = cli.build_for(float_run["cfg"], tiny_ds, quant=False)
+    cli.load_weights(fnet, float_run["run"] / "best.params", [mx.cpu()], expect_ranges=False)
+    block = onednn.ptq(fnet, (3, 16, 16), calib, mode)
+    assert len(onednn.calib_table(block)) >= 14
+    acc = np.mean(onednn.logits(block, engine.normalize(m, tiny_ds.test_x)).argmax(1) == tiny_ds.test_y)
+    assert acc >= float_run["best"]["test_acc"] - 0.03
