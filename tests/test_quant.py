@@ -241,3 +241,15 @@ def test_two_devices_get_identical_ranges_equal_to_single_device():
         r0, r1 = [a.asnumpy() for a in multi[0].input_max.list_data()]
         assert np.array_equal(r0, r1)
         assert np.allclose(r0, single[0].input_max.data().asnumpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("state", [0.0, 1e-6, 3.0, 2.0**25, 1e30])
+def test_train_flag_for_any_range_state(state):
+    from train_quantization.layers import train_flag
+
+    s = nd.array([state])
+    with autograd.record():
+        on = train_flag(nd, s).asscalar()
+    off = train_flag(nd, s).asscalar()
+    assert (on, off) == (1.0, 0.0)
+    assert s.asscalar() == np.float32(state)  # the BatchNorm inside leaves the state alone

@@ -68,15 +68,16 @@ def assign_state(F: Any, state: Any, value: Any) -> Any:
 def train_flag(F: Any, state: Any) -> Any:
     """1.0 in a training forward (``autograd.record(train_mode=True)``), 0.0 otherwise.
 
-    BatchNorm over the single value ``state + 1`` with ``state`` as moving mean and variance
-    and ``gamma = sqrt(state + eps)``: batch statistics give 0, the stored ones give 1.
-    ``momentum=1`` leaves ``state`` unchanged (``state * 1 + mean * 0``).
+    BatchNorm over the single value ``2 * state + 1`` with ``state`` (>= 0) as moving mean and
+    variance and ``gamma = sqrt(state + eps)``: batch statistics give exactly 0, the stored
+    ones about ``state + 1 >= 1``. ``momentum=1`` leaves ``state`` unchanged
+    (``state * 1 + mean * 0``).
     """
     st = F.BlockGrad(state)
     gamma = F.sqrt(st + 1e-3)
-    out = F.BatchNorm(F.reshape(st + 1.0, (1, 1)), gamma, F.zeros_like(st), state, state,
+    out = F.BatchNorm(F.reshape(2.0 * st + 1.0, (1, 1)), gamma, F.zeros_like(st), state, state,
                       momentum=1.0, eps=1e-3, fix_gamma=False, use_global_stats=False)
-    return F.BlockGrad(1.0 - F.round(F.reshape(out, (1,))))
+    return F.BlockGrad(1.0 - F.clip(F.round(F.reshape(out, (1,))), 0.0, 1.0))
 
 
 def update_range(F: Any, x: Any, state: Any, momentum: float, spatial: bool) -> Any:
