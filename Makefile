@@ -1,4 +1,4 @@
-# make demo: venv + install + float training, QAT and int8 inference on the synthetic set
+# make demo: venv + install + float training, QAT, int8 engines and the comparison table on the synthetic set
 # make test: venv + install + the test suite (CIFAR-10 integration test when ../shared has the data)
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +18,8 @@ demo: $(VENV)/.installed
 	$(PY) scripts/train_fp32.py --config configs/synthetic_tiny.yaml --out $(DEMO) --name fp32
 	$(PY) scripts/train_qat.py --config configs/synthetic_tiny.yaml --pretrained $(DEMO)/fp32 --out $(DEMO) --name qat
 	$(PY) scripts/sim_int8_infer.py --qat $(DEMO)/qat --export $(DEMO)/qat/model.int8.npz
-	@echo "demo runs are in $(DEMO)/ (fp32, qat; int8 report: $(DEMO)/qat/int8_eval.json)"
+	$(PY) scripts/compare.py --float $(DEMO)/fp32 --qat $(DEMO)/qat --calib 500 2>&1 | grep -v "^\["
+	@echo "demo runs are in $(DEMO)/ (fp32, qat; int8 report $(DEMO)/qat/int8_eval.json, table $(DEMO)/qat/compare.md)"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
