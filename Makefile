@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(PY) scripts/train_fp32.py --config configs/synthetic_tiny.yaml --out $(DEMO) --name fp32
 	$(PY) scripts/train_qat.py --config configs/synthetic_tiny.yaml --pretrained $(DEMO)/fp32 --out $(DEMO) --name qat
 	$(PY) scripts/sim_int8_infer.py --qat $(DEMO)/qat --export $(DEMO)/qat/model.int8.npz
-	$(PY) scripts/compare.py --float $(DEMO)/fp32 --qat $(DEMO)/qat --calib 500 2>&1 | grep -v "^\["
+	$(PY) scripts/compare.py --float $(DEMO)/fp32 --qat $(DEMO)/qat --calib 500
 	@echo "demo runs are in $(DEMO)/ (fp32, qat; int8 report $(DEMO)/qat/int8_eval.json, table $(DEMO)/qat/compare.md)"
 
 test: $(VENV)/.installed

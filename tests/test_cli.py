@@ -97,6 +97,12 @@ def test_cli_end_to_end_on_synthetic(tmp_path):
              "--engine", "integer")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "integer_acc" in r.stdout
+    r = _run("scripts/compare.py", "--float", str(out / "f"), "--qat", str(out / "q"), "--calib", "64",
+             "--limit", "100", "--batches", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["variant"]: row for row in json.loads((out / "q" / "compare.json").read_text())["rows"]}
+    assert len(rows) == 7 and rows["QAT integer-only (numpy)"]["agree_sim"] >= 0.99
+    assert rows["QAT simulated int8 (numpy)"]["acc"] == pytest.approx(rep["sim_acc"], abs=0.05)
     r = _run("scripts/summarize.py", str(out / "f"), str(out / "q"))
     assert r.returncode == 0, r.stderr[-2000:]
     q_row = next(ln for ln in r.stdout.splitlines() if ln.startswith("| q |"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from typing import Optional
 
@@ -57,10 +58,20 @@ def _block(qsym: mx.sym.Symbol, args: dict, auxs: dict) -> gluon.SymbolBlock:
     return block
 
 
-def _quiet(fn, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202 - MXNet logs every layer at INFO
+def _quiet(fn, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+    """Call an MXNet quantization function without its per-layer log lines (Python INFO and
+    the C++ pass's stderr lines); errors still raise as exceptions."""
     logger = logging.getLogger("quantize")
     logger.setLevel(logging.WARNING)
-    return fn(*a, logger=logger, **kw)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            return fn(*a, logger=logger, **kw)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def with_learned_ranges(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_shape: tuple,
