@@ -154,3 +154,12 @@ def test_cifar10_w025_one_epoch(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads((Path(tmp_path) / "c" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["test_acc"] >= 0.33, rec
+
+
+def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path):
+    r = _run("scripts/train_fp32.py", "--config", "configs/synthetic_tiny.yaml", "--out", str(tmp_path),
+             "--name", "nan", "--epochs", "2", "--lr", "1e30")
+    assert r.returncode == 2, r.stderr[-1500:]
+    line = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and "at step" in line[0] and "Last good checkpoint" in line[0], r.stderr[-1500:]
+    assert "Traceback" not in r.stderr
