@@ -35,7 +35,7 @@ def main() -> None:
     net.hybridize(static_alloc=True)
     log.info("run folder %s; %d train / %d test images %s, %d classes", run, len(ds.train_x), len(ds.test_x),
              ds.image_shape, ds.num_classes)
-    best = train.fit(net, cfg, ds, run, ctxs, resume=bool(args.resume))
+    best, _ = train.fit(net, cfg, ds, run, ctxs, resume=bool(args.resume))
     cli.write_json(run / "result.json", {"kind": "fp32", "best_test_acc": best["test_acc"],
                                          "best_epoch": best["epoch"], "classes": ds.classes})
     print(f"run folder: {run}")

@@ -47,7 +47,8 @@ def main() -> None:
     ctxs = train.parse_ctx(cfg.ctx)
     ds = data_mod.dataset_from_config(cfg.data)
     train.seed_all(cfg.seed)
-    _, test_loader = data_mod.make_loaders(ds, cfg.data.batch_size, cfg.data.eval_batch_size, False, cfg.seed)
+    calib_loader, test_loader = data_mod.make_loaders(ds, cfg.data.batch_size, cfg.data.eval_batch_size, False,
+                                                      cfg.seed)
     norm = data_mod.normalizer(*ds.mean_std())
     net = cli.build_for(cfg, ds, quant=True)
     if args.resume:
@@ -66,7 +67,6 @@ def main() -> None:
         net.hybridize(static_alloc=True)
         run = train.make_run_dir(cfg, "qat", os.path.splitext(os.path.basename(args.config))[0])
         log.info("loaded %s; new parameters (range states only): %s", weights, ", ".join(new))
-        calib_loader, _ = data_mod.make_loaders(ds, cfg.data.batch_size, cfg.data.eval_batch_size, False, cfg.seed)
         train.calibrate(net, calib_loader, norm, ctxs, cfg.quant.calib_batches)
         before = train.evaluate(net, test_loader, norm, ctxs)["acc"]
         log.info("float accuracy %.4f; fake-quant accuracy before QAT %.4f (ranges from %d batches)",
@@ -74,9 +74,8 @@ def main() -> None:
         start = {"pretrained": str(weights), "float_acc": float_acc, "fq_acc_before": before, "new_parameters": new}
         cli.write_json(run / "qat_start.json", start)
         cli.write_json(run / "layers_before.json", cli.describe_ranges(net))
-    best = train.fit(net, cfg, ds, run, ctxs, qat=True, resume=bool(args.resume))
-    # evaluate the final weights (last.params) as the QAT result; best.params is also kept
-    after = train.evaluate(net, test_loader, norm, ctxs)["acc"]
+    best, last = train.fit(net, cfg, ds, run, ctxs, qat=True, resume=bool(args.resume))
+    after = last["test_acc"]  # the final weights (last.params) are the QAT result; best.params is kept too
     layers = cli.describe_ranges(net)
     shares = train.clip_shares(net, test_loader, norm, ctxs[0])
     for row in layers:

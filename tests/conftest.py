@@ -49,7 +49,7 @@ def float_run(tmp_path_factory, tiny_ds):
     cli.init_net(net, [mx.cpu()])
     net.hybridize(static_alloc=True)
     run = train.make_run_dir(cfg, "fp32", "tiny")
-    best = train.fit(net, cfg, tiny_ds, run, [mx.cpu()])
+    best, _ = train.fit(net, cfg, tiny_ds, run, [mx.cpu()])
     return {"run": run, "cfg": cfg, "best": best}
 
 

@@ -20,7 +20,7 @@ import logging
 import os
 import pickle
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -44,6 +44,7 @@ class Dataset:
     test_y: np.ndarray
     classes: list
     source: str
+    _mean_std: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     @property
     def image_shape(self) -> tuple:
@@ -54,10 +55,12 @@ class Dataset:
         return len(self.classes)
 
     def mean_std(self) -> tuple:
-        """Per-channel mean and std of the training images on the [0, 1] scale."""
-        x = self.train_x.reshape(-1, self.train_x.shape[-1]).astype(np.float64) / 255.0
-        std = x.std(axis=0)
-        return tuple(float(v) for v in x.mean(axis=0)), tuple(float(max(v, 1e-3)) for v in std)
+        """Per-channel mean and std of the training images on the [0, 1] scale (computed once)."""
+        if self._mean_std is None:
+            x = self.train_x.reshape(-1, self.train_x.shape[-1]).astype(np.float64) / 255.0
+            std = x.std(axis=0)
+            self._mean_std = (tuple(float(v) for v in x.mean(axis=0)), tuple(float(max(v, 1e-3)) for v in std))
+        return self._mean_std
 
 
 # ----------------------------------------------------------------------------- synthetic

@@ -187,7 +187,7 @@ def calibrate(net: gluon.Block, loader: gluon.data.DataLoader, norm: Any, ctxs: 
 
 # ----------------------------------------------------------------------------- loop
 def resume_point(run: Path) -> tuple:
-    """(completed epochs, global step, best record) of an interrupted run; drops metrics lines
+    """(completed epochs, global step, best record, last record) of an interrupted run; drops metrics lines
     of an epoch whose checkpoint was not completed."""
     state_file = run / "state.json"
     if not state_file.is_file() or not (run / "last.params").is_file():
@@ -198,12 +198,12 @@ def resume_point(run: Path) -> tuple:
     rows = [r for r in rows if r["epoch"] <= state["epoch"]]
     atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     best = max(rows, key=lambda r: r["test_acc"]) if rows else {"test_acc": -1.0}
-    return state["epoch"], state["step"], best
+    return state["epoch"], state["step"], best, rows[-1] if rows else best
 
 
 def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ctxs: list,
-        qat: bool = False, resume: bool = False) -> dict:
-    """Train ``net`` for ``cfg.optim.epochs`` epochs; returns the best epoch's metrics.
+        qat: bool = False, resume: bool = False) -> tuple:
+    """Train ``net`` for ``cfg.optim.epochs`` epochs; returns the best and the last epoch's metrics.
 
     Each epoch reseeds Python, NumPy and MXNet from ``(seed, epoch)``, so a run resumed after
     its last completed epoch (``resume=True``: trainer state, schedule position and metrics
@@ -219,8 +219,9 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
     metrics_path = run / "metrics.jsonl"
     best: dict = {"test_acc": -1.0}
     step = start = 0
+    rec = best
     if resume:
-        start, step, best = resume_point(run)
+        start, step, best, rec = resume_point(run)
         trainer.load_states(str(run / "last.states"))
         log.info("resuming %s after epoch %d (step %d)", run, start, step)
     bn_freeze = cfg.quant.bn_freeze_step if qat and cfg.quant.bn_mode == "paper" else None
@@ -280,7 +281,7 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
         log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f  test_acc %.4f  %.0f img/s  %.1f s",
                  epoch + 1, cfg.optim.epochs, rec["train_loss"], rec["train_acc"], ev["acc"],
                  rec["images_per_s"], train_time)
-    return best
+    return best, rec
 
 
 def freeze_bn(net: gluon.HybridBlock) -> None:
