@@ -32,12 +32,17 @@ def main() -> None:
     p.add_argument("--weight-bits", type=int, help="override quant.weight_bits (2-8)")
     p.add_argument("--act-bits", type=int, help="override quant.act_bits (2-8)")
     p.add_argument("--ste", choices=("plain", "clipped"), help="override quant.ste")
+    p.add_argument("--first-last-bits", type=int, help="override quant.first_last_bits (0 off, 2-8)")
+    p.add_argument("--delay-steps", type=int, help="override quant.delay_steps (float steps before quantizing)")
+    p.add_argument("--freeze-ranges-step", type=int, help="override quant.freeze_ranges_step (-1 never)")
     args = p.parse_args()
     if not args.resume and not args.pretrained:
         raise UserError("pass --pretrained FLOAT_RUN_DIR (or --resume QAT_RUN_DIR)")
     extra = {"quant.per_channel": None if args.per_channel is None else bool(args.per_channel),
              "quant.bn_mode": args.bn_mode, "quant.weight_bits": args.weight_bits,
              "quant.act_bits": args.act_bits, "quant.ste": args.ste,
+             "quant.first_last_bits": args.first_last_bits, "quant.delay_steps": args.delay_steps,
+             "quant.freeze_ranges_step": args.freeze_ranges_step,
              "quant.epochs": args.epochs, "quant.lr": args.lr}
     args.epochs = args.lr = None  # they name the QAT schedule here, not optim's
     cfg = cli.config_from_args(args, extra)

@@ -163,3 +163,21 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path):
     line = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(line) == 1 and "at step" in line[0] and "Last good checkpoint" in line[0], r.stderr[-1500:]
     assert "Traceback" not in r.stderr
+
+
+def test_sweep_bits_writes_table_and_plot(tmp_path, float_run):
+    r = _run("scripts/sweep_bits.py", "--config", "configs/synthetic_tiny.yaml", "--pretrained",
+             str(float_run["run"]), "--out", str(tmp_path), "--name", "sw", "--pairs", "4/4", "--epochs", "1",
+             "--calib-batches", "3", "--", "--lr", "0.01")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    (row,) = out["rows"]
+    assert (row["weight_bits"], row["act_bits"]) == (4, 4) and out["qat_extra"] == ["--lr", "0.01"]
+    assert all(0.1 <= row[k] <= 1.0 for k in ("float", "ptq_max", "ptq_mse", "ptq_mse_w", "qat"))
+    qat = json.loads((tmp_path / "sw" / "qat-w4a4" / "result.json").read_text())
+    assert qat["fq_acc"] == row["qat"]
+    assert "| W4A4 |" in (tmp_path / "sw" / "sweep.md").read_text()
+    assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    bad = _run("scripts/sweep_bits.py", "--config", "configs/synthetic_tiny.yaml", "--pretrained",
+               str(float_run["run"]), "--out", str(tmp_path), "--pairs", "4-4")
+    assert bad.returncode == 2 and "W/A" in bad.stderr.strip().splitlines()[-1]

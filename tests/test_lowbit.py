@@ -54,7 +54,7 @@ def test_engines_agree_at_4_bits(w4a4, tiny_ds):
     assert np.mean(ls.argmax(1) == fq) >= 0.99
 
 
-def test_w4a4_qat_beats_ptq(w4a4, float_run):
+def test_w4a4_qat_beats_ema_ptq(w4a4, float_run):
     """PTQ here: the same EMA ranges from the calibration batches, no fine-tuning."""
     import json
 
@@ -62,3 +62,141 @@ def test_w4a4_qat_beats_ptq(w4a4, float_run):
     float_acc = float_run["best"]["test_acc"]
     ptq = w4a4["ptq_acc"]
     assert w4a4["acc"] >= ptq + 0.03, (ptq, w4a4["acc"], float_acc, start)
+
+
+def test_layer_widths_from_config(tiny_ds, tmp_path):
+    from conftest import tiny_config
+    from train_quantization import cli
+    from train_quantization.config import from_dict
+    from train_quantization.errors import UserError
+    from train_quantization.layers import quantized_layers
+
+    cfg = tiny_config(tmp_path, weight_bits=4, act_bits=4, first_last_bits=8, layer_bits={"features.7": [6, 5]})
+    net = cli.build_for(cfg, tiny_ds, quant=True)
+    bits = {name: (b.q.weight_bits, b.q.act_bits) for name, b in quantized_layers(net)}
+    assert bits["features.0"] == (8, 8) and bits["classifier.3"] == (8, 8)
+    assert bits["features.7"] == (6, 5) and bits["features.1"] == (4, 4) and bits["classifier.1"] == (4, 4)
+    with pytest.raises(UserError, match="unknown layers.*features.99"):
+        cli.build_for(tiny_config(tmp_path, layer_bits={"features.99": [4, 4]}), tiny_ds, quant=True)
+    with pytest.raises(UserError, match="quant.layer_bits.features.1"):
+        from_dict({"quant": {"layer_bits": {"features.1": [4, 9]}}})
+    with pytest.raises(UserError, match="first_last_bits"):
+        from_dict({"quant": {"first_last_bits": 1}})
+
+
+def test_mixed_widths_reach_the_artifact_and_engines(w4a4, tiny_ds):
+    """First and last layer at 8 bits, one layer at W6A5, the rest W4A4: per-layer grids in the
+    artifact, integer-only = simulated, and the simulation = the fake-quant graph."""
+    import dataclasses
+
+    from train_quantization.layers import set_layer_widths
+    from train_quantization.train import evaluate
+
+    net = w4a4["net"]
+    q = dataclasses.replace(w4a4["cfg"].quant, first_last_bits=8, layer_bits={"features.7": [6, 5]})
+    set_layer_widths(net, q)
+    net.hybridize(static_alloc=True)
+    try:
+        m = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
+        wmax = {la["name"]: int(np.abs(la["arrays"]["w"]).max()) for la in m.quantized()}
+        assert wmax["features.0"] == 127 and wmax["classifier.3"] == 127
+        assert wmax["features.7"] == 31 and wmax["features.1"] == 7
+        x = engine.normalize(m, tiny_ds.test_x[:200])
+        rec_s, rec_i = {}, {}
+        ls = engine.simulate(m, x, rec_s)
+        li = engine.run_integer(m, x, rec_i)
+        assert rec_s["features.7"].min() >= -16 and rec_s["features.7"].max() <= 15
+        assert rec_s["features.0"].min() < -8 or rec_s["features.0"].max() > 7  # 8-bit codes used
+        assert np.mean(ls.argmax(1) == li.argmax(1)) >= 0.99
+        from mxnet.gluon.data import ArrayDataset, DataLoader
+
+        loader = DataLoader(ArrayDataset(tiny_ds.test_x[:200], tiny_ds.test_y[:200]), batch_size=100)
+        fq = evaluate(net, loader, w4a4["norm"], [w4a4["net"].collect_params().list_ctx()[0]],
+                      return_outputs=True)["logits"]
+        assert np.mean(fq.argmax(1) == ls.argmax(1)) >= 0.99
+    finally:
+        set_layer_widths(net, w4a4["cfg"].quant)
+        net.hybridize(static_alloc=True)
+
+
+def test_w4a4_qat_beats_fair_ptq(w4a4, float_run, tiny_ds):
+    """QAT against the better of max- and MSE-calibrated PTQ from the same float checkpoint."""
+    import mxnet as mx
+
+    from train_quantization import cli, ptq
+    from train_quantization.data import calib_loader, make_loaders
+    from train_quantization.train import evaluate
+
+    _, test_loader = make_loaders(tiny_ds, 64, 250, False, 0)
+    calib = calib_loader(tiny_ds, 64, 5, 0)
+    accs = {}
+    for method in ptq.METHODS:
+        net = cli.build_for(w4a4["cfg"], tiny_ds, quant=True)
+        cli.load_weights(net, float_run["run"] / "best.params", [mx.cpu()], expect_ranges=False)
+        net.hybridize(static_alloc=True)
+        ptq.calibrate_ranges(net, calib, w4a4["norm"], mx.cpu(), 5, method)
+        accs[method] = evaluate(net, test_loader, w4a4["norm"], [mx.cpu()])["acc"]
+    assert w4a4["acc"] >= max(accs.values()) + 0.03, (accs, w4a4["acc"])
+
+
+def test_ptq_max_range_is_the_input_max_and_mse_clips_weights(float_run, tiny_ds, tmp_path):
+    import mxnet as mx
+
+    from conftest import tiny_config
+    from train_quantization import cli, ptq
+    from train_quantization.data import calib_loader, normalizer
+    from train_quantization.layers import BN_EPS, quantized_layers
+
+    cfg = tiny_config(tmp_path, weight_bits=4, act_bits=4)
+    net = cli.build_for(cfg, tiny_ds, quant=True)
+    cli.load_weights(net, float_run["run"] / "best.params", [mx.cpu()], expect_ranges=False)
+    net.hybridize(static_alloc=True)
+    norm = normalizer(*tiny_ds.mean_std())
+    calib = calib_loader(tiny_ds, 64, 3, 7)
+    ranges = ptq.calibrate_ranges(net, calib, norm, mx.cpu(), 3, "max")
+    want = max(float(np.abs(norm(x).asnumpy()).max()) for x, _ in calib)
+    assert ranges["features.0"] == pytest.approx(want, rel=1e-7)
+    assert float(net.features[0].input_max.data().asscalar()) == pytest.approx(want, rel=1e-7)
+    # MSE weights: max|w_f| after clipping is the threshold found on the unclipped folded weights
+    blk = dict(quantized_layers(net))["features.3"]
+
+    def folded() -> np.ndarray:
+        k = blk.gamma.data().asnumpy() / np.sqrt(blk.running_var.data().asnumpy() + BN_EPS)
+        return blk.weight.data().asnumpy() * k.reshape(-1, 1, 1, 1)
+
+    t = quant.mse_threshold_np(folded(), -7, 7, 7)
+    assert t < np.abs(folded()).max()
+    ptq.clip_weights_mse(net)
+    assert np.abs(folded()).max() == pytest.approx(t, rel=1e-5)
+    mse_ranges = ptq.calibrate_ranges(net, calib, norm, mx.cpu(), 3, "mse")
+    assert all(0 < mse_ranges[k] <= ranges[k] * 1.0001 for k in ranges)
+
+
+def test_quantization_delay_and_range_freeze(float_run, tiny_ds, tmp_path):
+    import mxnet as mx
+    from mxnet import autograd
+
+    from conftest import tiny_config
+    from train_quantization import cli, train
+    from train_quantization.data import normalizer
+
+    cfg = tiny_config(tmp_path, delay_steps=3, freeze_ranges_step=5)
+    net = cli.build_for(cfg, tiny_ds, quant=True)
+    cli.load_weights(net, float_run["run"] / "best.params", [mx.cpu()], expect_ranges=False)
+    fnet = cli.build_for(cfg, tiny_ds, quant=False)
+    cli.load_weights(fnet, float_run["run"] / "best.params", [mx.cpu()], expect_ranges=False)
+    x = normalizer(*tiny_ds.mean_std())(nd.array(tiny_ds.test_x[:32], dtype="uint8"))
+    assert train.qat_phase(net, cfg, 2, None) == (False, False, True)
+    np.testing.assert_allclose(net(x).asnumpy(), fnet(x).asnumpy(), rtol=1e-4, atol=1e-4)  # float (BN folded)
+    with autograd.train_mode():
+        net(x)
+    assert float(net.features[0].input_max.data().asscalar()) == 0.0  # no range update while delayed
+    assert train.qat_phase(net, cfg, 3, None) == (True, False, True)
+    with autograd.train_mode():
+        net(x)
+    r = float(net.features[0].input_max.data().asscalar())
+    assert r > 0
+    assert train.qat_phase(net, cfg, 5, None) == (True, True, True)
+    with autograd.train_mode():
+        net(x * 3)
+    assert float(net.features[0].input_max.data().asscalar()) == r  # frozen: bigger inputs change nothing

@@ -186,7 +186,7 @@ def test_paper_bn_mode_consistent_after_freeze(float_run, tiny_ds):
     from train_quantization import cli, train
     from train_quantization.data import normalizer
 
-    cfg = tiny_config(float_run["run"].parent, bn_mode="paper")
+    cfg = tiny_config(float_run["run"].parent, bn_mode="paper", bn_freeze_step=5)
     net = cli.build_for(cfg, tiny_ds, quant=True)
     cli.load_weights(net, float_run["run"] / "best.params", [mx.cpu()], expect_ranges=False)
     net.hybridize(static_alloc=True)
@@ -206,7 +206,8 @@ def test_paper_bn_mode_consistent_after_freeze(float_run, tiny_ds):
         pre_train = net.features(x).asnumpy()
     pre_eval = net.features(x).asnumpy()
     assert np.abs(pre_train - pre_eval).max() > 1e-3
-    train.freeze_bn(net)
+    assert train.qat_phase(net, cfg, cfg.quant.bn_freeze_step - 1, None) == (True, False, False)
+    assert train.qat_phase(net, cfg, cfg.quant.bn_freeze_step, None) == (True, False, True)
     frozen = net.features[0].running_mean.data().asnumpy().copy()
     net.collect_params().setattr("grad_req", "null")
     with autograd.record():  # after freezing: train-mode and eval-mode outputs agree

@@ -44,6 +44,7 @@ class OptimConfig:
     lr: float = 0.05  # peak learning rate
     momentum: float = 0.9  # sgd/nag momentum
     wd: float = 5e-4  # weight decay (L2), applied by the trainer
+    wd_all: bool = False  # True: decay every parameter (Gluon's default); False: conv/dense weights only
     epochs: int = 15  # passes over the training set
     schedule: str = "cosine"  # cosine | step | constant
     warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs
@@ -57,6 +58,8 @@ class QuantConfig:
     weight_bits: int = 8  # weights: narrow symmetric [-(2^(b-1)-1), 2^(b-1)-1]
     act_bits: int = 8  # activations: signed [-2^(b-1), 2^(b-1)-1], scale moving_max / 2^(b-1)
     per_channel: bool = False  # weight scale per output channel instead of per tensor
+    first_last_bits: int = 0  # >0: the first and the last quantized layer use this width for weights and input
+    layer_bits: dict = field(default_factory=dict)  # per layer [weight_bits, act_bits], e.g. {classifier.3: [8, 8]}
     momentum: float = 0.95  # EMA: moving_max = m * moving_max + (1 - m) * max|x|
     ste: str = "plain"  # plain: identity gradient; clipped: zero outside the range
     bn_mode: str = "frozen"  # frozen: running statistics; paper: batch stats + correction, then frozen
@@ -65,6 +68,8 @@ class QuantConfig:
     quantize_last_layer: bool = True  # False keeps the classifier's last Dense in float
     kernel: str = "auto"  # auto: compiled fused quantizer if it builds, else stock ops | fused | stock
     calib_batches: int = 10  # training batches that initialize the ranges before QAT
+    delay_steps: int = 0  # QAT steps that train in float (BN fold only) before fake quantization switches on
+    freeze_ranges_step: int = -1  # >=0: activation ranges stop updating after this many QAT steps
     epochs: int = 2  # QAT fine-tuning epochs (replace optim.epochs for train_qat.py)
     lr: float = 0.005  # QAT peak learning rate (replaces optim.lr; cosine to 0, no warm-up)
 
@@ -100,6 +105,8 @@ def _check_type(key: str, value: Any, typ: Any) -> Any:
         return float(value)
     if typ in (int, float, str, bool) and (type(value) is not typ):
         raise UserError(f"config key '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    if typ is dict and not isinstance(value, dict):
+        raise UserError(f"config key '{key}' must be a mapping, got {type(value).__name__} {value!r}")
     if typ is list or origin is list:
         if not isinstance(value, list):
             raise UserError(f"config key '{key}' must be a list, got {type(value).__name__} {value!r}")
@@ -136,6 +143,12 @@ def _validate(cfg: Config) -> Config:
     for key, bits in (("quant.weight_bits", q.weight_bits), ("quant.act_bits", q.act_bits)):
         if not 2 <= bits <= 8:
             raise UserError(f"config key '{key}' must be between 2 and 8, got {bits}")
+    if q.first_last_bits and not 2 <= q.first_last_bits <= 8:
+        raise UserError(f"config key 'quant.first_last_bits' must be 0 (off) or 2-8, got {q.first_last_bits}")
+    for name, pair in q.layer_bits.items():
+        if not (isinstance(pair, list) and len(pair) == 2 and all(type(b) is int and 2 <= b <= 8 for b in pair)):
+            raise UserError(f"config key 'quant.layer_bits.{name}' must be [weight_bits, act_bits] with "
+                            f"widths 2-8, got {pair!r}")
     if not 0.0 <= q.momentum < 1.0:
         raise UserError(f"config key 'quant.momentum' must be in [0, 1), got {q.momentum}")
     if cfg.model.width <= 0:

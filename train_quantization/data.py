@@ -347,6 +347,17 @@ def make_loaders(ds: Dataset, batch_size: int, eval_batch_size: int, augment: bo
     return train_loader, test_loader
 
 
+def calib_loader(ds: Dataset, batch_size: int, batches: int, seed: int) -> object:
+    """A fixed random subset of ``batches * batch_size`` training images (no augmentation), the same
+    for every call with the same seed: post-training calibration sees the same images every time."""
+    from mxnet import gluon
+
+    n = min(len(ds.train_x), batches * batch_size)
+    idx = np.sort(np.random.default_rng(seed).permutation(len(ds.train_x))[:n])
+    return gluon.data.DataLoader(gluon.data.ArrayDataset(ds.train_x[idx], ds.train_y[idx]),
+                                 batch_size=batch_size, shuffle=False, last_batch="keep")
+
+
 def normalizer(mean: tuple, std: tuple) -> object:
     """Batch transform: uint8 NHWC -> float32 NCHW, ``(x / 255 - mean) / std``."""
     from mxnet.gluon import nn

@@ -21,6 +21,7 @@ training, stored ones in evaluation).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from typing import Any, Optional
 
 import mxnet as mx
@@ -30,6 +31,7 @@ from mxnet.gluon import nn
 
 from . import quant
 from .config import QuantConfig
+from .errors import UserError
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9
@@ -260,3 +262,37 @@ def quantized_layers(net: gluon.Block) -> list:
 
     walk(net, "")
     return out
+
+
+def set_layer_widths(net: gluon.Block, q: QuantConfig) -> list:
+    """Give each quantized layer its own bit widths; returns ``[(path, weight_bits, act_bits)]``.
+
+    Order of precedence: ``q.layer_bits[path]``, then ``q.first_last_bits`` for the first and
+    the last quantized layer (the network input's and the logits' layers), then the global
+    ``q.weight_bits``/``q.act_bits``. Call before ``hybridize()``.
+    """
+    layers = quantized_layers(net)
+    paths = [p for p, _ in layers]
+    unknown = sorted(set(q.layer_bits) - set(paths))
+    if unknown:
+        raise UserError(f"config key 'quant.layer_bits' names unknown layers {unknown}; "
+                        f"quantized layers are {paths}")
+    out = []
+    for i, (path, block) in enumerate(layers):
+        wb, ab = q.weight_bits, q.act_bits
+        if q.first_last_bits and i in (0, len(layers) - 1):
+            wb = ab = q.first_last_bits
+        wb, ab = q.layer_bits.get(path, (wb, ab))
+        block.q = dataclasses.replace(q, weight_bits=wb, act_bits=ab)
+        out.append((path, wb, ab))
+    return out
+
+
+def set_quant_state(net: gluon.Block, enabled: Optional[bool] = None, freeze_ranges: Optional[bool] = None) -> None:
+    """Switch fake quantization on/off (quantization delay) or stop the range EMA (momentum 1:
+    ``input_max`` keeps its value) in every quantized layer. Call ``hybridize()`` after."""
+    for _, block in quantized_layers(net):
+        if enabled is not None:
+            block.q = dataclasses.replace(block.q, enabled=enabled)
+        if freeze_ranges:
+            block.q = dataclasses.replace(block.q, momentum=1.0)

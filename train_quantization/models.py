@@ -15,7 +15,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 
 from .config import ModelConfig, QuantConfig
-from .layers import Conv2DBN, QConv2DBN, QDense, dense
+from .layers import Conv2DBN, QConv2DBN, QDense, dense, set_layer_widths
 
 VGG_STAGES = {"vgg11": [1, 1, 2, 2, 2], "vgg13": [2, 2, 2, 2, 2], "vgg16": [2, 2, 3, 3, 3], "vgg19": [2, 2, 4, 4, 4]}
 VGG_FILTERS = [64, 128, 256, 512, 512]
@@ -69,5 +69,8 @@ def build_model(m: ModelConfig, num_classes: int, in_channels: int, image_size: 
         raise ValueError(f"unknown architecture {m.arch!r}")
     filters = [max(1, int(round(f * m.width))) for f in VGG_FILTERS]
     conv, dense_layer = float_factories() if quant is None else quant_factories(quant)
-    return VGG(VGG_STAGES[m.arch], filters, max(1, int(round(512 * m.width))), num_classes,
-               in_channels, image_size, m.dropout, conv, dense_layer)
+    net = VGG(VGG_STAGES[m.arch], filters, max(1, int(round(512 * m.width))), num_classes,
+              in_channels, image_size, m.dropout, conv, dense_layer)
+    if quant is not None:
+        set_layer_widths(net, quant)
+    return net

@@ -103,6 +103,32 @@ def weight_scale_np(w: np.ndarray, qmax: int, per_channel: bool = False) -> np.n
     return safe_scale_np(m, qmax)
 
 
+def mse_threshold_np(x: np.ndarray, qmin: int, qmax: int, divisor: float, grid: int = 100) -> float:
+    """Clipping threshold ``t`` in ``(0, max|x|]`` that minimizes the fake-quant error
+    ``mean((fake_quant(x, t / divisor) - x)**2)``, searched on ``t = max|x| * k / grid``,
+    k = 1..grid (post-training calibration; ``t = max|x|`` is plain max calibration).
+
+    A long tail is clipped, a tight range is not:
+
+    >>> x = np.concatenate([np.linspace(-1, 1, 100001), [40.0]]).astype(np.float32)
+    >>> float(mse_threshold_np(x, -8, 7, 8)) < 5.0
+    True
+    >>> float(mse_threshold_np(np.array([-1.0, 1.0], np.float32), -127, 127, 127))
+    1.0
+    """
+    x = np.asarray(x, np.float32).ravel()
+    top = float(np.abs(x).max()) if x.size else 0.0
+    if top == 0.0:
+        return 0.0
+    best_t, best_err = top, np.inf
+    for k in range(grid, 0, -1):  # from the max down, so ties keep the larger threshold
+        t = top * k / grid
+        err = float(np.mean((fake_quant_np(x, np.float32(t / divisor), qmin, qmax) - x) ** 2))
+        if err < best_err:
+            best_t, best_err = t, err
+    return best_t
+
+
 def ema_update_np(state: Optional[float], batch_max: float, momentum: float) -> np.float32:
     """One EMA step in float32, exactly as the graph computes it; ``state=None`` means unset."""
     b = np.float32(batch_max)

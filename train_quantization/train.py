@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import mxnet as mx
 import numpy as np
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from . import data as data_mod
 from .config import Config, dump_config
 from .errors import UserError
-from .layers import QConv2DBN, quantized_layers
+from .layers import QConv2DBN, quantized_layers, set_quant_state
 
 log = logging.getLogger("train_quantization")
 
@@ -122,9 +122,9 @@ def make_trainer(net: gluon.Block, cfg: Config, steps_per_epoch: int, kvstore: s
     params = {"learning_rate": o.lr, "wd": o.wd, "lr_scheduler": sched}
     if o.optimizer in ("sgd", "nag"):
         params["momentum"] = o.momentum
-    # weight decay on weights only: BN affine, biases and range states are excluded
+    # range states never decay; BN affine and biases only with optim.wd_all
     for name, p in net.collect_params().items():
-        if not name.endswith("weight"):
+        if name.endswith("input_max") or not (o.wd_all or name.endswith("weight")):
             p.wd_mult = 0.0
     return gluon.Trainer(net.collect_params(), o.optimizer, params, kvstore=kvstore)
 
@@ -224,10 +224,7 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
         start, step, best, rec = resume_point(run)
         trainer.load_states(str(run / "last.states"))
         log.info("resuming %s after epoch %d (step %d)", run, start, step)
-    bn_freeze = cfg.quant.bn_freeze_step if qat and cfg.quant.bn_mode == "paper" else None
-    if bn_freeze is not None and step >= bn_freeze:
-        freeze_bn(net)
-        bn_freeze = None
+    phase = qat_phase(net, cfg, step, None) if qat else None
     for epoch in range(start, cfg.optim.epochs):
         seed_all(cfg.seed * 100003 + epoch)
         if isinstance(train_loader._batchify_fn, data_mod.CropFlip):
@@ -237,9 +234,8 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False,
                    dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
         for x, y in bar:
-            if bn_freeze is not None and step >= bn_freeze:
-                freeze_bn(net)
-                bn_freeze = None
+            if qat:
+                phase = qat_phase(net, cfg, step, phase)
             xs, ys = split(x, ctxs), split(y, ctxs)
             with autograd.record():
                 outs = [net(norm(a)) for a in xs]
@@ -284,13 +280,31 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
     return best, rec
 
 
-def freeze_bn(net: gluon.HybridBlock) -> None:
-    """Paper BN mode: switch every QConv2DBN to running statistics and rebuild the graph."""
-    for _, layer in quantized_layers(net):
-        if isinstance(layer, QConv2DBN):
-            layer.freeze_bn()
+def qat_phase(net: gluon.HybridBlock, cfg: Config, step: int, current: Optional[tuple]) -> tuple:
+    """Bring the QAT schedule to ``step`` and return its phase ``(quantizing, ranges_frozen, bn_frozen)``.
+
+    ``quant.delay_steps``: fake quantization off (float with the BN fold) before that step;
+    ``quant.freeze_ranges_step``: the range EMA stops from that step on; ``quant.bn_freeze_step``
+    (paper BN mode): running statistics from that step on. The graph is rebuilt when the phase
+    changes, so a resumed run lands in the same phase.
+    """
+    q = cfg.quant
+    phase = (q.enabled and step >= q.delay_steps,
+             0 <= q.freeze_ranges_step <= step,
+             q.bn_mode == "frozen" or step >= q.bn_freeze_step)
+    if phase == current:
+        return phase
+    set_quant_state(net, enabled=phase[0], freeze_ranges=phase[1])
+    if phase[2] and q.bn_mode == "paper":
+        for _, layer in quantized_layers(net):
+            if isinstance(layer, QConv2DBN):
+                layer.freeze_bn()
     net.hybridize(static_alloc=True)
-    log.info("BatchNorm statistics frozen")
+    if current is not None:
+        log.info("step %d: fake quantization %s, ranges %s, BN statistics %s", step,
+                 "on" if phase[0] else "off (delay)", "frozen" if phase[1] else "updating",
+                 "frozen" if phase[2] else "from the batch")
+    return phase
 
 
 def clip_shares(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: Any, ctx: mx.Context,

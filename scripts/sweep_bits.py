@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Accuracy against bit width: PTQ (max and MSE calibration) and short QAT from one float checkpoint.
+
+  python scripts/sweep_bits.py --config configs/cifar10_vgg16_w025.yaml --pretrained runs/w025-fp32-s0 \\
+      --pairs 8/8,4/8,4/4 [--per-channel 1] [--epochs 2] [-- extra train_qat.py flags]
+
+For each weight/activation pair W/A:
+- PTQ max: float weights (scale max|w_f|), ranges max|x| over --calib-batches float evaluation batches;
+- PTQ MSE: ranges at their MSE-optimal clipping thresholds, weights as above;
+- PTQ MSE+w: the same, and the weights clipped at their MSE-optimal thresholds too (train_quantization.ptq);
+- QAT: ``scripts/train_qat.py --weight-bits W --act-bits A`` (its own run folder under this one).
+All evaluate the same fake-quant graph on the test set (= the simulated int8 engine).
+Writes sweep.json, sweep.md and sweep.png into the sweep's run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from train_quantization import cli, ptq, report, train  # noqa: E402
+from train_quantization import data as data_mod  # noqa: E402
+from train_quantization.errors import UserError, cli_main  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_pairs(text: str) -> list:
+    pairs = []
+    for item in text.split(","):
+        try:
+            w, a = (int(v) for v in item.strip().split("/"))
+        except ValueError:
+            raise UserError(f"--pairs item {item!r} is not W/A (e.g. 4/8)") from None
+        if not (2 <= w <= 8 and 2 <= a <= 8):
+            raise UserError(f"--pairs item {item!r}: widths must be 2-8")
+        pairs.append((w, a))
+    return pairs
+
+
+@cli_main
+def main() -> None:
+    argv = sys.argv[1:]
+    qat_extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = cli.common_parser(__doc__)
+    p.add_argument("--pretrained", required=True, help="float run folder (best.params) or .params file")
+    p.add_argument("--pairs", default="8/8,6/8,4/8,8/4,4/4", help="comma-separated W/A bit pairs")
+    p.add_argument("--per-channel", type=int, choices=(0, 1), help="override quant.per_channel (0/1)")
+    p.add_argument("--first-last-bits", type=int, help="override quant.first_last_bits (0 off, 2-8)")
+    p.add_argument("--calib-batches", type=int, default=10, help="PTQ calibration batches (training images)")
+    p.add_argument("--skip-qat", action="store_true", help="PTQ rows only")
+    args = p.parse_args(argv)
+    pairs = parse_pairs(args.pairs)
+    extra = {"quant.per_channel": None if args.per_channel is None else bool(args.per_channel),
+             "quant.first_last_bits": args.first_last_bits, "quant.epochs": args.epochs}
+    args.epochs = None
+    cfg = cli.config_from_args(args, extra)
+    weights = cli.resolve_params(args.pretrained)
+    train.setup_logging()
+    ctxs = train.parse_ctx(cfg.ctx)
+    ds = data_mod.dataset_from_config(cfg.data)
+    _, test_loader = data_mod.make_loaders(ds, cfg.data.batch_size, cfg.data.eval_batch_size, False, cfg.seed)
+    calib = data_mod.calib_loader(ds, cfg.data.batch_size, args.calib_batches, cfg.seed)
+    norm = data_mod.normalizer(*ds.mean_std())
+    run = train.make_run_dir(cfg, "sweep", Path(args.config).stem)
+
+    fnet = cli.build_for(cfg, ds, quant=False)
+    cli.load_weights(fnet, weights, ctxs, expect_ranges=False)
+    fnet.hybridize(static_alloc=True)
+    float_acc = train.evaluate(fnet, test_loader, norm, ctxs)["acc"]
+    rows = []
+    for w, a in pairs:
+        qcfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, weight_bits=w, act_bits=a))
+        row = {"weight_bits": w, "act_bits": a, "float": float_acc}
+        for key, act_method, clip_weights in (("ptq_max", "max", False), ("ptq_mse", "mse", False),
+                                              ("ptq_mse_w", "mse", True)):
+            net = cli.build_for(qcfg, ds, quant=True)
+            cli.load_weights(net, weights, ctxs, expect_ranges=False)
+            net.hybridize(static_alloc=True)
+            if clip_weights:
+                ptq.clip_weights_mse(net)
+            ptq.calibrate_ranges(net, calib, norm, ctxs[0], args.calib_batches, act_method)
+            row[key] = train.evaluate(net, test_loader, norm, ctxs)["acc"]
+        if not args.skip_qat:
+            name = f"qat-w{w}a{a}"
+            cmd = [sys.executable, str(HERE / "train_qat.py"), "--config", str(args.config), "--pretrained",
+                   str(weights), "--weight-bits", str(w), "--act-bits", str(a), "--out", str(run), "--name", name,
+                   "--data", cfg.data.source, "--seed", str(cfg.seed), "--epochs", str(cfg.quant.epochs),
+                   "--per-channel", str(int(cfg.quant.per_channel)),
+                   "--first-last-bits", str(cfg.quant.first_last_bits)] + qat_extra
+            if subprocess.run(cmd).returncode != 0:
+                raise UserError(f"QAT for W{w}A{a} failed (command: {' '.join(cmd)}); see {run / name}")
+            row["qat"] = json.loads((run / name / "result.json").read_text())["fq_acc"]
+            row["qat_run"] = name
+        rows.append(row)
+        cli.write_json(run / "sweep.json", {"pretrained": str(weights), "per_channel": cfg.quant.per_channel,
+                                            "first_last_bits": cfg.quant.first_last_bits,
+                                            "calib_batches": args.calib_batches, "qat_epochs": cfg.quant.epochs,
+                                            "qat_extra": qat_extra, "rows": rows})
+        print(report.sweep_row_text(rows[-1]), flush=True)
+    report.write_sweep(run, rows)
+    print(f"run folder: {run}\ntable: {run / 'sweep.md'}\nplot: {run / 'sweep.png'}")
+
+
+if __name__ == "__main__":
+    main()
