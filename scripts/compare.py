@@ -6,12 +6,11 @@ int8, integer-only int8 and real oneDNN int8 fed with the learned ranges.
 
 Columns: top-1 accuracy, top-1 agreement with the simulated engine, images/s at batch 64,
 latency at batch 1 (median), bytes of the model file. Writes compare.json and compare.md
-into the QAT run folder.
+into the QAT run folder, and every variant's top-1 predictions into predictions.npz.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -114,7 +113,10 @@ def main() -> None:
         r["agree_sim"] = float((preds[r["variant"]] == sim).mean())
     out = {"float_run": str(args.float_run), "qat_run": str(qrun), "images": n, "calib_images": args.calib,
            "machine": f"{os.uname().machine} {os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    (qrun / "compare.json").write_text(json.dumps(out, indent=2))
+    cli.write_json(qrun / "compare.json", out)
+    tmp = qrun / "predictions.tmp.npz"  # for report.py: where float and int8 disagree
+    np.savez_compressed(tmp, labels=labels, variants=np.array(list(preds)), preds=np.stack(list(preds.values())))
+    os.replace(tmp, qrun / "predictions.npz")
     lines = ["| variant | top-1 % | = simulated % | images/s (batch 64) | latency ms (batch 1) | model bytes |",
              "|---|---|---|---|---|---|"]
     for r in rows:

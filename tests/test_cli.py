@@ -107,6 +107,16 @@ def test_cli_end_to_end_on_synthetic(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     q_row = next(ln for ln in r.stdout.splitlines() if ln.startswith("| q |"))
     assert f"{100 * rep['integer_acc']:.2f}" in q_row and r.stdout.count("| f | 3 |") == 1
+    r = _run("scripts/report.py", str(out / "q"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    for png in ("curves", "ranges", "weights", "compare", "disagreements"):
+        assert (out / "q" / f"{png}.png").read_bytes()[:4] == b"\x89PNG", png
+    md = (out / "q" / "report.md").read_text()
+    steps = [json.loads(ln) for ln in (out / "q" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) >= 3 and len(steps[-1]["ranges"]) == 15  # ranges logged during QAT
+    preds = np.load(out / "q" / "predictions.npz")
+    differ = int((preds["preds"][0] != preds["preds"][4]).sum())  # float vs simulated int8
+    assert f"{differ} of 100 test images" in md and "| features.0 | 8/8 |" in md
 
 
 def _bad(args, match, tmp_path):

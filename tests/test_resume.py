@@ -57,3 +57,8 @@ def test_same_seed_same_metrics_and_kill_resume(tmp_path):
     ref_params = mx.nd.load(str(tmp_path / "ref" / "last.params"))
     assert sorted(net_params) == sorted(ref_params)
     assert all((net_params[k] == ref_params[k]).min().asscalar() == 1 for k in ref_params)
+    # the per-step log continues without gaps or repeats (lines of the killed epoch were dropped)
+    steps = [json.loads(ln) for ln in (tmp_path / "killed" / "steps.jsonl").read_text().splitlines()]
+    ref_steps = [json.loads(ln) for ln in (tmp_path / "ref" / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [s["step"] for s in ref_steps]
+    assert steps == ref_steps

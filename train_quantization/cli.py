@@ -111,7 +111,8 @@ def init_net(net: mx.gluon.HybridBlock, ctxs: list) -> None:
 
 
 def describe_ranges(net: mx.gluon.Block) -> list:
-    """Per-layer JSON summary: weight scale(s), activation range."""
+    """Per-layer JSON summary: widths, weight scale(s), folded-weight quantization SQNR
+    ``10 log10(sum w_f^2 / sum (fq(w_f) - w_f)^2)`` in dB, activation range."""
     from . import quant
 
     rows = []
@@ -121,11 +122,13 @@ def describe_ranges(net: mx.gluon.Block) -> list:
         if hasattr(layer, "gamma"):
             w, _ = quant.fold_bn_np(w, None, layer.gamma.data().asnumpy(), layer.beta.data().asnumpy(),
                                     layer.running_mean.data().asnumpy(), layer.running_var.data().asnumpy(), 1e-5)
-        qmax = quant.qrange(q.weight_bits, narrow=True)[1]
+        qmin, qmax = quant.qrange(q.weight_bits, narrow=True)
         s = quant.weight_scale_np(w, qmax, q.per_channel)
-        rows.append({"layer": name, "type": type(layer).__name__,
-                     "weight_scale": np.ravel(s).tolist() if q.per_channel else float(s),
-                     "input_max": float(layer.input_max.data().asscalar())})
+        err = np.sum((quant.fake_quant_np(w, s, qmin, qmax) - w) ** 2)
+        sqnr = 10 * np.log10(np.sum(w ** 2) / err) if err > 0 else float("inf")
+        rows.append({"layer": name, "type": type(layer).__name__, "weight_bits": q.weight_bits,
+                     "act_bits": q.act_bits, "weight_scale": np.ravel(s).tolist() if q.per_channel else float(s),
+                     "weight_sqnr_db": float(sqnr), "input_max": float(layer.input_max.data().asscalar())})
     return rows
 
 

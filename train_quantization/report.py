@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -52,3 +53,211 @@ def write_sweep(run: Path, rows: list) -> None:
     fig.tight_layout()
     fig.savefig(run / "sweep.png", dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- run report
+def _json(path: Path) -> dict | list:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _jsonl(path: Path) -> list:
+    import json
+
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short by a crash
+            pass
+    return rows
+
+
+def float_run_of(run: Path) -> Path | None:
+    """The float run a QAT run started from (``qat_start.json``), if its folder still exists."""
+    src = _json(run / "qat_start.json").get("pretrained")
+    if not src:
+        return None
+    p = Path(src)
+    folder = p.parent if p.suffix == ".params" else p
+    return folder if (folder / "metrics.jsonl").is_file() else None
+
+
+def plot_curves(runs: list, out: Path) -> None:
+    """Training loss per step and test accuracy per epoch; later runs continue the step/epoch axis."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    step0 = epoch0 = 0
+    for label, run in runs:
+        steps, epochs = _jsonl(run / "steps.jsonl"), _jsonl(run / "metrics.jsonl")
+        if steps:
+            a1.plot([step0 + r["step"] for r in steps], [r["loss"] for r in steps], label=label, lw=0.8)
+        if epochs:
+            a2.plot([epoch0 + r["epoch"] for r in epochs], [100 * r["test_acc"] for r in epochs], marker="o",
+                    label=f"{label} test")
+            a2.plot([epoch0 + r["epoch"] for r in epochs], [100 * r["train_acc"] for r in epochs], ls=":",
+                    label=f"{label} train")
+            step0, epoch0 = step0 + epochs[-1]["step"], epoch0 + epochs[-1]["epoch"]
+    a1.set(xlabel="optimizer step", ylabel="training loss (batch mean)", yscale="log", title="loss")
+    a2.set(xlabel="epoch", ylabel="top-1 %", title="accuracy")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_ranges(run: Path, out: Path) -> bool:
+    steps = [r for r in _jsonl(run / "steps.jsonl") if "ranges" in r]
+    if not steps:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name in steps[0]["ranges"]:
+        ax.plot([r["step"] for r in steps], [r["ranges"][name] for r in steps], label=name, lw=1)
+    ax.set(xlabel="QAT step", ylabel="input_max (EMA of max|x|)", yscale="log",
+           title="activation range of each quantized layer's input")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _mean_scale(row: dict) -> float:
+    s = row["weight_scale"]
+    return sum(s) / len(s) if isinstance(s, list) else s
+
+
+def plot_weights(before: list, after: list, out: Path) -> None:
+    names = [r["layer"] for r in after]
+    x = range(len(names))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for rows, label, dx in ((before, "before QAT", -0.2), (after, "after QAT", 0.2)):
+        a1.bar([i + dx for i in x], [_mean_scale(r) for r in rows], width=0.4, label=label)
+        a2.bar([i + dx for i in x], [r.get("weight_sqnr_db", float("nan")) for r in rows], width=0.4, label=label)
+    a1.set(ylabel="weight scale (mean over channels)", yscale="log", title="folded weight scale")
+    a2.set(ylabel="SQNR dB", title="folded weight quantization SQNR")
+    for a in (a1, a2):
+        a.set_xticks(list(x), names, rotation=60, fontsize=7)
+        a.grid(alpha=0.3, axis="y")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_compare(cmp: dict, out: Path) -> None:
+    rows = cmp["rows"]
+    names = [r["variant"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.8))
+    a1.barh(names, [100 * r["acc"] for r in rows])
+    lo = min(100 * r["acc"] for r in rows)
+    a1.set(xlabel="test top-1 %", xlim=(max(0.0, lo - 3), min(100.0, max(100 * r["acc"] for r in rows) + 1)),
+           title="accuracy")
+    a2.barh(names, [r["images_per_s_b64"] for r in rows])
+    a2.set(xlabel="images/s at batch 64", xscale="log", title="speed")
+    a2.set_yticklabels([])
+    for a in (a1, a2):
+        a.invert_yaxis()
+        a.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def disagreement_matrix(a: np.ndarray, b: np.ndarray, classes: int) -> np.ndarray:
+    """``m[i, j]``: images predicted ``i`` by ``a`` and ``j`` by ``b``, counted where they differ.
+
+    >>> disagreement_matrix(np.array([0, 1, 1, 2]), np.array([0, 2, 1, 1]), 3).tolist()
+    [[0, 0, 0], [0, 0, 1], [0, 1, 0]]
+    """
+    m = np.zeros((classes, classes), np.int64)
+    d = a != b
+    np.add.at(m, (a[d], b[d]), 1)
+    return m
+
+
+def plot_disagreements(pred_file: Path, classes: list, out: Path, other: str) -> dict | None:
+    data = np.load(pred_file)
+    variants = [str(v) for v in data["variants"]]
+    if "float (MXNet)" not in variants or other not in variants:
+        return None
+    fl, q = data["preds"][variants.index("float (MXNet)")], data["preds"][variants.index(other)]
+    labels = data["labels"]
+    m = disagreement_matrix(fl, q, len(classes))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(m, cmap="Blues")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            if m[i, j]:
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(classes)), classes, rotation=60, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set(xlabel=f"{other} prediction", ylabel="float prediction",
+           title=f"{int((fl != q).sum())} of {len(fl)} images predicted differently")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    d = fl != q
+    return {"differ": int(d.sum()), "images": len(fl), "float_right": int((fl[d] == labels[d]).sum()),
+            "int8_right": int((q[d] == labels[d]).sum())}
+
+
+def write_report(run: Path) -> Path:
+    """Plots (PNG) and report.md in ``run`` from its saved files (and its float run's, for a QAT run)."""
+    run = Path(run)
+    result = _json(run / "result.json")
+    md = [f"# Report: {run.name}", ""]
+    env = _json(run / "env.json")
+    if env:
+        md += [f"Command: `{env.get('command', '')}`  ", f"Machine: {env.get('processor') or env.get('machine')}, "
+               f"{env.get('cpus')} CPUs; MXNet {env.get('mxnet')}; commit {str(env.get('commit'))[:10]}; "
+               f"date {env.get('date')}", ""]
+    parent = float_run_of(run) if (run / "qat_start.json").is_file() else None
+    series = ([("float", parent)] if parent else []) + ([("QAT" if parent or result.get("kind") == "qat"
+                                                          else "float", run)] if (run / "metrics.jsonl").is_file()
+                                                        else [])
+    if series:
+        plot_curves(series, run / "curves.png")
+        md += ["## Training", "", "![loss and accuracy](curves.png)", ""]
+        if result.get("kind") == "qat":
+            md += [f"- float accuracy {_pct(result.get('float_acc'))} %; fake-quant before QAT "
+                   f"{_pct(result.get('fq_acc_before'))} %; after QAT {_pct(result.get('fq_acc'))} %", ""]
+        elif result:
+            md += [f"- best test accuracy {_pct(result.get('best_test_acc'))} % (epoch {result.get('best_epoch')})",
+                   ""]
+    if plot_ranges(run, run / "ranges.png"):
+        md += ["## Activation ranges over QAT", "", "![ranges](ranges.png)", ""]
+    before, after = _json(run / "layers_before.json"), _json(run / "layers.json")
+    if before and after:
+        plot_weights(before, after, run / "weights.png")
+        md += ["## Layers before and after QAT", "", "![weights](weights.png)", "",
+               "| layer | W/A bits | input_max before | after | weight SQNR dB before | after | clipped inputs % |",
+               "|---|---|---|---|---|---|---|"]
+        for b, a in zip(before, after):
+            md.append(f"| {a['layer']} | {a.get('weight_bits', '-')}/{a.get('act_bits', '-')} | "
+                      f"{b['input_max']:.3f} | {a['input_max']:.3f} | {b.get('weight_sqnr_db', float('nan')):.1f} | "
+                      f"{a.get('weight_sqnr_db', float('nan')):.1f} | {100 * a.get('clipped_share', 0.0):.3f} |")
+        md.append("")
+    cmp = _json(run / "compare.json")
+    if cmp:
+        plot_compare(cmp, run / "compare.png")
+        md += ["## Every variant (compare.py)", "", "![compare](compare.png)", "",
+               (run / "compare.md").read_text() if (run / "compare.md").is_file() else "", ""]
+    if (run / "predictions.npz").is_file():
+        classes = result.get("classes") or [str(i) for i in range(10)]
+        d = plot_disagreements(run / "predictions.npz", classes, run / "disagreements.png",
+                               "QAT simulated int8 (numpy)")
+        if d:
+            md += ["## Where float and int8 disagree", "", "![disagreements](disagreements.png)", "",
+                   f"{d['differ']} of {d['images']} test images get another class from the simulated int8 model "
+                   f"than from the float model; on those the float model is right {d['float_right']} times, "
+                   f"int8 {d['int8_right']} times.", ""]
+    sweep = _json(run / "sweep.json")
+    if sweep:
+        md += ["## Bit-width sweep", "", "![sweep](sweep.png)", "", sweep_markdown(sweep["rows"]), ""]
+    (run / "report.md").write_text("\n".join(md))
+    return run / "report.md"

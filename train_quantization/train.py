@@ -186,6 +186,15 @@ def calibrate(net: gluon.Block, loader: gluon.data.DataLoader, norm: Any, ctxs: 
 
 
 # ----------------------------------------------------------------------------- loop
+LOG_EVERY = 10  # optimizer steps between rows of steps.jsonl
+def _step_of(line: str) -> float:
+    """Step of a steps.jsonl line; inf for a line cut short by a crash (dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def resume_point(run: Path) -> tuple:
     """(completed epochs, global step, best record, last record) of an interrupted run; drops metrics lines
     of an epoch whose checkpoint was not completed."""
@@ -197,6 +206,10 @@ def resume_point(run: Path) -> tuple:
     rows = [json.loads(ln) for ln in lines if ln.strip()]
     rows = [r for r in rows if r["epoch"] <= state["epoch"]]
     atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    steps_file = run / "steps.jsonl"
+    if steps_file.is_file():
+        keep = [ln for ln in steps_file.read_text().splitlines() if _step_of(ln) <= state["step"]]
+        atomic_write_text(steps_file, "".join(ln + "\n" for ln in keep))
     best = max(rows, key=lambda r: r["test_acc"]) if rows else {"test_acc": -1.0}
     return state["epoch"], state["step"], best, rows[-1] if rows else best
 
@@ -225,6 +238,7 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
         trainer.load_states(str(run / "last.states"))
         log.info("resuming %s after epoch %d (step %d)", run, start, step)
     phase = qat_phase(net, cfg, step, None) if qat else None
+    steps_log = open(run / "steps.jsonl", "a")  # loss, lr (and ranges) every LOG_EVERY steps, for report.py
     for epoch in range(start, cfg.optim.epochs):
         seed_all(cfg.seed * 100003 + epoch)
         if isinstance(train_loader._batchify_fn, data_mod.CropFlip):
@@ -251,6 +265,11 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
                 raise UserError(f"loss is {batch_loss} at step {step} (epoch {epoch + 1}); stopped. "
                                 f"Last good checkpoint: {last if last.exists() else 'none'}; lower optim.lr")
             loss_sum += batch_loss
+            if step % LOG_EVERY == 0 or step == 1:
+                row = {"step": step, "loss": batch_loss / x.shape[0], "lr": trainer.learning_rate}
+                if qat:
+                    row["ranges"] = range_summary(net)
+                steps_log.write(json.dumps(row) + "\n")
             correct += sum(int((o.argmax(axis=1).astype("int32") == b.astype("int32")).sum().asscalar())
                            for o, b in zip(outs, ys))
             seen += x.shape[0]
@@ -277,6 +296,8 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
         log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f  test_acc %.4f  %.0f img/s  %.1f s",
                  epoch + 1, cfg.optim.epochs, rec["train_loss"], rec["train_acc"], ev["acc"],
                  rec["images_per_s"], train_time)
+        steps_log.flush()
+    steps_log.close()
     return best, rec
 
 
