@@ -10,7 +10,8 @@ DEMO := runs/demo
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,onnx]"
+	$(PY) -m pip install -q --no-deps "onnxruntime==1.17.3"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -19,5 +19,8 @@ setup(
         "tqdm>=4.60",
         "pillow>=8",
     ],
-    extras_require={"test": ["pytest>=7", "ruff>=0.4"]},
+    # onnx: the ONNX export and ONNX Runtime rows; onnxruntime itself goes in with
+    # `pip install --no-deps onnxruntime==1.17.3` (its wheels declare numpy>=1.24.2, MXNet needs <1.24)
+    extras_require={"test": ["pytest>=7", "ruff>=0.4"],
+                    "onnx": ["onnx==1.14.1", "coloredlogs", "flatbuffers", "sympy", "packaging"]},
 )

@@ -1,6 +1,10 @@
 #!/usr/bin/env python
-"""One table: float, MXNet PTQ (naive, entropy), and the QAT model as fake-quant, simulated
-int8, integer-only int8 and real oneDNN int8 fed with the learned ranges.
+"""One table: float (MXNet, ONNX Runtime), PTQ baselines (MXNet naive/entropy,
+channel-wise; our EMA ranges without fine-tuning), and the QAT model as fake-quant, simulated
+int8, integer-only int8, real oneDNN int8 fed with the learned ranges and ONNX Runtime int8
+(QDQ export). ONNX rows need the optional install (README). MXNet 1.9.1's tensor-wise PTQ
+fails on this graph (KeyError 'dense0_weight' in contrib.quantization._quantize_params), so
+the MXNet PTQ rows are channel-wise; per-tensor PTQ is our EMA row (and sweep_bits.py).
 
   python scripts/compare.py --float runs/w025-fp32-s0 --qat runs/w025-qat-pt-s0
 
@@ -27,7 +31,7 @@ from train_quantization import cli  # noqa: E402
 from train_quantization import data as data_mod  # noqa: E402
 from train_quantization.config import load_config  # noqa: E402
 from train_quantization.errors import UserError, cli_main  # noqa: E402
-from train_quantization.int8 import engine, onednn  # noqa: E402
+from train_quantization.int8 import engine, onednn, onnx_export  # noqa: E402
 from train_quantization.int8 import model as int8_model  # noqa: E402
 from train_quantization.int8.export import export  # noqa: E402
 
@@ -91,15 +95,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         art = int8_model.save(m, Path(d) / "m.npz")
         art_bytes = int8_model.artifact_size(art)
+    ema = cli.build_for(cfg, ds, quant=True)  # our quantizer, EMA ranges, float weights: PTQ without fine-tuning
+    cli.load_weights(ema, fpath, ctx, expect_ranges=False)
+    ema.hybridize(static_alloc=True)
+    with mx.autograd.train_mode():
+        for i in range(0, args.calib, cfg.data.batch_size):
+            ema(calib[i:i + cfg.data.batch_size]).wait_to_read()
     variants = {
         "float (MXNet)": (_mx_fn(fnet), fpath.stat().st_size),
-        "PTQ naive (oneDNN int8)": (_mx_fn(onednn.ptq(fnet, shape, calib, "naive")), None),
-        "PTQ entropy (oneDNN int8)": (_mx_fn(onednn.ptq(fnet, shape, calib, "entropy")), None),
+        "PTQ naive, channel-wise (oneDNN int8)": (_mx_fn(onednn.ptq(fnet, shape, calib, "naive")), None),
+        "PTQ entropy, channel-wise (oneDNN int8)": (_mx_fn(onednn.ptq(fnet, shape, calib, "entropy")), None),
+        "PTQ EMA ranges, no fine-tuning (ours, fake-quant)": (_mx_fn(ema), None),
         "QAT fake-quant (MXNet)": (_mx_fn(qnet), qpath.stat().st_size),
         "QAT simulated int8 (numpy)": (lambda a: engine.simulate(m, a), art_bytes),
         "QAT integer-only (numpy)": (lambda a: engine.run_integer(m, a), art_bytes),
         "QAT oneDNN int8, learned ranges": (_mx_fn(onednn.with_learned_ranges(qweights, qnet, shape, calib)), None),
     }
+    if onnx_export.available():
+        with tempfile.TemporaryDirectory() as d:
+            f_onnx = onnx_export.save_float(fnet, shape, Path(d) / "f.onnx")
+            q_onnx = onnx_export.save_qdq(m, Path(d) / "q.onnx")
+            variants["float (ONNX Runtime)"] = (onnx_export.runner(onnx_export.session(f_onnx)),
+                                                f_onnx.stat().st_size)
+            variants["QAT int8 QDQ (ONNX Runtime)"] = (onnx_export.runner(onnx_export.session(q_onnx)),
+                                                       q_onnx.stat().st_size)
+    else:
+        print(f"ONNX Runtime rows skipped (not installed: {onnx_export.INSTALL})")
     rows, preds = [], {}
     for name, (fn, size) in variants.items():
         logits = np.concatenate([fn(x[i:i + 250]) for i in range(0, n, 250)])

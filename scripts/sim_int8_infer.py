@@ -4,6 +4,7 @@
   --qat RUN            evaluate the QAT run folder's model (exports it in memory)
   --qat RUN --export F also write the int8 artifact F
   --artifact F         evaluate from the artifact alone (numpy only, no MXNet)
+  --engine onnx|all    ONNX Runtime's int8 kernels on the QDQ export (--onnx F writes it)
 
 Reports accuracy, top-1 agreement with the fake-quant evaluation (and between engines),
 the largest logit difference, and the artifact's size next to the float checkpoint.
@@ -59,7 +60,9 @@ def main() -> None:
     p.add_argument("--artifact", help="evaluate this int8 artifact (.npz) instead of --qat")
     p.add_argument("--export", help="write the int8 artifact here (with --qat)")
     p.add_argument("--data", help="dataset (default: the run's data.source); needed with --artifact")
-    p.add_argument("--engine", choices=("sim", "integer", "both"), default="both")
+    p.add_argument("--engine", choices=("sim", "integer", "onnx", "both", "all"), default="both",
+                   help="both: sim and integer; onnx: ONNX Runtime int8 (optional install); all: the three")
+    p.add_argument("--onnx", help="also write the QDQ ONNX model to this file")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N test images (0: all)")
     p.add_argument("--json", help="write the report here (default: <run>/int8_eval.json with --qat)")
     args = p.parse_args()
@@ -95,7 +98,11 @@ def main() -> None:
         report["artifact_bytes"] = int8_model.artifact_size(args.artifact)
     n = args.limit or len(ds.test_x)
     images, labels = ds.test_x[:n], ds.test_y[:n]
-    engines = ["sim", "integer"] if args.engine == "both" else [args.engine]
+    engines = {"both": ["sim", "integer"], "all": ["sim", "integer", "onnx"]}.get(args.engine, [args.engine])
+    if args.onnx:
+        from train_quantization.int8.onnx_export import save_qdq
+
+        report["onnx"] = str(save_qdq(model, args.onnx))
     preds = {}
     if fq_logits is not None:
         fq_logits = fq_logits[:n]
@@ -110,8 +117,9 @@ def main() -> None:
         if fq_logits is not None:
             report[f"{name}_agree_fake_quant"] = float((preds[name] == preds["fake_quant"]).mean())
             report[f"{name}_max_logit_diff_fake_quant"] = float(np.abs(logits - fq_logits).max())
-    if "sim" in preds and "integer" in preds:
-        report["integer_agree_sim"] = float((preds["integer"] == preds["sim"]).mean())
+    for other in ("integer", "onnx"):
+        if "sim" in preds and other in preds:
+            report[f"{other}_agree_sim"] = float((preds[other] == preds["sim"]).mean())
     report["images"] = int(n)
     out = args.json or (str(Path(args.qat) / "int8_eval.json") if args.qat else None)
     if out:

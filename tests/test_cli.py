@@ -101,7 +101,8 @@ def test_cli_end_to_end_on_synthetic(tmp_path):
              "--limit", "100", "--batches", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {row["variant"]: row for row in json.loads((out / "q" / "compare.json").read_text())["rows"]}
-    assert len(rows) == 7 and rows["QAT integer-only (numpy)"]["agree_sim"] >= 0.99
+    assert len(rows) == 10 and rows["QAT integer-only (numpy)"]["agree_sim"] >= 0.99
+    assert rows["QAT int8 QDQ (ONNX Runtime)"]["agree_sim"] >= 0.99 and rows["float (ONNX Runtime)"]["acc"] == pytest.approx(rows["float (MXNet)"]["acc"], abs=0.011)
     assert rows["QAT simulated int8 (numpy)"]["acc"] == pytest.approx(rep["sim_acc"], abs=0.05)
     r = _run("scripts/summarize.py", str(out / "f"), str(out / "q"))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -115,7 +116,9 @@ def test_cli_end_to_end_on_synthetic(tmp_path):
     steps = [json.loads(ln) for ln in (out / "q" / "steps.jsonl").read_text().splitlines()]
     assert len(steps) >= 3 and len(steps[-1]["ranges"]) == 15  # ranges logged during QAT
     preds = np.load(out / "q" / "predictions.npz")
-    differ = int((preds["preds"][0] != preds["preds"][4]).sum())  # float vs simulated int8
+    names = list(preds["variants"])
+    differ = int((preds["preds"][names.index("float (MXNet)")] !=
+                  preds["preds"][names.index("QAT simulated int8 (numpy)")]).sum())
     assert f"{differ} of 100 test images" in md and "| features.0 | 8/8 |" in md
 
 

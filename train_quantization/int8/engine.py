@@ -148,8 +148,16 @@ def run_integer(model: Int8Model, x: np.ndarray, record: Optional[dict] = None) 
 
 def predict(model: Int8Model, images: np.ndarray, engine: str = "sim", batch: int = 200,
             progress: bool = False) -> np.ndarray:
-    """Logits for uint8 NHWC images with the ``sim`` or ``integer`` engine, in batches."""
-    fn = {"sim": simulate, "integer": run_integer}[engine]
+    """Logits for uint8 NHWC images with the ``sim``, ``integer`` or ``onnx`` (ONNX Runtime) engine."""
+    if engine == "onnx":
+        from .onnx_export import build_qdq, runner, session
+
+        ort_fn = runner(session(build_qdq(model)))
+
+        def fn(_: Int8Model, x: np.ndarray) -> np.ndarray:
+            return ort_fn(x)
+    else:
+        fn = {"sim": simulate, "integer": run_integer}[engine]
     out = []
     rng = range(0, len(images), batch)
     if progress:

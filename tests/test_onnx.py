@@ -1,0 +1,90 @@
+"""ONNX export: the QDQ graph on ONNX Runtime's int8 kernels equals the simulated engine; float export."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+pytest.importorskip("onnxruntime")
+import onnx  # noqa: E402
+
+from train_quantization.errors import UserError  # noqa: E402
+from train_quantization.int8 import engine, onnx_export  # noqa: E402
+from train_quantization.int8.export import export  # noqa: E402
+
+
+def _optimized_ops(model, tmp_path) -> Counter:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qdq_on_onnxruntime_equals_simulation(qat_run, tiny_ds, tmp_path, per_channel):
+    net = qat_run["net"]
+    if per_channel:  # the same trained weights, quantized per output channel
+        from train_quantization.layers import quantized_layers
+
+        for _, b in quantized_layers(net):
+            b.q = b.q.__class__(**{**b.q.__dict__, "per_channel": True})
+        net.hybridize(static_alloc=True)
+    try:
+        m = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
+    finally:
+        if per_channel:
+            for _, b in quantized_layers(net):
+                b.q = b.q.__class__(**{**b.q.__dict__, "per_channel": False})
+            net.hybridize(static_alloc=True)
+    model = onnx_export.build_qdq(m)
+    ops = _optimized_ops(model, tmp_path)
+    assert ops["QLinearConv"] == 13 and ops["QGemm"] == 2  # every layer on int8 kernels
+    assert "Conv" not in ops and "FusedConv" not in ops and "Gemm" not in ops
+    x = engine.normalize(m, tiny_ds.test_x)
+    ls = engine.simulate(m, x)
+    lo = onnx_export.runner(onnx_export.session(model))(x)
+    assert np.mean(lo.argmax(1) == ls.argmax(1)) >= 0.999
+    assert np.abs(lo - ls).mean() <= 1e-5, np.abs(lo - ls).mean()  # the same codes: float rounding only
+    path = onnx_export.save_qdq(m, tmp_path / "q.onnx")
+    assert np.array_equal(onnx_export.runner(onnx_export.session(path))(x[:10]), lo[:10])
+
+
+def test_low_bit_activations_are_refused(qat_run, tiny_ds):
+    m = export(qat_run["net"], *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
+    m.quantized()[3]["act_bits"] = 4
+    with pytest.raises(UserError, match="8-bit activations only.*features.4"):
+        onnx_export.build_qdq(m)
+
+
+def test_float_export_matches_mxnet(float_run, tiny_ds, tmp_path):
+    from train_quantization import cli
+
+    net = cli.build_for(float_run["cfg"], tiny_ds, quant=False)
+    cli.load_weights(net, float_run["run"] / "best.params", [mx.cpu()], expect_ranges=False)
+    net.hybridize(static_alloc=True)
+    x = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    ref = net(mx.nd.array(x)).asnumpy()
+    path = onnx_export.save_float(net, (3, 16, 16), tmp_path / "f.onnx")
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["data"]  # weights are not inputs
+    np.testing.assert_allclose(onnx_export.runner(onnx_export.session(path))(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sim_int8_infer_onnx_engine(qat_run, tmp_path):
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "scripts/sim_int8_infer.py", "--qat", str(qat_run["run"]), "--engine",
+                        "all", "--onnx", str(tmp_path / "m.onnx"), "--json", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["onnx_agree_sim"] >= 0.999 and abs(rep["onnx_acc"] - rep["sim_acc"]) <= 0.002
+    assert (tmp_path / "m.onnx").stat().st_size > 0
