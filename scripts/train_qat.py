@@ -32,13 +32,18 @@ def main() -> None:
     p.add_argument("--weight-bits", type=int, help="override quant.weight_bits (2-8)")
     p.add_argument("--act-bits", type=int, help="override quant.act_bits (2-8)")
     p.add_argument("--ste", choices=("plain", "clipped"), help="override quant.ste")
+    p.add_argument("--scheme", choices=("original", "onednn"),
+                   help="override quant.scheme (onednn implies per-channel weights unless --per-channel 0)")
     p.add_argument("--first-last-bits", type=int, help="override quant.first_last_bits (0 off, 2-8)")
     p.add_argument("--delay-steps", type=int, help="override quant.delay_steps (float steps before quantizing)")
     p.add_argument("--freeze-ranges-step", type=int, help="override quant.freeze_ranges_step (-1 never)")
     args = p.parse_args()
     if not args.resume and not args.pretrained:
         raise UserError("pass --pretrained FLOAT_RUN_DIR (or --resume QAT_RUN_DIR)")
+    if args.scheme == "onednn" and args.per_channel is None:
+        args.per_channel = 1
     extra = {"quant.per_channel": None if args.per_channel is None else bool(args.per_channel),
+             "quant.scheme": args.scheme,
              "quant.bn_mode": args.bn_mode, "quant.weight_bits": args.weight_bits,
              "quant.act_bits": args.act_bits, "quant.ste": args.ste,
              "quant.first_last_bits": args.first_last_bits, "quant.delay_steps": args.delay_steps,

@@ -122,8 +122,8 @@ def describe_ranges(net: mx.gluon.Block) -> list:
         if hasattr(layer, "gamma"):
             w, _ = quant.fold_bn_np(w, None, layer.gamma.data().asnumpy(), layer.beta.data().asnumpy(),
                                     layer.running_mean.data().asnumpy(), layer.running_var.data().asnumpy(), 1e-5)
-        qmin, qmax = quant.qrange(q.weight_bits, narrow=True)
-        s = quant.weight_scale_np(w, qmax, q.per_channel)
+        qmin, qmax, divisor = quant.weight_grid(q.weight_bits, q.scheme)
+        s = quant.weight_scale_np(w, divisor, q.per_channel)
         err = np.sum((quant.fake_quant_np(w, s, qmin, qmax) - w) ** 2)
         sqnr = 10 * np.log10(np.sum(w ** 2) / err) if err > 0 else float("inf")
         rows.append({"layer": name, "type": type(layer).__name__, "weight_bits": q.weight_bits,

@@ -58,6 +58,7 @@ class QuantConfig:
     weight_bits: int = 8  # weights: narrow symmetric [-(2^(b-1)-1), 2^(b-1)-1]
     act_bits: int = 8  # activations: signed [-2^(b-1), 2^(b-1)-1], scale moving_max / 2^(b-1)
     per_channel: bool = False  # weight scale per output channel instead of per tensor
+    scheme: str = "original"  # original (Jacob et al.) | onednn (MXNet/oneDNN int8 arithmetic; 8 bits, per channel)
     first_last_bits: int = 0  # >0: the first and the last quantized layer use this width for weights and input
     layer_bits: dict = field(default_factory=dict)  # per layer [weight_bits, act_bits], e.g. {classifier.3: [8, 8]}
     momentum: float = 0.95  # EMA: moving_max = m * moving_max + (1 - m) * max|x|
@@ -96,6 +97,7 @@ _CHOICES = {
     "quant.ste": ("plain", "clipped"),
     "quant.bn_mode": ("frozen", "paper"),
     "quant.kernel": ("auto", "fused", "stock"),
+    "quant.scheme": ("original", "onednn"),
 }
 
 
@@ -149,6 +151,10 @@ def _validate(cfg: Config) -> Config:
         if not (isinstance(pair, list) and len(pair) == 2 and all(type(b) is int and 2 <= b <= 8 for b in pair)):
             raise UserError(f"config key 'quant.layer_bits.{name}' must be [weight_bits, act_bits] with "
                             f"widths 2-8, got {pair!r}")
+    if q.scheme == "onednn" and (q.weight_bits != 8 or q.act_bits != 8 or not q.per_channel
+                                 or q.first_last_bits not in (0, 8) or q.layer_bits):
+        raise UserError("config key 'quant.scheme' onednn is oneDNN's 8-bit arithmetic: it needs "
+                        "quant.per_channel: true and 8-bit weights and activations everywhere")
     if not 0.0 <= q.momentum < 1.0:
         raise UserError(f"config key 'quant.momentum' must be in [0, 1), got {q.momentum}")
     if cfg.model.width <= 0:

@@ -104,22 +104,23 @@ def use_fused(q: QuantConfig) -> bool:
     return fused.available()
 
 
-def quantize_input(F: Any, x: Any, state: Any, q: QuantConfig, ndim: int, fused: bool = False) -> tuple:
+def quantize_input(F: Any, x: Any, state: Any, q: QuantConfig, ndim: int, fused: bool = False,
+                   signed: bool = True) -> tuple:
     """Update the range state (training only) and fake-quantize ``x`` with it.
 
     Returns ``(x_q, s_a)``, ``s_a`` of shape (1,). With ``q.enabled`` False: ``(x, None)``.
-    ``fused``: one compiled op does the same arithmetic (``csrc/tq_ops.cc``).
+    ``fused``: one compiled op does the same arithmetic (``csrc/tq_ops.cc``). ``signed``: whether
+    ``x`` can be negative (only the ``onednn`` scheme uses it: uint8 for ReLU outputs).
     """
     if not q.enabled:
         return x, None
+    qmin, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, signed)
     if fused:
-        qmin, qmax = quant.qrange(q.act_bits, signed=True)
         out = _positional_op(F, "tq_act_quant", [x, state, train_flag(F, state)], momentum=q.momentum,
-                             qmin=qmin, qmax=qmax, divisor=quant.act_divisor(q.act_bits), ste=q.ste)
+                             qmin=qmin, qmax=qmax, divisor=divisor, ste=q.ste)
         return out[0], F.BlockGrad(out[1])
     amax = update_range(F, x, state, q.momentum, spatial=ndim == 4)
-    scale = F.where(amax > 0, amax, F.ones_like(amax)) / quant.act_divisor(q.act_bits)
-    qmin, qmax = quant.qrange(q.act_bits, signed=True)
+    scale = F.where(amax > 0, amax, F.ones_like(amax)) / divisor
     return quant.fake_quant(F, x, F.reshape(scale, (1,) * ndim), qmin, qmax, q.ste), scale
 
 
@@ -127,8 +128,8 @@ def quantize_weights(F: Any, w_f: Any, b_f: Any, s_a: Any, q: QuantConfig, ndim:
     """Fake-quantized ``(w_q, b_q)``: narrow symmetric weights, bias on the int32 grid."""
     if not q.enabled:
         return w_f, b_f
-    qmin, qmax = quant.qrange(q.weight_bits, signed=True, narrow=True)
-    s_w = quant.weight_scale(F, w_f, qmax, q.per_channel, ndim)
+    qmin, qmax, divisor = quant.weight_grid(q.weight_bits, q.scheme)
+    s_w = quant.weight_scale(F, w_f, divisor, q.per_channel, ndim)
     return (quant.fake_quant(F, w_f, s_w, qmin, qmax, q.ste),
             quant.fake_quant_bias(F, b_f, s_w, s_a, q.ste))
 
@@ -190,6 +191,7 @@ class QConv2DBN(Conv2DBN):
         super().__init__(channels, in_channels, kernel, padding, relu, **kwargs)
         self.q = qcfg
         self.fused = use_fused(qcfg)
+        self.input_signed = True  # False: the input is a ReLU output (set by the model builder)
         self.bn_frozen = qcfg.bn_mode == "frozen"
         self.input_max = self.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
                                          differentiable=False)
@@ -203,7 +205,7 @@ class QConv2DBN(Conv2DBN):
     def hybrid_forward(self, F: Any, x: Any, weight: Any, gamma: Any, beta: Any, running_mean: Any,
                        running_var: Any, input_max: Any) -> Any:
         q = self.q
-        xq, s_a = quantize_input(F, x, input_max, q, ndim=4, fused=self.fused)
+        xq, s_a = quantize_input(F, x, input_max, q, ndim=4, fused=self.fused, signed=self.input_signed)
         w_f, b_f = quant.fold_bn(F, weight, None, gamma, beta, running_mean, running_var, BN_EPS)
         w_q, b_q = quantize_weights(F, w_f, b_f, s_a, q, 4)
         if self.bn_frozen:
@@ -231,6 +233,7 @@ class QDense(gluon.HybridBlock):
         super().__init__(**kwargs)
         self.units, self.in_units, self.q, self.relu = units, in_units, qcfg, relu
         self.fused = use_fused(qcfg)
+        self.input_signed = True  # False: the input is a ReLU output (set by the model builder)
         self.weight = self.params.get("weight", shape=(units, in_units), init=None)
         self.bias = self.params.get("bias", shape=(units,), init="zeros")
         self.input_max = self.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
@@ -238,7 +241,7 @@ class QDense(gluon.HybridBlock):
 
     def hybrid_forward(self, F: Any, x: Any, weight: Any, bias: Any, input_max: Any) -> Any:
         q = self.q
-        xq, s_a = quantize_input(F, x, input_max, q, ndim=2, fused=self.fused)
+        xq, s_a = quantize_input(F, x, input_max, q, ndim=2, fused=self.fused, signed=self.input_signed)
         w_q, b_q = quantize_weights(F, weight, bias, s_a, q, 2)
         y = F.FullyConnected(xq, w_q, b_q, num_hidden=self.units, flatten=False)
         return F.Activation(y, act_type="relu") if self.relu else y

@@ -15,7 +15,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 
 from .config import ModelConfig, QuantConfig
-from .layers import Conv2DBN, QConv2DBN, QDense, dense, set_layer_widths
+from .layers import Conv2DBN, QConv2DBN, QDense, dense, quantized_layers, set_layer_widths
 
 VGG_STAGES = {"vgg11": [1, 1, 2, 2, 2], "vgg13": [2, 2, 2, 2, 2], "vgg16": [2, 2, 3, 3, 3], "vgg19": [2, 2, 4, 4, 4]}
 VGG_FILTERS = [64, 128, 256, 512, 512]
@@ -73,4 +73,6 @@ def build_model(m: ModelConfig, num_classes: int, in_channels: int, image_size: 
               in_channels, image_size, m.dropout, conv, dense_layer)
     if quant is not None:
         set_layer_widths(net, quant)
+        for i, (_, block) in enumerate(quantized_layers(net)):
+            block.input_signed = i == 0  # VGG: every quantized layer after the first reads a ReLU output
     return net

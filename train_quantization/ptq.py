@@ -69,8 +69,8 @@ def calibrate_ranges(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm
         if method == "max":
             t = top
         else:
-            qmin, qmax = quant.qrange(block.q.act_bits, signed=True)
-            t = quant.mse_threshold_np(x, qmin, qmax, quant.act_divisor(block.q.act_bits))
+            qmin, qmax, divisor = quant.act_grid(block.q.act_bits, block.q.scheme, block.input_signed)
+            t = quant.mse_threshold_np(x, qmin, qmax, divisor)
         block.input_max.set_data(mx.nd.array([t]))
         ranges[name] = t
     return ranges
@@ -91,9 +91,9 @@ def clip_weights_mse(net: gluon.HybridBlock) -> dict:
         else:
             k = np.ones(w.shape[0], np.float32)
         w_f = w * k.reshape((-1,) + (1,) * (w.ndim - 1))
-        qmin, qmax = quant.qrange(block.q.weight_bits, signed=True, narrow=True)
+        qmin, qmax, divisor = quant.weight_grid(block.q.weight_bits, block.q.scheme)
         rows = w_f.reshape(w.shape[0], -1) if block.q.per_channel else w_f.reshape(1, -1)
-        t = np.array([quant.mse_threshold_np(r, qmin, qmax, qmax) for r in rows], np.float32)
+        t = np.array([quant.mse_threshold_np(r, qmin, qmax, divisor) for r in rows], np.float32)
         t_c = np.broadcast_to(t, (w.shape[0],)) if t.size == 1 else t
         with np.errstate(divide="ignore"):
             bound = np.where(np.abs(k) > 0, t_c / np.abs(k), np.inf).astype(np.float32)

@@ -17,6 +17,7 @@ Symbols: ``s`` scale, ``qmin``/``qmax`` integer range, ``u = x / s``.
 * weight scale: ``s_w = max|w_f| / qmax`` (per tensor or per output channel); an all-zero
   tensor or channel gets ``s_w = 1`` (every code is 0 anyway, and nothing divides by 0)
 * activation scale: ``s_a = moving_max / 2**(bits-1)``
+* scheme ``onednn`` (``act_grid``, ``weight_grid``): MXNet/oneDNN's int8 arithmetic instead
 * EMA: ``moving_max <- m * moving_max + (1 - m) * max|x|``; the first batch sets it
 * BN fold: ``w_f = w * gamma / sqrt(var + eps)``, ``b_f = beta + (b - mean) * gamma / sqrt(var + eps)``
 """
@@ -47,6 +48,44 @@ def qrange(bits: int, signed: bool = True, narrow: bool = False) -> Tuple[int, i
     if signed:
         return -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
     return int(narrow), 2**bits - 1
+
+
+SCHEMES = ("original", "onednn")
+
+
+def act_grid(bits: int, scheme: str = "original", signed: bool = True) -> Tuple[int, int, float]:
+    """``(qmin, qmax, divisor)`` of an activation: ``s_a = moving_max / divisor``.
+
+    ``original`` (Jacob et al.): signed codes, divisor ``2**(bits-1)`` whatever the sign of the data.
+    ``onednn`` (MXNet 1.9.1's int8 kernels, 8 bits only): a signed tensor is int8 at
+    ``127.5 / T``, a ReLU output (``signed=False``) uint8 at ``255.5 / T``, saturating.
+
+    >>> act_grid(8)
+    (-128, 127, 128.0)
+    >>> act_grid(4)
+    (-8, 7, 8.0)
+    >>> act_grid(8, "onednn", signed=True), act_grid(8, "onednn", signed=False)
+    ((-128, 127, 127.5), (0, 255, 255.5))
+    """
+    if scheme == "onednn":
+        return (-128, 127, 127.5) if signed else (0, 255, 255.5)
+    qmin, qmax = qrange(bits, signed=True)
+    return qmin, qmax, act_divisor(bits)
+
+
+def weight_grid(bits: int, scheme: str = "original") -> Tuple[int, int, float]:
+    """``(qmin, qmax, divisor)`` of a weight tensor or channel: ``s_w = max|w_f| / divisor``.
+
+    ``original``: narrow symmetric, divisor ``qmax``. ``onednn``: divisor 127.5 and int8
+    saturation, so ``+max`` lands on 127 (127.5 rounds to 128, saturates) and ``-max`` on -128.
+
+    >>> weight_grid(8), weight_grid(4), weight_grid(8, "onednn")
+    ((-127, 127, 127.0), (-7, 7, 7.0), (-128, 127, 127.5))
+    """
+    if scheme == "onednn":
+        return -128, 127, 127.5
+    qmin, qmax = qrange(bits, signed=True, narrow=True)
+    return qmin, qmax, float(qmax)
 
 
 def act_divisor(bits: int) -> float:
@@ -172,7 +211,7 @@ def fake_quant(F: Any, x: Any, scale: Any, qmin: int, qmax: int, ste: str = "pla
     return F.BlockGrad(F.elemwise_mul(r, s)) + (x - F.BlockGrad(x))
 
 
-def weight_scale(F: Any, w: Any, qmax: int, per_channel: bool, ndim: int) -> Any:
+def weight_scale(F: Any, w: Any, divisor: float, per_channel: bool, ndim: int) -> Any:
     """Symmetric weight scale with ``ndim`` dimensions (for broadcasting), no gradient.
 
     Per tensor: shape (1,)*ndim; per channel: (C, 1, ...). Zero maxima give scale 1.
@@ -182,7 +221,7 @@ def weight_scale(F: Any, w: Any, qmax: int, per_channel: bool, ndim: int) -> Any
         m = F.max(a, axis=tuple(range(1, ndim)), keepdims=True)
     else:
         m = F.reshape(F.max(a), (1,) * ndim)
-    return F.where(m > 0, m / float(qmax), F.ones_like(m))
+    return F.where(m > 0, m / float(divisor), F.ones_like(m))
 
 
 BIAS_QMAX = 2**22  # bias codes are int32; the float32 rounding trick is exact up to 2**22

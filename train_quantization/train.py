@@ -331,7 +331,7 @@ def qat_phase(net: gluon.HybridBlock, cfg: Config, step: int, current: Optional[
 def clip_shares(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: Any, ctx: mx.Context,
                 batches: int = 2) -> dict:
     """Share of each quantized layer's input values that saturate (evaluation mode)."""
-    from .quant import act_divisor, qrange
+    from .quant import act_grid
 
     layers = quantized_layers(net)
     counts = {name: [0, 0] for name, _ in layers}
@@ -340,8 +340,8 @@ def clip_shares(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: Any
     for name, layer in layers:
         def hook(block: Any, inputs: tuple, name: str = name) -> None:
             x = inputs[0]
-            s = max(float(block.input_max.data(x.context).asscalar()), 1e-12) / act_divisor(block.q.act_bits)
-            lo, hi = qrange(block.q.act_bits)
+            lo, hi, divisor = act_grid(block.q.act_bits, block.q.scheme, block.input_signed)
+            s = max(float(block.input_max.data(x.context).asscalar()), 1e-12) / divisor
             u = (x / s).asnumpy()
             counts[name][0] += int(((u > hi + 0.5) | (u < lo - 0.5)).sum())
             counts[name][1] += u.size

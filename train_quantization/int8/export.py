@@ -30,7 +30,8 @@ def _leaves(block: gluon.Block, path: str = "") -> list:
 
 def _qlayer(block: gluon.Block, name: str) -> dict:
     q = block.q
-    qmin, qmax = quant.qrange(q.weight_bits, signed=True, narrow=True)
+    qmin, qmax, w_div = quant.weight_grid(q.weight_bits, q.scheme)
+    a_lo, a_hi, a_div = quant.act_grid(q.act_bits, q.scheme, block.input_signed)
     w = block.weight.data()
     if isinstance(block, QConv2DBN):
         w_f, b_f = quant.fold_bn(nd, w, None, block.gamma.data(), block.beta.data(),
@@ -39,10 +40,10 @@ def _qlayer(block: gluon.Block, name: str) -> dict:
     else:
         w_f, b_f = w, block.bias.data()
         ndim = 2
-    s_w = quant.weight_scale(nd, w_f, qmax, q.per_channel, ndim)
+    s_w = quant.weight_scale(nd, w_f, w_div, q.per_channel, ndim)
     codes = nd.clip(quant.round_half_even(nd, nd.broadcast_div(w_f, s_w)), qmin, qmax)
     amax = block.input_max.data()
-    s_a = nd.where(amax > 0, amax, nd.ones_like(amax)) / quant.act_divisor(q.act_bits)
+    s_a = nd.where(amax > 0, amax, nd.ones_like(amax)) / a_div
     s_b = nd.broadcast_mul(s_w.reshape((-1,)), s_a)
     b_q = nd.clip(quant.round_half_even(nd, nd.broadcast_div(b_f, s_b)), -quant.BIAS_QMAX, quant.BIAS_QMAX)
     n_out = w.shape[0]
@@ -50,7 +51,6 @@ def _qlayer(block: gluon.Block, name: str) -> dict:
     s_w = np.broadcast_to(s_w.asnumpy().reshape(-1), (n_out,)).astype(np.float64)
     b_q = np.broadcast_to(b_q.asnumpy(), (n_out,))
     b_f = b_f.asnumpy().astype(np.float32)
-    a_lo, a_hi = quant.qrange(q.act_bits, signed=True)
     layer = {"type": "conv" if ndim == 4 else "dense", "name": name, "relu": bool(block.relu),
              "in_scale": s_a, "in_qmin": a_lo, "in_qmax": a_hi, "weight_bits": q.weight_bits,
              "act_bits": q.act_bits, "per_channel": bool(q.per_channel),
@@ -89,4 +89,6 @@ def export(net: gluon.Block, mean: tuple, std: tuple, input_shape: tuple, classe
         m0, shift = quantize_multiplier(m)
         layer["arrays"].update(m0=m0, shift=shift)
         layer.update(out_qmin=nxt["in_qmin"], out_qmax=nxt["in_qmax"])
-    return Int8Model(layers, tuple(mean), tuple(std), tuple(input_shape), list(classes))
+    schemes = {b.q.scheme for _, b in _leaves(net) if isinstance(b, (QConv2DBN, QDense))}
+    return Int8Model(layers, tuple(mean), tuple(std), tuple(input_shape), list(classes),
+                     scheme=schemes.pop() if len(schemes) == 1 else "mixed")

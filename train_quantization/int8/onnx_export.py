@@ -92,10 +92,10 @@ def build_qdq(m: Int8Model) -> Any:
             nodes += [helper.make_node("QuantizeLinear", [cur, s_a, zp], [f"{n}.xq"]),
                       helper.make_node("DequantizeLinear", [f"{n}.xq", s_a, zp], [f"{n}.xdq"])]
             s_w = a["w_scale"].astype(np.float32)
-            if nonneg:  # u8 codes <= 127 times s8 weights: no 16-bit saturation in non-VNNI kernels
+            if nonneg and la["in_qmax"] <= 127:  # u8 codes <= 127 times s8 weights: no 16-bit saturation
                 const(f"{n}.w", a["w"].astype(np.int8))
                 const(f"{n}.w_zp", np.zeros(len(s_w), np.int8))
-            else:  # u8 codes up to 255 (zero point 128): u8 weights, u8u8 kernels never saturate
+            else:  # u8 codes up to 255: u8 weights (zero point 128), u8u8 kernels never saturate
                 const(f"{n}.w", (a["w"].astype(np.int16) + 128).astype(np.uint8))
                 const(f"{n}.w_zp", np.full(len(s_w), 128, np.uint8))
             const(f"{n}.s_w", s_w)
