@@ -95,8 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         art = int8_model.save(m, Path(d) / "m.npz")
         art_bytes = int8_model.artifact_size(art)
-    ema = cli.build_for(cfg, ds, quant=True)  # our quantizer, EMA ranges, float weights: PTQ without fine-tuning
-    cli.load_weights(ema, fpath, ctx, expect_ranges=False)
+    ema, _ = cli.qat_from_float(cfg, ds, fpath, ctx)  # our quantizer, EMA ranges, float weights: PTQ, no QAT
     ema.hybridize(static_alloc=True)
     with mx.autograd.train_mode():
         for i in range(0, args.calib, cfg.data.batch_size):

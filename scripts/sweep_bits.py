@@ -80,8 +80,7 @@ def main() -> None:
         row = {"weight_bits": w, "act_bits": a, "float": float_acc}
         for key, act_method, clip_weights in (("ptq_max", "max", False), ("ptq_mse", "mse", False),
                                               ("ptq_mse_w", "mse", True)):
-            net = cli.build_for(qcfg, ds, quant=True)
-            cli.load_weights(net, weights, ctxs, expect_ranges=False)
+            net, _ = cli.qat_from_float(qcfg, ds, weights, ctxs)
             net.hybridize(static_alloc=True)
             if clip_weights:
                 ptq.clip_weights_mse(net)

@@ -60,8 +60,8 @@ def main() -> None:
     calib_loader, test_loader = data_mod.make_loaders(ds, cfg.data.batch_size, cfg.data.eval_batch_size, False,
                                                       cfg.seed)
     norm = data_mod.normalizer(*ds.mean_std())
-    net = cli.build_for(cfg, ds, quant=True)
     if args.resume:
+        net = cli.build_for(cfg, ds, quant=True)
         run = Path(args.resume)
         start = json.loads((run / "qat_start.json").read_text())
         cli.load_weights(net, run / "last.params", ctxs, expect_ranges=True)
@@ -73,7 +73,7 @@ def main() -> None:
         cli.load_weights(fnet, weights, ctxs, expect_ranges=False)
         fnet.hybridize(static_alloc=True)
         float_acc = train.evaluate(fnet, test_loader, norm, ctxs)["acc"]
-        new = cli.load_weights(net, weights, ctxs, expect_ranges=False)
+        net, new = cli.qat_from_float(cfg, ds, weights, ctxs)
         net.hybridize(static_alloc=True)
         run = train.make_run_dir(cfg, "qat", os.path.splitext(os.path.basename(args.config))[0])
         log.info("loaded %s; new parameters (range states only): %s", weights, ", ".join(new))

@@ -28,6 +28,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="override optim.lr")
     p.add_argument("--batch-size", type=int, help="override data.batch_size")
     p.add_argument("--width", type=float, help="override model.width")
+    p.add_argument("--model", help="override model.arch: vgg11|vgg13|vgg16|vgg19|gluoncv:<name> "
+                                   "(e.g. gluoncv:cifar_resnet20_v1)")
     p.add_argument("--augment", type=int, choices=(0, 1), help="override data.augment (0/1)")
     p.add_argument("--seed", type=int, help="override seed")
     p.add_argument("--ctx", help="devices: cpu, cpu:0,cpu:1 or gpu:N (overrides ctx)")
@@ -44,7 +46,7 @@ def config_from_args(args: argparse.Namespace, extra: Optional[dict] = None) -> 
         raise UserError("pass --config configs/<name>.yaml (or --resume RUN_DIR)")
     overrides = {"data.source": args.data, "out": args.out, "name": args.name, "optim.epochs": args.epochs,
                  "optim.lr": args.lr, "data.batch_size": args.batch_size, "model.width": args.width,
-                 "seed": args.seed, "ctx": args.ctx,
+                 "model.arch": args.model, "seed": args.seed, "ctx": args.ctx,
                  "data.augment": None if args.augment is None else bool(args.augment)}
     overrides.update(extra or {})
     return load_config(args.config, overrides)
@@ -55,7 +57,7 @@ def build_for(cfg: Config, ds: data_mod.Dataset, quant: bool) -> mx.gluon.Hybrid
         raise UserError(f"batch size {cfg.data.batch_size} is larger than the training set ({len(ds.train_x)} "
                         "images); lower data.batch_size")
     h, w, c = ds.image_shape
-    if h != w:
+    if h != w and not cfg.model.arch.startswith("gluoncv:"):
         raise UserError(f"images are {h}x{w}; VGG here needs square images")
     return build_model(cfg.model, ds.num_classes, c, h, cfg.quant if quant else None)
 
@@ -107,7 +109,25 @@ def load_weights(net: mx.gluon.Block, path: Path, ctxs: list, expect_ranges: boo
 
 
 def init_net(net: mx.gluon.HybridBlock, ctxs: list) -> None:
-    net.initialize(mx.init.Xavier(magnitude=2.0), ctx=ctxs)
+    net.initialize(mx.init.Xavier(magnitude=2.0), ctx=ctxs, force_reinit=True)
+
+
+def qat_from_float(cfg: Config, ds: data_mod.Dataset, weights: Path, ctxs: list) -> tuple:
+    """The QAT network holding a float checkpoint's weights; returns ``(net, new parameter names)``.
+
+    VGG: the quantized spec loads the float checkpoint by name. Other models (``gluoncv:``):
+    the float network loads it, then ``convert`` moves the values into quantized blocks.
+    """
+    if not cfg.model.arch.startswith("gluoncv:"):
+        net = build_for(cfg, ds, quant=True)
+        return net, load_weights(net, weights, ctxs, expect_ranges=False)
+    from .convert import convert
+
+    fnet = build_for(cfg, ds, quant=False)
+    load_weights(fnet, weights, ctxs, expect_ranges=False)
+    net = convert(fnet, cfg.quant)
+    net.collect_params().reset_ctx(ctxs)
+    return net, [f"{name}.input_max" for name, _ in quantized_layers(net)]
 
 
 def describe_ranges(net: mx.gluon.Block) -> list:

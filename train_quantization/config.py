@@ -33,7 +33,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "vgg16"  # vgg11 | vgg13 | vgg16 | vgg19
+    arch: str = "vgg16"  # vgg11 | vgg13 | vgg16 | vgg19 | gluoncv:<model zoo name> (width/dropout unused)
     width: float = 1.0  # channel multiplier on [64, 128, 256, 512, 512] and Dense 512
     dropout: float = 0.5  # classifier dropout probability
 
@@ -90,8 +90,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
+VGG_ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")
 _CHOICES = {
-    "model.arch": ("vgg11", "vgg13", "vgg16", "vgg19"),
     "optim.optimizer": ("sgd", "nag", "adam"),
     "optim.schedule": ("cosine", "step", "constant"),
     "quant.ste": ("plain", "clipped"),
@@ -145,6 +145,9 @@ def _validate(cfg: Config) -> Config:
     for key, bits in (("quant.weight_bits", q.weight_bits), ("quant.act_bits", q.act_bits)):
         if not 2 <= bits <= 8:
             raise UserError(f"config key '{key}' must be between 2 and 8, got {bits}")
+    arch = cfg.model.arch
+    if arch not in VGG_ARCHS and not (arch.startswith("gluoncv:") and len(arch) > 8):
+        raise UserError(f"config key 'model.arch' must be one of {VGG_ARCHS} or gluoncv:<model name>, got {arch!r}")
     if q.first_last_bits and not 2 <= q.first_last_bits <= 8:
         raise UserError(f"config key 'quant.first_last_bits' must be 0 (off) or 2-8, got {q.first_last_bits}")
     for name, pair in q.layer_bits.items():

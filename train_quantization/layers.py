@@ -138,10 +138,10 @@ class Conv2DBN(gluon.HybridBlock):
     """Float 3x3 convolution (no bias), BatchNorm, optional ReLU."""
 
     def __init__(self, channels: int, in_channels: int, kernel: int = 3, padding: int = 1,
-                 relu: bool = True, **kwargs: Any):
+                 relu: bool = True, stride: int = 1, **kwargs: Any):
         super().__init__(**kwargs)
-        self.channels, self.in_channels, self.kernel, self.padding, self.relu = (
-            channels, in_channels, kernel, padding, relu)
+        self.channels, self.in_channels, self.kernel, self.padding, self.relu, self.stride = (
+            channels, in_channels, kernel, padding, relu, stride)
         self.weight = self.params.get("weight", shape=(channels, in_channels, kernel, kernel),
                                       init=mx.init.Xavier(magnitude=2.0))
         self.gamma = self.params.get("gamma", shape=(channels,), init="ones")
@@ -152,7 +152,7 @@ class Conv2DBN(gluon.HybridBlock):
                                            grad_req="null", differentiable=False)
 
     def _conv(self, F: Any, x: Any, w: Any, b: Optional[Any] = None) -> Any:
-        return F.Convolution(x, w, b, kernel=(self.kernel,) * 2, pad=(self.padding,) * 2,
+        return F.Convolution(x, w, b, kernel=(self.kernel,) * 2, pad=(self.padding,) * 2, stride=(self.stride,) * 2,
                              num_filter=self.channels, no_bias=b is None)
 
     def hybrid_forward(self, F: Any, x: Any, weight: Any, gamma: Any, beta: Any,
@@ -187,8 +187,8 @@ class QConv2DBN(Conv2DBN):
     """
 
     def __init__(self, channels: int, in_channels: int, qcfg: QuantConfig, kernel: int = 3,
-                 padding: int = 1, relu: bool = True, **kwargs: Any):
-        super().__init__(channels, in_channels, kernel, padding, relu, **kwargs)
+                 padding: int = 1, relu: bool = True, stride: int = 1, **kwargs: Any):
+        super().__init__(channels, in_channels, kernel, padding, relu, stride, **kwargs)
         self.q = qcfg
         self.fused = use_fused(qcfg)
         self.input_signed = True  # False: the input is a ReLU output (set by the model builder)
@@ -229,9 +229,10 @@ class QDense(gluon.HybridBlock):
     ``gluon.nn.Dense`` plus the range state ``input_max``.
     """
 
-    def __init__(self, units: int, in_units: int, qcfg: QuantConfig, relu: bool = False, **kwargs: Any):
+    def __init__(self, units: int, in_units: int, qcfg: QuantConfig, relu: bool = False, flatten: bool = False,
+                 **kwargs: Any):
         super().__init__(**kwargs)
-        self.units, self.in_units, self.q, self.relu = units, in_units, qcfg, relu
+        self.units, self.in_units, self.q, self.relu, self.flatten = units, in_units, qcfg, relu, flatten
         self.fused = use_fused(qcfg)
         self.input_signed = True  # False: the input is a ReLU output (set by the model builder)
         self.weight = self.params.get("weight", shape=(units, in_units), init=None)
@@ -241,6 +242,8 @@ class QDense(gluon.HybridBlock):
 
     def hybrid_forward(self, F: Any, x: Any, weight: Any, bias: Any, input_max: Any) -> Any:
         q = self.q
+        if self.flatten:
+            x = F.flatten(x)
         xq, s_a = quantize_input(F, x, input_max, q, ndim=2, fused=self.fused, signed=self.input_signed)
         w_q, b_q = quantize_weights(F, weight, bias, s_a, q, 2)
         y = F.FullyConnected(xq, w_q, b_q, num_hidden=self.units, flatten=False)

@@ -62,9 +62,30 @@ def quant_factories(q: QuantConfig) -> tuple:
     return functools.partial(QConv2DBN, qcfg=q), dense_q
 
 
+def gluoncv_model(name: str, num_classes: int, in_channels: int, image_size: int,
+                  quant: Optional[QuantConfig] = None) -> gluon.HybridBlock:
+    """A gluoncv model zoo network (initialized, shapes known), converted when ``quant`` is given."""
+    import mxnet as mx
+    from gluoncv.model_zoo import get_model
+
+    from .convert import convert
+    from .errors import UserError
+
+    try:
+        net = get_model(name, classes=num_classes)
+    except ValueError as exc:
+        raise UserError(f"model gluoncv:{name}: {str(exc).splitlines()[0][:200]}") from None
+    net.initialize(mx.init.Xavier(magnitude=2.0))
+    net(mx.nd.zeros((1, in_channels, image_size, image_size)))
+    return net if quant is None else convert(net, quant)
+
+
 def build_model(m: ModelConfig, num_classes: int, in_channels: int, image_size: int,
-                quant: Optional[QuantConfig] = None) -> VGG:
-    """Float VGG when ``quant`` is None, else the same topology with QConv2DBN/QDense."""
+                quant: Optional[QuantConfig] = None) -> gluon.HybridBlock:
+    """Float VGG when ``quant`` is None, else the same topology with QConv2DBN/QDense
+    (``gluoncv:<name>``: the model zoo network, converted by ``convert``)."""
+    if m.arch.startswith("gluoncv:"):
+        return gluoncv_model(m.arch.split(":", 1)[1], num_classes, in_channels, image_size, quant)
     if m.arch not in VGG_STAGES:
         raise ValueError(f"unknown architecture {m.arch!r}")
     filters = [max(1, int(round(f * m.width))) for f in VGG_FILTERS]

@@ -15,6 +15,7 @@ from mxnet.gluon import nn
 
 from .. import quant
 from ..layers import BN_EPS, QConv2DBN, QDense
+from ..errors import UserError
 from .model import Int8Model, quantize_multiplier
 
 
@@ -22,6 +23,12 @@ def _leaves(block: gluon.Block, path: str = "") -> list:
     """(structural name, leaf block) in forward order for nested sequential containers."""
     if isinstance(block, (QConv2DBN, QDense, nn.Dense, nn.MaxPool2D, nn.Flatten, nn.Dropout)):
         return [(path, block)]
+    from ..models import VGG
+
+    if not isinstance(block, (nn.HybridSequential, nn.Sequential, VGG)):
+        raise UserError(f"the int8 engines run sequential networks (VGG); {path or 'the model'} is a "
+                        f"{type(block).__name__} (e.g. a residual block), which they cannot run yet. "
+                        "Evaluate it as fake-quant (train_qat.py) instead")
     out = []
     for name, child in block._children.items():
         out.extend(_leaves(child, f"{path}.{name}" if path else name))
@@ -57,7 +64,7 @@ def _qlayer(block: gluon.Block, name: str) -> dict:
              "arrays": {"w": codes.asnumpy().astype(np.int8), "w_scale": s_w, "b": b_q.astype(np.int32),
                         "b_float": b_f}}
     if ndim == 4:
-        layer.update(kernel=block.kernel, pad=block.padding, stride=1)
+        layer.update(kernel=block.kernel, pad=block.padding, stride=block.stride)
     return layer
 
 
