@@ -14,8 +14,8 @@ from mxnet import gluon, nd
 from mxnet.gluon import nn
 
 from .. import quant
-from ..layers import BN_EPS, QConv2DBN, QDense
 from ..errors import UserError
+from ..layers import BN_EPS, QConv2DBN, QDense
 from .model import Int8Model, quantize_multiplier
 
 
