@@ -1,9 +1,14 @@
 #!/usr/bin/env python
-"""Training step time: hybridized float step vs QAT steps of the same network and batch.
+"""Training step time (float vs QAT) and inference speed of every execution path.
 
-QAT is timed with the compiled quantizer (``qat_fused``, when it builds) and with the
-stock-MXNet fallback (``qat_stock``). Measured in one process after warm-up, alternating
-blocks of steps, reported as medians over the repeats. Prints JSON.
+Training: hybridized float step vs QAT steps of the same network and batch, QAT with the
+compiled quantizer (``qat_fused``, when it builds) and the stock-MXNet fallback
+(``qat_stock``). Inference (``--inference``, default on): images/s at batch 64 and latency
+at batch 1 for float (MXNet, ONNX Runtime), fake-quant, the simulated and integer-only numpy
+engines, oneDNN int8 with the learned ranges and ONNX Runtime int8 (QDQ), plus artifact sizes.
+Weights are random (speed does not depend on them). Everything is measured in one process
+after warm-up, alternating between variants, as medians over the repeats. Prints JSON and
+a markdown table.
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="alternating float/QAT blocks")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--per-channel", action="store_true")
+    p.add_argument("--inference", type=int, choices=(0, 1), default=1, help="also time inference (0/1)")
     args = p.parse_args()
     cfg = load_config(args.config)
     mx.random.seed(0)
@@ -91,7 +97,76 @@ def main() -> None:
                                 for k, v in times.items() if k != "float"},
            "machine": f"{platform.machine()} {os.cpu_count()} cpus", "mxnet": mx.__version__,
            "date": time.strftime("%Y-%m-%d")}
+    if args.inference:
+        res["inference"] = inference(cfg, nets["qat_fused" if "qat_fused" in nets else "qat_stock"], fnet, x,
+                                     args.repeats)
     print(json.dumps(res, indent=2))
+    if args.inference:
+        print("\n| variant | images/s (batch 64) | latency ms (batch 1) | model bytes |\n|---|---|---|---|")
+        for k, v in res["inference"].items():
+            print(f"| {k} | {v['images_per_s_b64']:.0f} | {v['latency_ms_b1']:.2f} | {v.get('bytes') or '-'} |")
+
+
+def inference(cfg, qnet: gluon.HybridBlock, fnet: gluon.HybridBlock, x: mx.nd.NDArray,  # noqa: ANN001
+              repeats: int) -> dict:
+    """Median images/s at batch 64 and latency at batch 1 of every inference path."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from train_quantization.int8 import engine, onednn, onnx_export
+    from train_quantization.int8 import model as int8_model
+    from train_quantization.int8.export import export
+
+    shape = tuple(x.shape[1:])
+    with autograd.train_mode():  # set the ranges from one batch (no weight update)
+        qnet(x)
+    qweights = build_model(cfg.model, 10, shape[0], shape[1])  # QAT weights in the float graph, for oneDNN
+    with tempfile.TemporaryDirectory() as d:
+        qnet.save_parameters(f"{d}/q.params")
+        fnet.save_parameters(f"{d}/f.params")
+        qweights.load_parameters(f"{d}/q.params", ignore_extra=True)
+        qweights.hybridize(static_alloc=True)
+        m = export(qnet, (0.0,) * shape[0], (1.0,) * shape[0], shape, [str(i) for i in range(10)])
+        sizes = {"float": os.path.getsize(f"{d}/f.params"),
+                 "int8 artifact": int8_model.artifact_size(int8_model.save(m, Path(d) / "m.npz"))}
+        xs = x.asnumpy()
+        fns = {"float (MXNet)": lambda a: fnet(mx.nd.array(a)).asnumpy(),
+               "QAT fake-quant (MXNet)": lambda a: qnet(mx.nd.array(a)).asnumpy(),
+               "simulated int8 (numpy)": lambda a: engine.simulate(m, a),
+               "integer-only int8 (numpy)": lambda a: engine.run_integer(m, a)}
+        one = onednn.with_learned_ranges(qweights, qnet, shape, mx.nd.array(xs[:64]))
+        fns["oneDNN int8 (MXNet)"] = lambda a: one(mx.nd.array(a)).asnumpy()
+        if onnx_export.available():
+            fo = onnx_export.runner(onnx_export.session(onnx_export.save_float(fnet, shape, Path(d) / "f.onnx")))
+            qo = onnx_export.runner(onnx_export.session(onnx_export.save_qdq(m, Path(d) / "q.onnx")))
+            fns["float (ONNX Runtime)"], fns["int8 QDQ (ONNX Runtime)"] = fo, qo
+            sizes["float ONNX"] = os.path.getsize(Path(d) / "f.onnx")
+            sizes["int8 QDQ ONNX"] = os.path.getsize(Path(d) / "q.onnx")
+    b64 = np.concatenate([xs] * (64 // len(xs) + 1))[:64]
+    b1 = xs[:1]
+    for fn in fns.values():  # warm-up
+        fn(b64)
+        fn(b1)
+    ips: dict = {k: [] for k in fns}
+    lat: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            slow = "numpy" in k
+            t = time.perf_counter()
+            for _ in range(1 if slow else 5):
+                fn(b64)
+            ips[k].append((1 if slow else 5) * 64 / (time.perf_counter() - t))
+            t = time.perf_counter()
+            for _ in range(2 if slow else 20):
+                fn(b1)
+            lat[k].append(1000 * (time.perf_counter() - t) / (2 if slow else 20))
+    byte_of = {"float (MXNet)": sizes["float"], "simulated int8 (numpy)": sizes["int8 artifact"],
+               "integer-only int8 (numpy)": sizes["int8 artifact"], "float (ONNX Runtime)": sizes.get("float ONNX"),
+               "int8 QDQ (ONNX Runtime)": sizes.get("int8 QDQ ONNX")}
+    return {k: {"images_per_s_b64": round(statistics.median(ips[k]), 1),
+                "latency_ms_b1": round(statistics.median(lat[k]), 3), "bytes": byte_of.get(k)} for k in fns}
 
 
 if __name__ == "__main__":

@@ -195,3 +195,16 @@ def test_sweep_bits_writes_table_and_plot(tmp_path, float_run):
     bad = _run("scripts/sweep_bits.py", "--config", "configs/synthetic_tiny.yaml", "--pretrained",
                str(float_run["run"]), "--out", str(tmp_path), "--pairs", "4-4")
     assert bad.returncode == 2 and "W/A" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_benchmark_prints_training_ratio_and_inference_table():
+    r = _run("scripts/benchmark.py", "--config", "configs/synthetic_tiny.yaml", "--image-size", "16",
+             "--batch-size", "32", "--repeats", "1", "--steps", "1", "--warmup", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout[:r.stdout.index("\n| variant")])
+    assert res["step_s"]["float"] > 0 and res["ratio"]["qat_stock"] > 0
+    inf = res["inference"]
+    assert {"float (MXNet)", "oneDNN int8 (MXNet)", "integer-only int8 (numpy)", "int8 QDQ (ONNX Runtime)"} <= set(inf)
+    assert all(v["images_per_s_b64"] > 0 and v["latency_ms_b1"] > 0 for v in inf.values())
+    assert inf["simulated int8 (numpy)"]["bytes"] < 0.5 * inf["float (MXNet)"]["bytes"]
+    assert "| oneDNN int8 (MXNet) |" in r.stdout
