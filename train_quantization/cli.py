@@ -33,6 +33,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--augment", type=int, choices=(0, 1), help="override data.augment (0/1)")
     p.add_argument("--seed", type=int, help="override seed")
     p.add_argument("--ctx", help="devices: cpu, cpu:0,cpu:1 or gpu:N (overrides ctx)")
+    p.add_argument("--kvstore", choices=("device", "local", "dist_sync"),
+                   help="gradient aggregation (overrides kvstore); dist_sync: run under scripts/launch_dist.py")
     return p
 
 
@@ -46,7 +48,7 @@ def config_from_args(args: argparse.Namespace, extra: Optional[dict] = None) -> 
         raise UserError("pass --config configs/<name>.yaml (or --resume RUN_DIR)")
     overrides = {"data.source": args.data, "out": args.out, "name": args.name, "optim.epochs": args.epochs,
                  "optim.lr": args.lr, "data.batch_size": args.batch_size, "model.width": args.width,
-                 "model.arch": args.model, "seed": args.seed, "ctx": args.ctx,
+                 "model.arch": args.model, "seed": args.seed, "kvstore": args.kvstore, "ctx": args.ctx,
                  "data.augment": None if args.augment is None else bool(args.augment)}
     overrides.update(extra or {})
     return load_config(args.config, overrides)

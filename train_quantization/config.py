@@ -79,6 +79,7 @@ class QuantConfig:
 class Config:
     seed: int = 0  # seeds Python, NumPy and MXNet
     ctx: str = "cpu"  # cpu | cpu:0,cpu:1 | gpu:0 ...
+    kvstore: str = "device"  # device | local (one process) | dist_sync (workers of a ps-lite cluster)
     out: str = "runs"  # parent folder of run folders
     name: str = ""  # run folder name; empty: <config stem>-<kind>-<timestamp>
     data: DataConfig = field(default_factory=DataConfig)
@@ -98,6 +99,7 @@ _CHOICES = {
     "quant.bn_mode": ("frozen", "paper"),
     "quant.kernel": ("auto", "fused", "stock"),
     "quant.scheme": ("original", "onednn"),
+    "kvstore": ("device", "local", "dist_sync"),
 }
 
 
@@ -134,8 +136,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             kwargs[key] = _check_type(full, value, typ)
     obj = cls(**kwargs)
     for key, allowed in _CHOICES.items():
-        sect, _, attr = key.partition(".")
-        if prefix == sect + "." and getattr(obj, attr) not in allowed:
+        sect, _, attr = key.rpartition(".")
+        if prefix == (sect + "." if sect else "") and getattr(obj, attr) not in allowed:
             raise UserError(f"config key '{key}' must be one of {allowed}, got {getattr(obj, attr)!r}")
     return obj
 

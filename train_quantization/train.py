@@ -8,6 +8,7 @@ half-written checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -76,8 +77,28 @@ def save_params(net: gluon.Block, path: Path) -> None:
     os.replace(tmp, path)
 
 
+_KV: dict = {}
+
+
+def kvstore_of(cfg: Config) -> tuple:
+    """``(kvstore for the Trainer, rank, workers)``; a dist kvstore is created once per process
+    (it joins the ps-lite cluster described by the DMLC_* environment, see launch_dist.py)."""
+    if not cfg.kvstore.startswith("dist"):
+        return cfg.kvstore, 0, 1
+    if cfg.kvstore not in _KV:
+        if "DMLC_ROLE" not in os.environ:
+            raise UserError(f"kvstore {cfg.kvstore} needs a parameter-server cluster; start the command with "
+                            "scripts/launch_dist.py -n WORKERS -s SERVERS -- <command>")
+        _KV[cfg.kvstore] = mx.kv.create(cfg.kvstore)
+    kv = _KV[cfg.kvstore]
+    return kv, kv.rank, kv.num_workers
+
+
 def make_run_dir(cfg: Config, kind: str, stem: str) -> Path:
     name = cfg.name or f"{stem}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _, rank, _ = kvstore_of(cfg)
+    if rank > 0:  # every worker keeps its own run folder; rank 0's is the run
+        name = f"{name}-rank{rank}"
     run = Path(cfg.out) / name
     if (run / "metrics.jsonl").exists():
         raise UserError(f"run folder {run} already holds a run; pass another --name or --out")
@@ -105,7 +126,7 @@ def setup_logging() -> None:
 
 
 # ----------------------------------------------------------------------------- pieces
-def make_trainer(net: gluon.Block, cfg: Config, steps_per_epoch: int, kvstore: str = "device") -> gluon.Trainer:
+def make_trainer(net: gluon.Block, cfg: Config, steps_per_epoch: int) -> gluon.Trainer:
     o = cfg.optim
     total = max(1, o.epochs * steps_per_epoch)
     warm = int(o.warmup_epochs * steps_per_epoch)
@@ -126,7 +147,35 @@ def make_trainer(net: gluon.Block, cfg: Config, steps_per_epoch: int, kvstore: s
     for name, p in net.collect_params().items():
         if name.endswith("input_max") or not (o.wd_all or name.endswith("weight")):
             p.wd_mult = 0.0
-    return gluon.Trainer(net.collect_params(), o.optimizer, params, kvstore=kvstore)
+    kv, _, workers = kvstore_of(cfg)
+    # distributed: servers only sum gradients; every worker applies the same update locally
+    return gluon.Trainer(net.collect_params(), o.optimizer, params, kvstore=kv,
+                         update_on_kvstore=False if workers > 1 or cfg.kvstore.startswith("dist") else None)
+
+
+class WorkerRanges:
+    """Activation ranges identical on every worker: after each step, each worker's ``input_max``
+    values are gathered (each worker fills its own slot of a zero vector; the servers sum) and
+    every worker keeps the maximum, as ``sync_ranges`` does across the devices of one process."""
+
+    KEY = 999_983  # an int key (the Trainer uses int keys; mixing types is refused), beyond its indices
+
+    def __init__(self, net: gluon.Block, kv: Any, rank: int, workers: int):
+        self.layers = [layer for _, layer in quantized_layers(net)]
+        self.kv, self.rank, self.workers = kv, rank, workers
+        self.kv.init(self.KEY, mx.nd.zeros((workers * len(self.layers),)))
+
+    def sync(self) -> None:
+        n = len(self.layers)
+        mine = mx.nd.concat(*[layer.input_max.data().as_in_context(mx.cpu()) for layer in self.layers], dim=0)
+        buf = mx.nd.zeros((self.workers * n,))
+        buf[self.rank * n:(self.rank + 1) * n] = mine
+        self.kv.push(self.KEY, buf)
+        self.kv.pull(self.KEY, out=buf)
+        best = buf.reshape((self.workers, n)).max(axis=0)
+        for i, layer in enumerate(self.layers):
+            for arr in layer.input_max.list_data():
+                best[i:i + 1].copyto(arr)
 
 
 def split(batch: Any, ctxs: list) -> list:
@@ -222,8 +271,17 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
     its last completed epoch (``resume=True``: trainer state, schedule position and metrics
     come from the run folder; the caller loads ``last.params``) continues as it would have.
     """
-    train_loader, test_loader = data_mod.make_loaders(ds, cfg.data.batch_size, cfg.data.eval_batch_size,
-                                                      cfg.data.augment, cfg.seed)
+    kv, rank, workers = kvstore_of(cfg)
+    if cfg.data.batch_size % workers:
+        raise UserError(f"data.batch_size {cfg.data.batch_size} is not a multiple of the {workers} workers")
+    # every worker trains on its own shard with batch_size / workers images a step (same global batch)
+    shard = ds if workers == 1 else dataclasses.replace(ds, train_x=ds.train_x[rank::workers],
+                                                         train_y=ds.train_y[rank::workers])
+    train_loader, test_loader = data_mod.make_loaders(shard, cfg.data.batch_size // workers,
+                                                      cfg.data.eval_batch_size, cfg.data.augment, cfg.seed)
+    worker_ranges = WorkerRanges(net, kv, rank, workers) if qat and workers > 1 else None
+    if worker_ranges:
+        worker_ranges.sync()  # calibration ran on each worker's own shard
     mean, std = ds.mean_std()
     norm = data_mod.normalizer(mean, std)
     steps_per_epoch = len(train_loader)
@@ -255,9 +313,11 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
                 outs = [net(norm(a)) for a in xs]
                 losses = [loss_fn(o, b.astype("float32")) for o, b in zip(outs, ys)]
             autograd.backward(losses)
-            trainer.step(x.shape[0])
+            trainer.step(x.shape[0] * workers)
             if qat:
                 sync_ranges(net)
+                if worker_ranges:
+                    worker_ranges.sync()
             step += 1
             batch_loss = sum(float(v.sum().asscalar()) for v in losses)
             if not math.isfinite(batch_loss):
