@@ -208,3 +208,39 @@ def test_benchmark_prints_training_ratio_and_inference_table():
     assert all(v["images_per_s_b64"] > 0 and v["latency_ms_b1"] > 0 for v in inf.values())
     assert inf["simulated int8 (numpy)"]["bytes"] < 0.5 * inf["float (MXNet)"]["bytes"]
     assert "| oneDNN int8 (MXNet) |" in r.stdout
+
+
+def test_more_bad_input_and_all_zero_layer(tmp_path, float_run):
+    from PIL import Image
+
+    out = tmp_path / "runs"
+    tree = tmp_path / "tree"
+    for split, classes in (("train", ("a", "b")), ("test", ("a", "c"))):
+        for c in classes:
+            (tree / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tree / split / c / "0.png")
+    base = ["scripts/train_fp32.py", "--config", "configs/synthetic_tiny.yaml", "--out", str(out)]
+    _bad(base + ["--data", str(tree)], "different classes", tmp_path)
+    (tree / "train" / "e").mkdir()
+    (tree / "test" / "b").mkdir()
+    _bad(base + ["--data", str(tree)], "hold no images", tmp_path)
+    qat = ["scripts/train_qat.py", "--config", "configs/synthetic_tiny.yaml", "--out", str(out)]
+    _bad(qat + ["--pretrained", str(float_run["run"]), "--width", "0.25"], "has shape", tmp_path)
+    _bad(qat + ["--pretrained", str(float_run["run"]), "--model", "gluoncv:cifar_resnet20_v1"], "does not fit",
+         tmp_path)
+    _bad(qat + ["--pretrained", str(tmp_path / "nope")], "checkpoint not found", tmp_path)
+    assert not out.exists() or not any(out.iterdir())
+    # a QAT checkpoint where a float one is expected
+    r = _run(*qat, "--pretrained", str(float_run["run"]), "--name", "q", "--epochs", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    _bad(qat + ["--pretrained", str(out / "q"), "--name", "q2"], "QAT checkpoint, but a float one", tmp_path)
+    # a layer whose folded weights are all zero (gamma = 0): scale 1, codes 0, no NaN
+    params = mx.nd.load(str(float_run["run"] / "best.params"))
+    params["features.3.gamma"][:] = 0
+    mx.nd.save(str(tmp_path / "zero.params"), params)
+    r = _run(*qat, "--pretrained", str(tmp_path / "zero.params"), "--name", "z", "--epochs", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    layers = {la["layer"]: la for la in json.loads((out / "z" / "layers_before.json").read_text())}
+    assert layers["features.3"]["weight_scale"] == 1.0
+    res = json.loads((out / "z" / "result.json").read_text())
+    assert np.isfinite(res["fq_acc"]) and res["fq_acc"] > 0.2
