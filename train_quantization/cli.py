@@ -43,7 +43,7 @@ def config_from_args(args: argparse.Namespace, extra: Optional[dict] = None) -> 
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
             raise UserError(f"--resume {run}: not a run folder (no config.yaml)")
-        return load_config(run / "config.yaml")
+        return on_devices(load_config(run / "config.yaml"))
     if not args.config:
         raise UserError("pass --config configs/<name>.yaml (or --resume RUN_DIR)")
     overrides = {"data.source": args.data, "out": args.out, "name": args.name, "optim.epochs": args.epochs,
@@ -51,7 +51,18 @@ def config_from_args(args: argparse.Namespace, extra: Optional[dict] = None) -> 
                  "model.arch": args.model, "seed": args.seed, "kvstore": args.kvstore, "ctx": args.ctx,
                  "data.augment": None if args.augment is None else bool(args.augment)}
     overrides.update(extra or {})
-    return load_config(args.config, overrides)
+    return on_devices(load_config(args.config, overrides))
+
+
+def on_devices(cfg: Config) -> Config:
+    """The compiled quantizer is a CPU operator: on GPUs ``quant.kernel: auto`` means stock ops."""
+    import dataclasses
+
+    if "gpu" in cfg.ctx:
+        if cfg.quant.kernel == "fused":
+            raise UserError("quant.kernel 'fused' is a CPU operator; use 'auto' or 'stock' with --ctx gpu:N")
+        cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, kernel="stock"))
+    return cfg
 
 
 def build_for(cfg: Config, ds: data_mod.Dataset, quant: bool) -> mx.gluon.HybridBlock:
