@@ -113,8 +113,10 @@ def plot_ranges(run: Path, out: Path) -> bool:
     if not steps:
         return False
     fig, ax = plt.subplots(figsize=(8, 4))
-    for name in steps[0]["ranges"]:
-        ax.plot([r["step"] for r in steps], [r["ranges"][name] for r in steps], label=name, lw=1)
+    names = list(steps[0]["ranges"])
+    colors = plt.cm.tab20(np.linspace(0, 1, max(len(names), 2)))  # one distinct colour per layer
+    for name, color in zip(names, colors):
+        ax.plot([r["step"] for r in steps], [r["ranges"][name] for r in steps], label=name, lw=1, color=color)
     ax.set(xlabel="QAT step", ylabel="input_max (EMA of max|x|)", yscale="log",
            title="activation range of each quantized layer's input")
     ax.grid(alpha=0.3)
