@@ -37,6 +37,8 @@ def main() -> None:
     p.add_argument("--first-last-bits", type=int, help="override quant.first_last_bits (0 off, 2-8)")
     p.add_argument("--delay-steps", type=int, help="override quant.delay_steps (float steps before quantizing)")
     p.add_argument("--freeze-ranges-step", type=int, help="override quant.freeze_ranges_step (-1 never)")
+    p.add_argument("--calib", choices=("ema", "max", "mse"),
+                   help="override quant.calib: how the ranges start (mse: MSE-optimal clipping, see ptq.py)")
     args = p.parse_args()
     if not args.resume and not args.pretrained:
         raise UserError("pass --pretrained FLOAT_RUN_DIR (or --resume QAT_RUN_DIR)")
@@ -47,7 +49,7 @@ def main() -> None:
              "quant.bn_mode": args.bn_mode, "quant.weight_bits": args.weight_bits,
              "quant.act_bits": args.act_bits, "quant.ste": args.ste,
              "quant.first_last_bits": args.first_last_bits, "quant.delay_steps": args.delay_steps,
-             "quant.freeze_ranges_step": args.freeze_ranges_step,
+             "quant.freeze_ranges_step": args.freeze_ranges_step, "quant.calib": args.calib,
              "quant.epochs": args.epochs, "quant.lr": args.lr}
     args.epochs = args.lr = None  # they name the QAT schedule here, not optim's
     cfg = cli.config_from_args(args, extra)
@@ -77,7 +79,13 @@ def main() -> None:
         net.hybridize(static_alloc=True)
         run = train.make_run_dir(cfg, "qat", os.path.splitext(os.path.basename(args.config))[0])
         log.info("loaded %s; new parameters (range states only): %s", weights, ", ".join(new))
-        train.calibrate(net, calib_loader, norm, ctxs, cfg.quant.calib_batches)
+        if cfg.quant.calib == "ema":
+            train.calibrate(net, calib_loader, norm, ctxs, cfg.quant.calib_batches)
+        else:
+            from train_quantization import ptq
+
+            ptq.calibrate_ranges(net, data_mod.calib_loader(ds, cfg.data.batch_size, cfg.quant.calib_batches, cfg.seed),
+                                 norm, ctxs[0], cfg.quant.calib_batches, cfg.quant.calib)
         before = train.evaluate(net, test_loader, norm, ctxs)["acc"]
         log.info("float accuracy %.4f; fake-quant accuracy before QAT %.4f (ranges from %d batches)",
                  float_acc, before, cfg.quant.calib_batches)

@@ -200,3 +200,22 @@ def test_quantization_delay_and_range_freeze(float_run, tiny_ds, tmp_path):
     with autograd.train_mode():
         net(x * 3)
     assert float(net.features[0].input_max.data().asscalar()) == r  # frozen: bigger inputs change nothing
+
+
+def test_qat_from_mse_ranges_frozen(float_run, tmp_path):
+    """train_qat.py --calib mse --freeze-ranges-step 0: ranges start at the MSE thresholds and stay."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "scripts/train_qat.py", "--config", "configs/synthetic_tiny.yaml",
+                        "--pretrained", str(float_run["run"]), "--out", str(tmp_path), "--name", "q", "--epochs", "1",
+                        "--weight-bits", "4", "--act-bits", "4", "--calib", "mse", "--freeze-ranges-step", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = json.loads((tmp_path / "q" / "layers_before.json").read_text())
+    after = json.loads((tmp_path / "q" / "layers.json").read_text())
+    assert [b["input_max"] for b in before] == [a["input_max"] for a in after]
+    assert sum(a["clipped_share"] > 0 for a in after) >= 10  # MSE thresholds clip the tails on purpose

@@ -69,6 +69,7 @@ class QuantConfig:
     quantize_last_layer: bool = True  # False keeps the classifier's last Dense in float
     kernel: str = "auto"  # auto: compiled fused quantizer if it builds, else stock ops | fused | stock
     calib_batches: int = 10  # training batches that initialize the ranges before QAT
+    calib: str = "ema"  # how ranges start: ema (training-mode EMA, the original) | max | mse (float eval batches)
     delay_steps: int = 0  # QAT steps that train in float (BN fold only) before fake quantization switches on
     freeze_ranges_step: int = -1  # >=0: activation ranges stop updating after this many QAT steps
     epochs: int = 2  # QAT fine-tuning epochs (replace optim.epochs for train_qat.py)
@@ -99,6 +100,7 @@ _CHOICES = {
     "quant.bn_mode": ("frozen", "paper"),
     "quant.kernel": ("auto", "fused", "stock"),
     "quant.scheme": ("original", "onednn"),
+    "quant.calib": ("ema", "max", "mse"),
     "kvstore": ("device", "local", "dist_sync"),
 }
 
