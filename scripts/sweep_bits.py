@@ -43,19 +43,47 @@ def parse_pairs(text: str) -> list:
     return pairs
 
 
+def attach(run: Path, recipes: list) -> None:
+    """Add finished QAT runs to a sweep's rows (key ``qat_recipe``) and redraw its table and plot."""
+    if not (run / "sweep.json").is_file():
+        raise UserError(f"--attach {run}: not a sweep run folder (no sweep.json)")
+    out = json.loads((run / "sweep.json").read_text())
+    for item in recipes:
+        pair, _, qat = item.partition("=")
+        (w, a), res = parse_pairs(pair)[0], Path(qat) / "result.json"
+        if not res.is_file():
+            raise UserError(f"--recipe {item}: {res} not found (pass a finished train_qat.py run folder)")
+        row = next((r for r in out["rows"] if (r["weight_bits"], r["act_bits"]) == (w, a)), None)
+        if row is None:
+            raise UserError(f"--recipe {item}: the sweep has no W{w}A{a} row")
+        row["qat_recipe"], row["qat_recipe_run"] = json.loads(res.read_text())["fq_acc"], str(qat)
+    cli.write_json(run / "sweep.json", out)
+    report.write_sweep(run, out["rows"])
+    print(f"table: {run / 'sweep.md'}\nplot: {run / 'sweep.png'}")
+
+
 @cli_main
 def main() -> None:
     argv = sys.argv[1:]
     qat_extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = cli.common_parser(__doc__)
-    p.add_argument("--pretrained", required=True, help="float run folder (best.params) or .params file")
+    p.add_argument("--pretrained", help="float run folder (best.params) or .params file (required to sweep)")
     p.add_argument("--pairs", default="8/8,6/8,4/8,8/4,4/4", help="comma-separated W/A bit pairs")
     p.add_argument("--per-channel", type=int, choices=(0, 1), help="override quant.per_channel (0/1)")
     p.add_argument("--first-last-bits", type=int, help="override quant.first_last_bits (0 off, 2-8)")
     p.add_argument("--calib-batches", type=int, default=10, help="PTQ calibration batches (training images)")
     p.add_argument("--skip-qat", action="store_true", help="PTQ rows only")
+    p.add_argument("--attach", metavar="SWEEP_RUN",
+                   help="no training: add the QAT runs named by --recipe to this sweep's table and plot")
+    p.add_argument("--recipe", action="append", default=[], metavar="W/A=QAT_RUN",
+                   help="with --attach: a QAT run (e.g. another recipe) to show as 'QAT, recipe' for W/A")
+    if "--attach" in argv:
+        args = p.parse_known_args(argv)[0]
+        return attach(Path(args.attach), args.recipe)
     args = p.parse_args(argv)
+    if not args.pretrained:
+        raise UserError("pass --pretrained FLOAT_RUN_DIR (the float checkpoint every row starts from)")
     pairs = parse_pairs(args.pairs)
     extra = {"quant.per_channel": None if args.per_channel is None else bool(args.per_channel),
              "quant.first_last_bits": args.first_last_bits, "quant.epochs": args.epochs}

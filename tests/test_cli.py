@@ -192,6 +192,11 @@ def test_sweep_bits_writes_table_and_plot(tmp_path, float_run):
     assert qat["fq_acc"] == row["qat"]
     assert "| W4A4 |" in (tmp_path / "sw" / "sweep.md").read_text()
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    recipe = f"4/4={tmp_path / 'sw' / 'qat-w4a4'}"
+    r = _run("scripts/sweep_bits.py", "--attach", str(tmp_path / "sw"), "--recipe", recipe)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["rows"][0]["qat_recipe"] == row["qat"]
+    assert "QAT, recipe %" in (tmp_path / "sw" / "sweep.md").read_text()
     bad = _run("scripts/sweep_bits.py", "--config", "configs/synthetic_tiny.yaml", "--pretrained",
                str(float_run["run"]), "--out", str(tmp_path), "--pairs", "4-4")
     assert bad.returncode == 2 and "W/A" in bad.stderr.strip().splitlines()[-1]

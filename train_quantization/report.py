@@ -15,7 +15,8 @@ def _pct(v: object) -> str:
 
 
 # ----------------------------------------------------------------------------- bit-width sweep
-SWEEP_SERIES = (("ptq_max", "PTQ max"), ("ptq_mse", "PTQ MSE"), ("ptq_mse_w", "PTQ MSE+w"), ("qat", "QAT"))
+SWEEP_SERIES = (("ptq_max", "PTQ max"), ("ptq_mse", "PTQ MSE"), ("ptq_mse_w", "PTQ MSE+w"), ("qat", "QAT"),
+                ("qat_recipe", "QAT, recipe"))
 
 
 def sweep_row_text(r: dict) -> str:
@@ -24,13 +25,15 @@ def sweep_row_text(r: dict) -> str:
 
 
 def sweep_markdown(rows: list) -> str:
-    head = "| W/A bits | float % | " + " | ".join(f"{label} %" for _, label in SWEEP_SERIES) + \
-           " | QAT - float (points) |\n|---|---|" + "---|" * (len(SWEEP_SERIES) + 1) + "\n"
+    series = [(k, label) for k, label in SWEEP_SERIES if any(k in r for r in rows)]
+    head = "| W/A bits | float % | " + " | ".join(f"{label} %" for _, label in series) + \
+           " | best QAT - float (points) |\n|---|---|" + "---|" * (len(series) + 1) + "\n"
     body = ""
     for r in rows:
-        gap = f"{100 * (r['qat'] - r['float']):+.2f}" if "qat" in r else "-"
+        best = max((r[k] for k in ("qat", "qat_recipe") if k in r), default=None)
+        gap = f"{100 * (best - r['float']):+.2f}" if best is not None else "-"
         body += (f"| W{r['weight_bits']}A{r['act_bits']} | {_pct(r['float'])} | " +
-                 " | ".join(_pct(r.get(key)) for key, _ in SWEEP_SERIES) + f" | {gap} |\n")
+                 " | ".join(_pct(r.get(key)) for key, _ in series) + f" | {gap} |\n")
     return head + body
 
 
@@ -41,8 +44,11 @@ def write_sweep(run: Path, rows: list) -> None:
     fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 3.6))
     x = range(len(rows))
     for key, label in SWEEP_SERIES:
+        if not any(key in r for r in rows):
+            continue
         ys = [100 * r[key] if key in r else float("nan") for r in rows]
-        ax.plot(x, ys, marker="o", label=label)
+        ax.plot(x, ys, marker="*" if key == "qat_recipe" else "o", ms=10 if key == "qat_recipe" else 6,
+                ls="none" if key == "qat_recipe" else "-", label=label)
     ax.axhline(100 * rows[0]["float"], color="gray", linestyle="--", label="float")
     ax.set_xticks(list(x), labels)
     ax.set_xlabel("weight / activation bits")
