@@ -14,14 +14,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from train_quantization.errors import UserError, cli_main  # noqa: E402
-
-
-def _load(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _pct(v: object) -> str:
-    return f"{100 * v:.2f}" if isinstance(v, float) else "-"
+from train_quantization.report import load_json, pct  # noqa: E402
 
 
 @cli_main
@@ -31,19 +24,19 @@ def main() -> None:
     args = p.parse_args()
     floats, qats = [], []
     for r in map(Path, args.runs):
-        res, env = _load(r / "result.json"), _load(r / "env.json")
+        res, env = load_json(r / "result.json"), load_json(r / "env.json")
         if not res:
             raise UserError(f"{r} has no result.json (not a finished run)")
         rows = [json.loads(ln) for ln in (r / "metrics.jsonl").read_text().splitlines() if ln.strip()]
         minutes = sum(x["epoch_time_s"] for x in rows) / 60
         date = env.get("date", "?")[:10]
         if res["kind"] == "fp32":
-            floats.append(f"| {r.name} | {len(rows)} | {_pct(res['best_test_acc'])} | {minutes:.1f} | {date} |")
+            floats.append(f"| {r.name} | {len(rows)} | {pct(res['best_test_acc'])} | {minutes:.1f} | {date} |")
         else:
-            i8 = _load(r / "int8_eval.json")
-            qats.append(f"| {r.name} | {len(rows)} | {_pct(res['float_acc'])} | {_pct(res['fq_acc_before'])} | "
-                        f"{_pct(res['fq_acc'])} | {_pct(i8.get('sim_acc'))} | {_pct(i8.get('integer_acc'))} | "
-                        f"{_pct(i8.get('integer_agree_sim'))} | {i8.get('size_ratio', float('nan')):.3f} | "
+            i8 = load_json(r / "int8_eval.json")
+            qats.append(f"| {r.name} | {len(rows)} | {pct(res['float_acc'])} | {pct(res['fq_acc_before'])} | "
+                        f"{pct(res['fq_acc'])} | {pct(i8.get('sim_acc'))} | {pct(i8.get('integer_acc'))} | "
+                        f"{pct(i8.get('integer_agree_sim'))} | {i8.get('size_ratio', float('nan')):.3f} | "
                         f"{minutes:.1f} | {date} |")
     if floats:
         print("| float run | epochs | test top-1 % | train min | date |\n|---|---|---|---|---|")

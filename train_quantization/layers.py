@@ -270,8 +270,27 @@ def quantized_layers(net: gluon.Block) -> list:
     return out
 
 
-def set_layer_widths(net: gluon.Block, q: QuantConfig) -> list:
-    """Give each quantized layer its own bit widths; returns ``[(path, weight_bits, act_bits)]``.
+def visit_layer_inputs(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: Any, ctx: mx.Context,
+                       batches: int, fn: Any) -> None:
+    """Run ``batches`` evaluation batches through ``net`` and call ``fn(name, block, x)`` with the input
+    ``x`` of every quantized layer. Forward hooks fire on imperative children only, so the network runs
+    un-hybridized here and is hybridized again afterwards."""
+    net.hybridize(active=False)
+    hooks = [layer.register_forward_pre_hook(lambda block, inputs, name=name: fn(name, block, inputs[0]))
+             for name, layer in quantized_layers(net)]
+    try:
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            net(norm(x.as_in_context(ctx)))
+    finally:
+        for h in hooks:
+            h.detach()
+        net.hybridize(static_alloc=True)
+
+
+def set_layer_widths(net: gluon.Block, q: QuantConfig) -> None:
+    """Give each quantized layer its own bit widths.
 
     Order of precedence: ``q.layer_bits[path]``, then ``q.first_last_bits`` for the first and
     the last quantized layer (the network input's and the logits' layers), then the global
@@ -283,15 +302,12 @@ def set_layer_widths(net: gluon.Block, q: QuantConfig) -> list:
     if unknown:
         raise UserError(f"config key 'quant.layer_bits' names unknown layers {unknown}; "
                         f"quantized layers are {paths}")
-    out = []
     for i, (path, block) in enumerate(layers):
         wb, ab = q.weight_bits, q.act_bits
         if q.first_last_bits and i in (0, len(layers) - 1):
             wb = ab = q.first_last_bits
         wb, ab = q.layer_bits.get(path, (wb, ab))
         block.q = dataclasses.replace(q, weight_bits=wb, act_bits=ab)
-        out.append((path, wb, ab))
-    return out
 
 
 def set_quant_state(net: gluon.Block, enabled: Optional[bool] = None, freeze_ranges: Optional[bool] = None) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from mxnet import gluon
 
 from . import quant
-from .layers import BN_EPS, QConv2DBN, quantized_layers, set_quant_state
+from .layers import BN_EPS, QConv2DBN, quantized_layers, set_quant_state, visit_layer_inputs
 
 METHODS = ("max", "mse")
 
@@ -34,23 +34,16 @@ def collect_inputs(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: 
     layers = quantized_layers(net)
     seen: dict = {name: [0.0, []] for name, _ in layers}
     enabled = {name: block.q.enabled for name, block in layers}
+
+    def record(name: str, block: Any, x: Any) -> None:
+        x = x.asnumpy().ravel()
+        seen[name][0] = max(seen[name][0], float(np.abs(x).max()))
+        seen[name][1].append(x if x.size <= sample else x[rng.integers(0, x.size, sample)])
+
     set_quant_state(net, enabled=False)
-    net.hybridize(active=False)  # forward hooks fire on imperative children only
-    hooks = []
-    for name, layer in layers:
-        def hook(block: Any, inputs: tuple, name: str = name) -> None:
-            x = inputs[0].asnumpy().ravel()
-            seen[name][0] = max(seen[name][0], float(np.abs(x).max()))
-            seen[name][1].append(x if x.size <= sample else x[rng.integers(0, x.size, sample)])
-        hooks.append(layer.register_forward_pre_hook(hook))
     try:
-        for i, (x, _) in enumerate(loader):
-            if i >= batches:
-                break
-            net(norm(x.as_in_context(ctx)))
+        visit_layer_inputs(net, loader, norm, ctx, batches, record)
     finally:
-        for h in hooks:
-            h.detach()
         for name, block in layers:
             block.q = dataclasses.replace(block.q, enabled=enabled[name])
         net.hybridize(static_alloc=True)

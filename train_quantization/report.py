@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _pct(v: object) -> str:
+def pct(v: object) -> str:
     return f"{100 * v:.2f}" if isinstance(v, float) else "-"
 
 
@@ -20,8 +20,8 @@ SWEEP_SERIES = (("ptq_max", "PTQ max"), ("ptq_mse", "PTQ MSE"), ("ptq_mse_w", "P
 
 
 def sweep_row_text(r: dict) -> str:
-    return (f"W{r['weight_bits']}A{r['act_bits']}: float {_pct(r['float'])}  " +
-            "  ".join(f"{label} {_pct(r.get(key))}" for key, label in SWEEP_SERIES))
+    return (f"W{r['weight_bits']}A{r['act_bits']}: float {pct(r['float'])}  " +
+            "  ".join(f"{label} {pct(r.get(key))}" for key, label in SWEEP_SERIES))
 
 
 def sweep_markdown(rows: list) -> str:
@@ -32,8 +32,8 @@ def sweep_markdown(rows: list) -> str:
     for r in rows:
         best = max((r[k] for k in ("qat", "qat_recipe") if k in r), default=None)
         gap = f"{100 * (best - r['float']):+.2f}" if best is not None else "-"
-        body += (f"| W{r['weight_bits']}A{r['act_bits']} | {_pct(r['float'])} | " +
-                 " | ".join(_pct(r.get(key)) for key, _ in series) + f" | {gap} |\n")
+        body += (f"| W{r['weight_bits']}A{r['act_bits']} | {pct(r['float'])} | " +
+                 " | ".join(pct(r.get(key)) for key, _ in series) + f" | {gap} |\n")
     return head + body
 
 
@@ -62,7 +62,8 @@ def write_sweep(run: Path, rows: list) -> None:
 
 
 # ----------------------------------------------------------------------------- run report
-def _json(path: Path) -> dict | list:
+def load_json(path: Path) -> dict | list:
+    """A run folder's JSON file, or ``{}`` when it is missing."""
     import json
 
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -82,7 +83,7 @@ def _jsonl(path: Path) -> list:
 
 def float_run_of(run: Path) -> Path | None:
     """The float run a QAT run started from (``qat_start.json``), if its folder still exists."""
-    src = _json(run / "qat_start.json").get("pretrained")
+    src = load_json(run / "qat_start.json").get("pretrained")
     if not src:
         return None
     p = Path(src)
@@ -217,9 +218,9 @@ def plot_disagreements(pred_file: Path, classes: list, out: Path, other: str) ->
 def write_report(run: Path) -> Path:
     """Plots (PNG) and report.md in ``run`` from its saved files (and its float run's, for a QAT run)."""
     run = Path(run)
-    result = _json(run / "result.json")
+    result = load_json(run / "result.json")
     md = [f"# Report: {run.name}", ""]
-    env = _json(run / "env.json")
+    env = load_json(run / "env.json")
     if env:
         md += [f"Command: `{env.get('command', '')}`  ", f"Machine: {env.get('processor') or env.get('machine')}, "
                f"{env.get('cpus')} CPUs; MXNet {env.get('mxnet')}; commit {str(env.get('commit'))[:10]}; "
@@ -232,14 +233,14 @@ def write_report(run: Path) -> Path:
         plot_curves(series, run / "curves.png")
         md += ["## Training", "", "![loss and accuracy](curves.png)", ""]
         if result.get("kind") == "qat":
-            md += [f"- float accuracy {_pct(result.get('float_acc'))} %; fake-quant before QAT "
-                   f"{_pct(result.get('fq_acc_before'))} %; after QAT {_pct(result.get('fq_acc'))} %", ""]
+            md += [f"- float accuracy {pct(result.get('float_acc'))} %; fake-quant before QAT "
+                   f"{pct(result.get('fq_acc_before'))} %; after QAT {pct(result.get('fq_acc'))} %", ""]
         elif result:
-            md += [f"- best test accuracy {_pct(result.get('best_test_acc'))} % (epoch {result.get('best_epoch')})",
+            md += [f"- best test accuracy {pct(result.get('best_test_acc'))} % (epoch {result.get('best_epoch')})",
                    ""]
     if plot_ranges(run, run / "ranges.png"):
         md += ["## Activation ranges over QAT", "", "![ranges](ranges.png)", ""]
-    before, after = _json(run / "layers_before.json"), _json(run / "layers.json")
+    before, after = load_json(run / "layers_before.json"), load_json(run / "layers.json")
     if before and after:
         plot_weights(before, after, run / "weights.png")
         md += ["## Layers before and after QAT", "", "![weights](weights.png)", "",
@@ -250,7 +251,7 @@ def write_report(run: Path) -> Path:
                       f"{b['input_max']:.3f} | {a['input_max']:.3f} | {b.get('weight_sqnr_db', float('nan')):.1f} | "
                       f"{a.get('weight_sqnr_db', float('nan')):.1f} | {100 * a.get('clipped_share', 0.0):.3f} |")
         md.append("")
-    cmp = _json(run / "compare.json")
+    cmp = load_json(run / "compare.json")
     if cmp:
         plot_compare(cmp, run / "compare.png")
         md += ["## Every variant (compare.py)", "", "![compare](compare.png)", "",
@@ -264,7 +265,7 @@ def write_report(run: Path) -> Path:
                    f"{d['differ']} of {d['images']} test images get another class from the simulated int8 model "
                    f"than from the float model; on those the float model is right {d['float_right']} times, "
                    f"int8 {d['int8_right']} times.", ""]
-    sweep = _json(run / "sweep.json")
+    sweep = load_json(run / "sweep.json")
     if sweep:
         md += ["## Bit-width sweep", "", "![sweep](sweep.png)", "", sweep_markdown(sweep["rows"]), ""]
     (run / "report.md").write_text("\n".join(md))

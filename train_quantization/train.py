@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import data as data_mod
 from .config import Config, dump_config
 from .errors import UserError
-from .layers import QConv2DBN, quantized_layers, set_quant_state
+from .layers import QConv2DBN, quantized_layers, set_quant_state, visit_layer_inputs
 
 log = logging.getLogger("train_quantization")
 
@@ -147,10 +147,10 @@ def make_trainer(net: gluon.Block, cfg: Config, steps_per_epoch: int) -> gluon.T
     for name, p in net.collect_params().items():
         if name.endswith("input_max") or not (o.wd_all or name.endswith("weight")):
             p.wd_mult = 0.0
-    kv, _, workers = kvstore_of(cfg)
+    kv, _, _ = kvstore_of(cfg)
     # distributed: servers only sum gradients; every worker applies the same update locally
     return gluon.Trainer(net.collect_params(), o.optimizer, params, kvstore=kv,
-                         update_on_kvstore=False if workers > 1 or cfg.kvstore.startswith("dist") else None)
+                         update_on_kvstore=False if cfg.kvstore.startswith("dist") else None)
 
 
 class WorkerRanges:
@@ -236,6 +236,8 @@ def calibrate(net: gluon.Block, loader: gluon.data.DataLoader, norm: Any, ctxs: 
 
 # ----------------------------------------------------------------------------- loop
 LOG_EVERY = 10  # optimizer steps between rows of steps.jsonl
+
+
 def _step_of(line: str) -> float:
     """Step of a steps.jsonl line; inf for a line cut short by a crash (dropped on resume)."""
     try:
@@ -393,26 +395,14 @@ def clip_shares(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: Any
     """Share of each quantized layer's input values that saturate (evaluation mode)."""
     from .quant import act_grid
 
-    layers = quantized_layers(net)
-    counts = {name: [0, 0] for name, _ in layers}
-    net.hybridize(active=False)  # hooks only fire on imperative children
-    hooks = []
-    for name, layer in layers:
-        def hook(block: Any, inputs: tuple, name: str = name) -> None:
-            x = inputs[0]
-            lo, hi, divisor = act_grid(block.q.act_bits, block.q.scheme, block.input_signed)
-            s = max(float(block.input_max.data(x.context).asscalar()), 1e-12) / divisor
-            u = (x / s).asnumpy()
-            counts[name][0] += int(((u > hi + 0.5) | (u < lo - 0.5)).sum())
-            counts[name][1] += u.size
-        hooks.append(layer.register_forward_pre_hook(hook))
-    try:
-        for i, (x, _) in enumerate(loader):
-            if i >= batches:
-                break
-            net(norm(x.as_in_context(ctx)))
-    finally:
-        for h in hooks:
-            h.detach()
-        net.hybridize(static_alloc=True)
+    counts = {name: [0, 0] for name, _ in quantized_layers(net)}
+
+    def count(name: str, block: Any, x: Any) -> None:
+        lo, hi, divisor = act_grid(block.q.act_bits, block.q.scheme, block.input_signed)
+        s = max(float(block.input_max.data(x.context).asscalar()), 1e-12) / divisor
+        u = (x / s).asnumpy()
+        counts[name][0] += int(((u > hi + 0.5) | (u < lo - 0.5)).sum())
+        counts[name][1] += u.size
+
+    visit_layer_inputs(net, loader, norm, ctx, batches, count)
     return {name: c[0] / max(c[1], 1) for name, c in counts.items()}

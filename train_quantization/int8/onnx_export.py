@@ -178,9 +178,11 @@ def session(model: Any) -> Any:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = os.cpu_count() or 1
     opts.log_severity_level = 3
-    src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model) \
-        if isinstance(model, Path) else model
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    elif isinstance(model, Path):
+        model = str(model)
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def runner(sess: Any) -> Any:
