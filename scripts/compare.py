@@ -82,8 +82,7 @@ def main() -> None:
     qnet = cli.build_for(cfg, ds, quant=True)
     qpath = cli.resolve_params(str(qrun), "last.params")
     cli.load_weights(qnet, qpath, ctx, expect_ranges=True)
-    qweights = cli.build_for(cfg, ds, quant=False)  # QAT weights in the float graph, for oneDNN
-    qweights.load_parameters(str(qpath), ignore_extra=True)
+    qweights = cli.float_with_qat_weights(cfg, ds, qnet, qpath)  # for oneDNN
     for net in (fnet, qnet, qweights):
         net.hybridize(static_alloc=True)
     m = export(qnet, mean, std, shape, ds.classes)

@@ -143,6 +143,18 @@ def qat_from_float(cfg: Config, ds: data_mod.Dataset, weights: Path, ctxs: list)
     return net, [f"{name}.input_max" for name, _ in quantized_layers(net)]
 
 
+def float_with_qat_weights(cfg: Config, ds: data_mod.Dataset, qnet: mx.gluon.HybridBlock,
+                           qpath: Path) -> mx.gluon.HybridBlock:
+    """The float graph holding the QAT weights (what oneDNN quantizes with the learned ranges)."""
+    fnet = build_for(cfg, ds, quant=False)
+    if cfg.model.arch.startswith("gluoncv:"):
+        from .convert import copy_to_float
+
+        return copy_to_float(qnet, fnet)
+    fnet.load_parameters(str(qpath), ignore_extra=True)  # VGG: the same parameter names
+    return fnet
+
+
 def describe_ranges(net: mx.gluon.Block) -> list:
     """Per-layer JSON summary: widths, weight scale(s), folded-weight quantization SQNR
     ``10 log10(sum w_f^2 / sum (fq(w_f) - w_f)^2)`` in dB, activation range."""
@@ -151,6 +163,10 @@ def describe_ranges(net: mx.gluon.Block) -> list:
     rows = []
     for name, layer in quantized_layers(net):
         q = layer.q
+        if not hasattr(layer, "weight"):  # QAdd: a range only
+            rows.append({"layer": name, "type": type(layer).__name__, "act_bits": q.act_bits,
+                         "input_max": float(layer.input_max.data().asscalar())})
+            continue
         w = layer.weight.data().asnumpy().astype(np.float64)
         if hasattr(layer, "gamma"):
             w, _ = quant.fold_bn_np(w, None, layer.gamma.data().asnumpy(), layer.beta.data().asnumpy(),

@@ -6,6 +6,9 @@ Rules (in place, values copied from the float blocks):
   ``QConv2DBN`` (the BatchNorm is folded into it; a ReLU ``Activation`` right after stays a
   separate block), and the BatchNorm leaves the container;
 * every ``Dense`` (in a container or held as a child attribute) becomes a ``QDense``;
+* a ResNet v1 block (gluoncv's ``CIFARBasicBlockV1``, ``BasicBlockV1``, ``BottleneckV1``:
+  ``relu(body(x) + downsample(x) or x)``) becomes a ``QResidual`` whose add is a ``QAdd``
+  (both branches on one learned scale), after its body and downsample are converted;
 * everything else (pooling, activations, a BatchNorm that no convolution precedes, custom
   blocks) stays float; custom blocks are walked recursively, so their sequential children are
   converted too. A Conv2D and BatchNorm held as separate attributes of a custom block are
@@ -23,7 +26,9 @@ from mxnet.gluon import nn
 
 from .config import QuantConfig
 from .errors import UserError
-from .layers import QConv2DBN, QDense, quantized_layers, set_layer_widths
+from .layers import QAdd, QConv2DBN, QDense, QResidual, quantized_layers, set_layer_widths
+
+RESIDUAL_V1 = ("CIFARBasicBlockV1", "BasicBlockV1", "BottleneckV1")  # relu(body(x) + downsample(x) or x)
 
 
 def _square(v: object, what: str) -> int:
@@ -89,9 +94,15 @@ def _convert_children(block: gluon.Block, q: QuantConfig) -> None:
                 new = _qdense(child, q)
                 object.__setattr__(block, name, new)
                 block._children[name] = new
-    for child in block._children.values():
+    for name, child in list(block._children.items()):
         if not isinstance(child, (QConv2DBN, QDense)):
             _convert_children(child, q)
+        if type(child).__name__ in RESIDUAL_V1 and hasattr(child, "body") and hasattr(child, "downsample"):
+            new = QResidual(child.body, child.downsample, QAdd(q))
+            new.add.initialize(ctx=child.body.collect_params().list_ctx())
+            if not isinstance(block, (nn.HybridSequential, nn.Sequential)):
+                object.__setattr__(block, name, new)
+            block._children[name] = new
 
 
 def convert(net: gluon.HybridBlock, q: QuantConfig) -> gluon.HybridBlock:
@@ -109,3 +120,32 @@ def convert(net: gluon.HybridBlock, q: QuantConfig) -> gluon.HybridBlock:
         raise UserError("convert(): no Conv2D+BatchNorm pair or Dense layer found to quantize")
     set_layer_widths(net, q)
     return net
+
+
+def copy_to_float(qnet: gluon.HybridBlock, fnet: gluon.HybridBlock) -> gluon.HybridBlock:
+    """The inverse move: copy a converted network's (QAT) values into ``fnet``, the float model it was
+    converted from (same structure, e.g. freshly built): each ``QConv2DBN`` into its Conv2D and the
+    BatchNorm after it (a conv bias becomes 0, already folded into the mean), each ``QDense`` into its
+    Dense. For oneDNN, which takes the float graph and quantizes it itself. Returns ``fnet``."""
+    def walk(qb: gluon.Block, fb: gluon.Block) -> None:
+        names = list(fb._children)
+        for name, qc in qb._children.items():
+            if isinstance(qc, QAdd):
+                continue
+            fc = fb._children[name]
+            if isinstance(qc, QConv2DBN):
+                bn = fb._children[names[names.index(name) + 1]]
+                fc.weight.set_data(qc.weight.data())
+                if fc.bias is not None:
+                    fc.bias.set_data(mx.nd.zeros_like(fc.bias.data()))
+                for attr in ("gamma", "beta", "running_mean", "running_var"):
+                    getattr(bn, attr).set_data(getattr(qc, attr).data())
+            elif isinstance(qc, QDense):
+                fc.weight.set_data(qc.weight.data())
+                if fc.bias is not None:
+                    fc.bias.set_data(qc.bias.data())
+            else:
+                walk(qc, fc)
+
+    walk(qnet, fnet)
+    return fnet

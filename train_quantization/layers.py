@@ -250,19 +250,69 @@ class QDense(gluon.HybridBlock):
         return F.Activation(y, act_type="relu") if self.relu else y
 
 
+class QAdd(gluon.HybridBlock):
+    r"""Quantized residual add on one common scale (ResNet v1: then ReLU).
+
+    Both inputs are fake-quantized with the same scale, learned like a layer input from the
+    larger of the two magnitudes::
+
+        input_max <- EMA of max(max|a|, max|b|)          (training only, as in ``update_range``)
+        s = input_max / 2**(bits-1)
+        y = relu((clip(round(a / s)) + clip(round(b / s))) * s)
+
+    so the sum is exact in integers: two signed codes add to a 9-bit code at scale ``s``. Every
+    engine defines the add this way (``int8/engine.py``): each branch is requantized to ``s``,
+    the codes are added, and the next layers requantize the sum to their own input scales.
+    """
+
+    def __init__(self, qcfg: QuantConfig, relu: bool = True, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.q, self.relu = qcfg, relu
+        self.input_signed = True  # the body's last conv has no ReLU
+        self.input_max = self.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
+                                         differentiable=False)
+
+    def hybrid_forward(self, F: Any, a: Any, b: Any, input_max: Any) -> Any:
+        q = self.q
+        if q.enabled:
+            qmin, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, True)
+            amax = update_range(F, F.maximum(F.abs(a), F.abs(b)), input_max, q.momentum, spatial=True)
+            scale = F.reshape(F.where(amax > 0, amax, F.ones_like(amax)) / divisor, (1, 1, 1, 1))
+            a = quant.fake_quant(F, a, scale, qmin, qmax, q.ste)
+            b = quant.fake_quant(F, b, scale, qmin, qmax, q.ste)
+        y = a + b
+        return F.Activation(y, act_type="relu") if self.relu else y
+
+
+class QResidual(gluon.HybridBlock):
+    """A ResNet v1 block (gluoncv's ``CIFARBasicBlockV1``, ``BasicBlockV1``, ``BottleneckV1``)
+    with a quantized add: ``QAdd(body(x), downsample(x) or x)``. ``body`` and ``downsample``
+    keep their child names, so parameter paths stay those of the float block."""
+
+    def __init__(self, body: gluon.HybridBlock, downsample: Optional[gluon.HybridBlock], add: QAdd,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.body, self.downsample, self.add = body, downsample, add
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        return self.add(self.body(x), self.downsample(x) if self.downsample is not None else x)
+
+
 def dense(units: int, in_units: int, relu: bool) -> nn.Dense:
     """Float Dense with the parameter names ``QDense`` uses."""
     return nn.Dense(units, activation="relu" if relu else None, in_units=in_units, flatten=False)
 
 
-def quantized_layers(net: gluon.Block) -> list:
-    """All ``QConv2DBN``/``QDense`` blocks of ``net`` in forward (registration) order, with names."""
+def quantized_layers(net: gluon.Block, weights_only: bool = False) -> list:
+    """All blocks of ``net`` with an activation range (``QConv2DBN``, ``QDense``, ``QAdd``) in
+    registration order, with their structural names; ``weights_only``: without ``QAdd``."""
+    kinds = (QConv2DBN, QDense) if weights_only else (QConv2DBN, QDense, QAdd)
     out = []
 
     def walk(block: gluon.Block, prefix: str) -> None:
         for name, child in block._children.items():
             path = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, (QConv2DBN, QDense)):
+            if isinstance(child, kinds):
                 out.append((path, child))
             walk(child, path)
 
@@ -270,14 +320,22 @@ def quantized_layers(net: gluon.Block) -> list:
     return out
 
 
+def range_input(block: gluon.Block, inputs: tuple) -> Any:
+    """The values a layer's range covers: its input, or both inputs of a ``QAdd`` (flattened)."""
+    if isinstance(block, QAdd):
+        return mx.nd.concat(inputs[0].reshape((-1,)), inputs[1].reshape((-1,)), dim=0)
+    return inputs[0]
+
+
 def visit_layer_inputs(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: Any, ctx: mx.Context,
                        batches: int, fn: Any) -> None:
     """Run ``batches`` evaluation batches through ``net`` and call ``fn(name, block, x)`` with the input
-    ``x`` of every quantized layer. Forward hooks fire on imperative children only, so the network runs
-    un-hybridized here and is hybridized again afterwards."""
+    ``x`` of every quantized layer (``range_input``). Forward hooks fire on imperative children only,
+    so the network runs un-hybridized here and is hybridized again afterwards."""
     net.hybridize(active=False)
-    hooks = [layer.register_forward_pre_hook(lambda block, inputs, name=name: fn(name, block, inputs[0]))
-             for name, layer in quantized_layers(net)]
+    hooks = [layer.register_forward_pre_hook(
+        lambda block, inputs, name=name: fn(name, block, range_input(block, inputs)))
+        for name, layer in quantized_layers(net)]
     try:
         for i, (x, _) in enumerate(loader):
             if i >= batches:
@@ -302,9 +360,11 @@ def set_layer_widths(net: gluon.Block, q: QuantConfig) -> None:
     if unknown:
         raise UserError(f"config key 'quant.layer_bits' names unknown layers {unknown}; "
                         f"quantized layers are {paths}")
-    for i, (path, block) in enumerate(layers):
+    weighted = [p for p, _ in quantized_layers(net, weights_only=True)]
+    ends = {weighted[0], weighted[-1]} if weighted else set()
+    for path, block in layers:
         wb, ab = q.weight_bits, q.act_bits
-        if q.first_last_bits and i in (0, len(layers) - 1):
+        if q.first_last_bits and path in ends:
             wb = ab = q.first_last_bits
         wb, ab = q.layer_bits.get(path, (wb, ab))
         block.q = dataclasses.replace(q, weight_bits=wb, act_bits=ab)

@@ -77,7 +77,7 @@ def clip_weights_mse(net: gluon.HybridBlock) -> dict:
     clipping ``w_f`` at ``t_c`` is clipping ``w`` at ``t_c / |k_c|``.
     """
     kept = {}
-    for name, block in quantized_layers(net):
+    for name, block in quantized_layers(net, weights_only=True):
         w = block.weight.data().asnumpy()
         if isinstance(block, QConv2DBN):
             k = block.gamma.data().asnumpy() / np.sqrt(block.running_var.data().asnumpy() + BN_EPS)

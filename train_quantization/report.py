@@ -135,7 +135,7 @@ def plot_ranges(run: Path, out: Path) -> bool:
 
 
 def _mean_scale(row: dict) -> float:
-    s = row["weight_scale"]
+    s = row.get("weight_scale", float("nan"))  # a QAdd has none
     return sum(s) / len(s) if isinstance(s, list) else s
 
 

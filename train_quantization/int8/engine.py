@@ -6,11 +6,15 @@
     acc = conv(x_q, w_q) + b_q                          (float64: exact for |acc| < 2**53)
     y   = acc * (s_w * s_a)                             dequantized, then ReLU / pool in float
 
+    add: y = (clip(round(a / s)) + clip(round(b / s))) * s   both branches on the add's scale
+
 ``run_integer`` — integer-only inference (Jacob et al. 2018): the input is quantized once,
-then int8 codes flow between layers; int32 accumulators (computed by float64 BLAS, exact
-below 2**53, cast to int64), int32 biases, requantization by the fixed-point multiplier
-``m0 * 2**(shift - 31)`` with half-to-even rounding, ReLU as a clamp at code 0, max pooling
-on codes, and logits dequantized at the end only.
+then integers flow between layers; int32 accumulators (computed by float64 BLAS, exact
+below 2**53, cast to int64), int32 biases, requantization of each layer's input by the
+fixed-point multiplier ``m0 * 2**(shift - 31)`` with half-to-even rounding, ReLU as a clamp
+at 0, max pooling on integers, a residual add as the sum of both branches' codes on its
+grid, global average pooling as a sum (the division goes into the next multiplier), and
+logits dequantized at the end only.
 
 Float32 accumulation would not be exact: a 3x3 conv over 512 channels sums 4,608 products
 of up to 127 * 128, beyond float32's 2**24 integer range; float64 holds 2**53.
@@ -21,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from .model import Int8Model, requantize
+from .model import Int8Model, quantize_multiplier, requantize
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -87,63 +91,97 @@ def normalize(model: Int8Model, images_nhwc_uint8: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- engines
-def simulate(model: Int8Model, x: np.ndarray, record: Optional[dict] = None) -> np.ndarray:
-    """Float-simulated integer inference on normalized float NCHW input; returns logits."""
-    h = np.asarray(x, np.float32)
-    for layer in model.layers:
+def _last_use(model: Int8Model) -> dict:
+    """Producer index -> index of its last consumer (values are freed after it)."""
+    last = {}
+    for i, layer in enumerate(model.layers):
+        for j in layer.get("inputs", [i - 1]):
+            last[j] = i
+    return last
+
+
+def _flatten(v: tuple) -> tuple:
+    """Flatten a value ``(array, scale)``; a per-channel scale is repeated over each channel's positions."""
+    arr, scale = v
+    flat = arr.reshape(arr.shape[0], -1)
+    if scale is None:
+        return flat, None
+    return flat, np.broadcast_to(scale, (1,) + arr.shape[1:]).reshape(1, -1)
+
+
+def _dequantize(v: tuple) -> np.ndarray:
+    arr, scale = v
+    return np.asarray(arr, np.float64) if scale is None else arr * scale
+
+
+def _run(model: Int8Model, x: np.ndarray, integer: bool, record: Optional[dict]) -> np.ndarray:
+    """Both engines over the layer graph. A value is ``(array, scale)``: ``scale`` None for float
+    data, else the float64 scale (broadcastable, per channel after a conv) of an integer array
+    (int64 accumulators or summed codes; integer engine only)."""
+    last = _last_use(model)
+    vals = {-1: (np.asarray(x, np.float32), None)}
+    for i, layer in enumerate(model.layers):
         t, a = layer["type"], layer.get("arrays", {})
+        ins = [vals[j] for j in layer.get("inputs", [i - 1])]
         if t in ("conv", "dense"):
-            codes = input_codes(layer, h)
+            v = _flatten(ins[0]) if t == "dense" and ins[0][0].ndim > 2 else ins[0]
+            codes = _codes(layer, v, integer)
             if record is not None:
                 record[layer["name"]] = codes.astype(np.int32)
             acc = _accumulate(layer, codes)
-            scale = a["w_scale"].astype(np.float64) * np.float64(layer["in_scale"])
-            y = acc * scale.reshape(_channel_shape(layer))
-            h = np.maximum(y, 0.0) if layer["relu"] else y
+            scale = (a["w_scale"].astype(np.float64) * np.float64(layer["in_scale"])).reshape(_channel_shape(layer))
+            if integer:
+                out = (np.rint(acc).astype(np.int64), scale)
+            else:
+                out = (acc * scale, None)
+        elif t == "add":  # both branches on the add's grid, codes summed (layers.QAdd)
+            codes = [_codes(layer, v, integer) for v in ins]
+            s = np.float64(layer["in_scale"])
+            out = ((codes[0] + codes[1]).astype(np.int64), np.reshape(s, (1, 1, 1, 1))) if integer else \
+                ((codes[0] + codes[1]) * s, None)
+        elif t == "avgpool":  # integer: the sum of the codes at scale s / (H * W)
+            arr, scale = ins[0]
+            hw = arr.shape[2] * arr.shape[3]
+            out = (arr.mean(axis=(2, 3), keepdims=True), None) if scale is None else \
+                (arr.sum(axis=(2, 3), keepdims=True), scale / hw)
+        elif t == "flatten":
+            out = _flatten(ins[0])
+        elif t == "maxpool":  # on codes too: requantization is monotone per channel
+            arr, scale = ins[0]
+            out = (maxpool(arr, layer["size"], layer["stride"], layer["ceil"]), scale)
+        elif t == "dense_float":
+            v = ins[0] if ins[0][0].ndim == 2 else _flatten(ins[0])
+            y = _dequantize(v) @ a["w"].astype(np.float64).T + a["b"]
+            out = (y, None)
         else:
-            h = _other_layer(layer, h)
-    return np.asarray(h, np.float64)
+            raise ValueError(f"unknown layer type {t!r}")
+        if layer.get("relu"):
+            out = (np.maximum(out[0], 0), out[1])
+        vals[i] = out
+        for j in layer.get("inputs", [i - 1]):
+            if last[j] == i and j != -1:
+                del vals[j]
+    return _dequantize(vals[len(model.layers) - 1])
 
 
-def _other_layer(layer: dict, h: np.ndarray) -> np.ndarray:
-    """Max pool and flatten (on floats or codes alike) and a Dense left in float."""
-    t = layer["type"]
-    if t == "maxpool":
-        return maxpool(h, layer["size"], layer["stride"], layer["ceil"])
-    if t == "flatten":
-        return h.reshape(h.shape[0], -1)
-    if t == "dense_float":
-        a = layer["arrays"]
-        y = np.asarray(h, np.float64) @ a["w"].astype(np.float64).T + a["b"]
-        return np.maximum(y, 0.0) if layer["relu"] else y
-    raise ValueError(f"unknown layer type {t!r}")
+def _codes(layer: dict, v: tuple, integer: bool) -> np.ndarray:
+    """The input codes of a quantized layer or add: float data is quantized (``input_codes``);
+    integer data at scale ``s`` is requantized by the fixed-point multiplier of ``s / s_a``."""
+    arr, scale = v
+    if scale is None:
+        return input_codes(layer, arr)
+    m0, shift = quantize_multiplier(np.ravel(scale / np.float64(layer["in_scale"])))
+    return requantize(arr, m0, shift, layer["in_qmin"], layer["in_qmax"])
+
+
+def simulate(model: Int8Model, x: np.ndarray, record: Optional[dict] = None) -> np.ndarray:
+    """Float-simulated integer inference on normalized float NCHW input; returns logits."""
+    return _run(model, x, integer=False, record=record)
 
 
 def run_integer(model: Int8Model, x: np.ndarray, record: Optional[dict] = None) -> np.ndarray:
     """Integer-only inference on normalized float NCHW input; returns float64 logits."""
-    q = None  # int codes between layers (None while the data is still float)
-    h = np.asarray(x, np.float32)
-    for layer in model.layers:
-        t, a = layer["type"], layer.get("arrays", {})
-        if t in ("conv", "dense"):
-            if q is None:
-                q = input_codes(layer, h).astype(np.int32)
-            if record is not None:
-                record[layer["name"]] = q
-            acc = np.rint(_accumulate(layer, q)).astype(np.int64)
-            if "m0" in a:  # stay in the integer domain: codes for the next quantized layer
-                lo = 0 if layer["relu"] else layer["out_qmin"]
-                q = requantize(acc, a["m0"], a["shift"], lo, layer["out_qmax"]).astype(np.int32)
-            else:  # leave it: dequantize (logits, or the input of a float layer)
-                scale = a["w_scale"].astype(np.float64) * np.float64(layer["in_scale"])
-                h = acc * scale.reshape(_channel_shape(layer))
-                h = np.maximum(h, 0.0) if layer["relu"] else h
-                q = None
-        elif q is not None and t in ("maxpool", "flatten"):  # max pooling on the codes
-            q = _other_layer(layer, q)
-        else:
-            h = _other_layer(layer, h)
-    return np.asarray(h, np.float64)
+    return _run(model, x, integer=True, record=record)
 
 
 def predict(model: Int8Model, images: np.ndarray, engine: str = "sim", batch: int = 200,

@@ -5,7 +5,9 @@ uses (``quant.fold_bn``, ``quant.weight_scale`` on ``mx.nd``), so the codes are 
 fake quantization produced, bit for bit. Then, per quantized layer::
 
     b_q = round(b_f / (s_w * s_a))                      int32 (|b_q| <= 2**22), half to even
-    M   = s_w * s_a / s_a_next  ~=  m0 * 2**(shift-31)  when the next layer is quantized
+
+The layers form a graph (each names its ``inputs``): a ResNet v1 block becomes its body's
+layers, its downsample's layers and an ``add`` layer reading both.
 """
 from __future__ import annotations
 
@@ -15,24 +17,62 @@ from mxnet.gluon import nn
 
 from .. import quant
 from ..errors import UserError
-from ..layers import BN_EPS, QConv2DBN, QDense
-from .model import Int8Model, quantize_multiplier
+from ..layers import BN_EPS, QConv2DBN, QDense, QResidual, quantized_layers
+from .model import Int8Model
+
+SEQUENTIAL_CUSTOM = ("VGG", "CIFARResNetV1", "ResNetV1")  # custom blocks whose forward runs the children in order
 
 
-def _leaves(block: gluon.Block, path: str = "") -> list:
-    """(structural name, leaf block) in forward order for nested sequential containers."""
-    if isinstance(block, (QConv2DBN, QDense, nn.Dense, nn.MaxPool2D, nn.Flatten, nn.Dropout)):
-        return [(path, block)]
-    from ..models import VGG
+def _graph(block: gluon.Block, src: int, layers: list, path: str = "") -> int:
+    """Append ``block``'s layers (reading layer ``src``; -1: the network input) to ``layers`` in
+    forward order, each with ``inputs``; returns the index of the layer that holds its output."""
+    def emit(layer: dict, inputs: list, name: str = path) -> int:
+        layers.append({**layer, "name": name, "inputs": inputs})
+        return len(layers) - 1
 
-    if not isinstance(block, (nn.HybridSequential, nn.Sequential, VGG)):
-        raise UserError(f"the int8 engines run sequential networks (VGG); {path or 'the model'} is a "
-                        f"{type(block).__name__} (e.g. a residual block), which they cannot run yet. "
-                        "Evaluate it as fake-quant (train_qat.py) instead")
-    out = []
-    for name, child in block._children.items():
-        out.extend(_leaves(child, f"{path}.{name}" if path else name))
-    return out
+    if isinstance(block, (QConv2DBN, QDense)):
+        return emit(_qlayer(block, path), [src])
+    if isinstance(block, nn.Dropout):  # the identity at inference
+        return src
+    if isinstance(block, nn.MaxPool2D):
+        kw = block._kwargs
+        return emit({"type": "maxpool", "size": int(kw["kernel"][0]), "stride": int(kw["stride"][0]),
+                     "ceil": kw["pooling_convention"] == "full"}, [src])
+    if isinstance(block, nn.GlobalAvgPool2D):
+        return emit({"type": "avgpool"}, [src])
+    if isinstance(block, nn.Flatten):
+        return emit({"type": "flatten"}, [src])
+    if isinstance(block, nn.Dense):
+        act = block.act._act_type if block.act is not None else None
+        return emit({"type": "dense_float", "relu": act == "relu",
+                     "arrays": {"w": block.weight.data().asnumpy(), "b": block.bias.data().asnumpy()}}, [src])
+    if isinstance(block, nn.Activation) and block._act_type == "relu":
+        prev = layers[src] if src == len(layers) - 1 and src >= 0 else None
+        if prev is None or prev["type"] not in ("conv", "dense", "add"):
+            raise UserError(f"{path}: a ReLU that does not directly follow a quantized layer cannot be exported")
+        prev["relu"] = True  # fold it: the producer's only consumer is this ReLU
+        return src
+    if isinstance(block, QResidual):
+        body = _graph(block.body, src, layers, f"{path}.body")
+        short = src if block.downsample is None else _graph(block.downsample, src, layers, f"{path}.downsample")
+        add = block.add
+        lo, hi, _ = quant.act_grid(add.q.act_bits, add.q.scheme, True)
+        return emit({"type": "add", "relu": bool(add.relu), "in_scale": _act_scale(add),
+                     "in_qmin": lo, "in_qmax": hi, "act_bits": add.q.act_bits}, [body, short], f"{path}.add")
+    if isinstance(block, (nn.HybridSequential, nn.Sequential)) or type(block).__name__ in SEQUENTIAL_CUSTOM:
+        for name, child in block._children.items():
+            src = _graph(child, src, layers, f"{path}.{name}" if path else name)
+        return src
+    raise UserError(f"the int8 engines cannot run {path or 'the model'}, a {type(block).__name__}: they run "
+                    "sequential containers, our quantized layers, pooling, Dense and ResNet v1 blocks. "
+                    "Evaluate it as fake-quant (train_qat.py) instead")
+
+
+def _act_scale(block: gluon.Block) -> float:
+    q = block.q
+    amax = block.input_max.data()
+    return float((nd.where(amax > 0, amax, nd.ones_like(amax)) / quant.act_grid(q.act_bits, q.scheme,
+                                                                                 block.input_signed)[2]).asscalar())
 
 
 def _qlayer(block: gluon.Block, name: str) -> dict:
@@ -69,33 +109,10 @@ def _qlayer(block: gluon.Block, name: str) -> dict:
 
 
 def export(net: gluon.Block, mean: tuple, std: tuple, input_shape: tuple, classes: list) -> Int8Model:
-    """QAT network (VGG or any nested HybridSequential of our blocks) -> ``Int8Model``."""
-    layers = []
-    for name, block in _leaves(net):
-        if isinstance(block, (QConv2DBN, QDense)):
-            layers.append(_qlayer(block, name))
-        elif isinstance(block, nn.MaxPool2D):
-            kw = block._kwargs
-            layers.append({"type": "maxpool", "name": name, "size": int(kw["kernel"][0]),
-                           "stride": int(kw["stride"][0]), "ceil": kw["pooling_convention"] == "full"})
-        elif isinstance(block, nn.Flatten):
-            layers.append({"type": "flatten", "name": name})
-        elif isinstance(block, nn.Dense):
-            act = block.act._act_type if block.act is not None else None
-            layers.append({"type": "dense_float", "name": name, "relu": act == "relu",
-                           "arrays": {"w": block.weight.data().asnumpy(), "b": block.bias.data().asnumpy()}})
-    # requantization multipliers: towards the next quantized layer, unless a float layer or
-    # the logits come first
-    for i, layer in enumerate(layers):
-        if layer["type"] not in ("conv", "dense"):
-            continue
-        nxt = next((la for la in layers[i + 1:] if la["type"] in ("conv", "dense", "dense_float")), None)
-        if nxt is None or nxt["type"] == "dense_float":
-            continue
-        m = layer["arrays"]["w_scale"] * layer["in_scale"] / nxt["in_scale"]
-        m0, shift = quantize_multiplier(m)
-        layer["arrays"].update(m0=m0, shift=shift)
-        layer.update(out_qmin=nxt["in_qmin"], out_qmax=nxt["in_qmax"])
-    schemes = {b.q.scheme for _, b in _leaves(net) if isinstance(b, (QConv2DBN, QDense))}
+    """QAT network (VGG, a converted ResNet v1, any nested HybridSequential of our blocks) -> ``Int8Model``."""
+    layers: list = []
+    if _graph(net, -1, layers) != len(layers) - 1:
+        raise UserError("the model's output is not its last layer; it cannot be exported")
+    schemes = {b.q.scheme for _, b in quantized_layers(net)}
     return Int8Model(layers, tuple(mean), tuple(std), tuple(input_shape), list(classes),
                      scheme=schemes.pop() if len(schemes) == 1 else "mixed")

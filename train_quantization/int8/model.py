@@ -9,13 +9,17 @@ Each quantized layer (``conv`` or ``dense``) holds
 * ``in_scale``: the input activation scale ``s_a`` (float64), input codes in
   ``[in_qmin, in_qmax]``,
 * ``b``: int32 bias ``round(b_f / (s_w * s_a))`` (half to even),
-* ``m0``/``shift``: the requantization multiplier ``M = s_w * s_a / s_next`` as
-  ``M ~= m0 * 2**(shift - 31)`` (int32 ``m0`` in [2**30, 2**31)), absent when the output
-  leaves the integer domain (logits or a float layer),
 * ``b_float``: the float32 folded bias (for reference and the float-simulation engine).
 
-Other layers: ``maxpool`` (size, stride, ceil), ``flatten``, ``dense_float`` (a layer left
-in float: ``w``, ``b`` float32). Dropout is the identity at inference and is not stored.
+Other layers: ``add`` (a residual add: ``in_scale``, ``in_qmin``/``in_qmax``, ``relu``; see
+``layers.QAdd``), ``maxpool`` (size, stride, ceil), ``avgpool`` (global), ``flatten``,
+``dense_float`` (a layer left in float: ``w``, ``b`` float32). Dropout is the identity at
+inference and is not stored. Every layer names its ``inputs`` (indices of earlier layers,
+-1 for the network input; absent: the previous layer), so the list is a graph in forward order.
+
+Requantization between layers is derived, not stored: a consumer with input scale ``s_a``
+reading integer data at scale ``s`` (``s_w * s_a'`` per channel after a conv, the add's scale
+after an add) multiplies by ``M = s / s_a ~= m0 * 2**(shift - 31)`` (``quantize_multiplier``).
 The file is a ``.npz`` (no pickle) and needs only numpy to read.
 """
 from __future__ import annotations
@@ -31,7 +35,8 @@ import numpy as np
 from ..errors import UserError
 
 FORMAT = "train-quantization-int8"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # version 1: a sequential list with stored multipliers (ignored now)
 
 
 @dataclass
@@ -134,7 +139,7 @@ def load(path: str | Path) -> Int8Model:
                         "export it again") from None
     if header.get("format") != FORMAT:
         raise UserError(f"{path} is not an int8 artifact of this project (format {header.get('format')!r})")
-    if header.get("version") != VERSION:
+    if header.get("version") not in READS:
         raise UserError(f"{path} has format version {header.get('version')}, this code reads version {VERSION}; "
                         "export it again with this version")
     layers = []

@@ -80,23 +80,68 @@ def with_learned_ranges(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock
 
     ``float_net`` must hold the QAT weights (same parameter names, ranges ignored).
     """
-    ranges = [float(layer.input_max.data().asscalar()) for _, layer in quantized_layers(qat_net)]
     logits = float(mx.nd.abs(float_net(calib_x)).max().asscalar())
     sym, args, auxs = _export(float_net, input_shape)
     qsym, qargs, qauxs, collector = _quiet(
         mxq.quantize_graph, sym=sym, arg_params=args, aux_params=auxs, ctx=mx.cpu(), calib_mode="naive",
         quantized_dtype="auto", quantize_granularity="channel-wise")
-    names = list(collector.include_layer)
-    if len(names) != len(ranges) + 1 or names[0] != "data":
-        raise ValueError(f"cannot map {len(ranges)} learned ranges onto oneDNN's layers {names}")
-    table = {"data": (-ranges[0], ranges[0])}
-    for name, r in zip(names[1:-1], ranges[1:]):
-        table[name] = (0.0, r)  # every fused layer but the last ends in ReLU
-    table[names[-1]] = (-logits, logits)
+    table = range_table(float_net, qat_net, input_shape, qsym, list(collector.include_layer), logits)
     collector.min_max_dict = table
     qsym, qargs, qauxs = _quiet(mxq.calib_graph, qsym=qsym, arg_params=qargs, aux_params=qauxs,
                                 collector=collector, calib_mode="naive", quantized_dtype="auto")
     return _block(qsym, qargs, qauxs)
+
+
+def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_shape: tuple,
+                qsym: mx.sym.Symbol, names: list, logits: float) -> dict:
+    """oneDNN's calibration table from the learned ranges: each fused layer's output is found in
+    our layer graph (``export``) by its weight's parameter name; it gets the range of the quantized
+    layer that reads it (through max pooling and flatten), else of the add that reads it, else its
+    own add's range (before global average pooling); ``(0, r)`` after a ReLU, ``(-r, r)`` otherwise.
+    The network input gets the first layer's range and the logits their largest magnitude."""
+    import json
+
+    from .export import export
+
+    graph = export(qat_net, (0.0,) * 3, (1.0,) * 3, input_shape, []).layers
+    ranges = {name: float(b.input_max.data().asscalar()) for name, b in quantized_layers(qat_net)}
+    index = {la["name"]: i for i, la in enumerate(graph)}
+    path_of = {p.name: path.rsplit(".", 1)[0] for path, p in float_net._collect_params_with_prefix().items()}
+    nodes = json.loads(qsym.tojson())["nodes"]
+
+    def reach(v: int) -> float:
+        cons = [i for i, la in enumerate(graph) if v in la["inputs"]]
+        for kinds in (("conv", "dense"), ("add",)):
+            for i in cons:
+                if graph[i]["type"] in kinds:
+                    return ranges[graph[i]["name"]]
+        for i in cons:
+            if graph[i]["type"] in ("maxpool", "flatten"):
+                return reach(i)
+        if v >= 0 and graph[v]["type"] == "add":
+            return ranges[graph[v]["name"]]
+        raise ValueError(f"no learned range for the output of {graph[v]['name']}")
+
+    table = {"data": (-reach(-1), reach(-1))}
+    for n in nodes:
+        out = n["name"][len("quantized_"):] + "_output"
+        if not n["name"].startswith("quantized_sg_mkldnn_") or out not in names:
+            continue
+        layer = path_of.get(nodes[n["inputs"][1][0]]["name"], "")
+        if layer not in index:
+            raise ValueError(f"cannot map oneDNN's {out} (weight of {layer!r}) onto the learned ranges")
+        v = index[layer]
+        if n.get("attrs", {}).get("with_sum") == "true":  # conv + residual add (+ ReLU) fused: the add's output
+            v = next(i for i, la in enumerate(graph) if la["type"] == "add" and v in la["inputs"])
+        if v == len(graph) - 1:
+            table[out] = (-logits, logits)
+            continue
+        r = reach(v)
+        table[out] = (0.0 if graph[v].get("relu") else -r, r)
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise ValueError(f"cannot map learned ranges onto oneDNN's layers {missing}")
+    return table
 
 
 def ptq(float_net: gluon.HybridBlock, input_shape: tuple, calib_x: mx.nd.NDArray, mode: str = "naive",

@@ -1,6 +1,6 @@
 """ONNX export of an ``Int8Model`` as a QDQ graph, run by ONNX Runtime's int8 kernels.
 
-Each quantized layer becomes::
+Each quantized layer (in the layer graph's order; each reads the outputs its ``inputs`` name) becomes::
 
     x_q = QuantizeLinear(x, s_a, zp)         uint8, round half to even
     y   = Conv|Gemm(DequantizeLinear(x_q, s_a, zp), DequantizeLinear(w, s_w, axis=0),
@@ -8,17 +8,21 @@ Each quantized layer becomes::
 
 Our signed codes are carried exactly in uint8: a signed input (the network input) with zero
 point 128 (codes -128..127 -> 0..255, same saturation), a ReLU output with zero point 0 and an
-explicit ``Clip(0, 127 * s_a)`` after the kernel's requantization (uint8 alone would saturate at
-255, ours at 127). Weights are int8 where the input is a ReLU output (u8 codes <= 127 times s8
+explicit ``Clip(0, 127 * s_a)`` after the kernel's requantization (uint8 alone would saturate
+at 255, ours at 127) where the ReLU output has that one reader; ReLU outputs with several
+readers (a ResNet block's output) use zero point 128 like signed data. A residual add
+quantizes both branches to its scale (zero point 128) and adds the dequantized values.
+Weights are int8 where the input is a ReLU output with zero point 0 (u8 codes <= 127 times s8
 never overflow the 16-bit pair sums of non-VNNI x86 kernels) and uint8 with zero point 128
-where the input has zero point 128 (u8u8 kernels, no saturation). Measured: logits equal to the
-simulated engine's to float rounding (tests/test_onnx.py).
+where the input has zero point 128 (u8u8 kernels, no saturation). Measured: logits equal to
+the simulated engine's to float rounding (tests/test_onnx.py).
 
-with our weight codes (any width 2-8: the codes fit int8), our int32 bias and our learned
-activation scales; ONNX Runtime fuses the pattern into QLinearConv/QGemm kernels. Max pooling,
-Flatten and a float last layer map to their ONNX ops. Activations below 8 bits cannot be
-expressed by QuantizeLinear's int8 saturation, so those models are refused (the simulated and
-integer-only engines run them). Opset 13 (per-axis DequantizeLinear).
+The weights are our codes (any width 2-8: they fit int8), the bias our int32 bias, the scales
+our learned activation scales; ONNX Runtime fuses the pattern into QLinearConv/QGemm kernels.
+Max pooling, global average pooling, Flatten and a float last layer map to their ONNX ops.
+Activations below 8 bits cannot be expressed by QuantizeLinear's int8 saturation, so those
+models are refused (the simulated and integer-only engines run them). Opset 13 (per-axis
+DequantizeLinear).
 
 Optional dependencies (see README, Install): ``onnx==1.14.1`` and
 ``pip install --no-deps onnxruntime==1.17.3`` (its wheels declare numpy>=1.24.2 but run with
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -63,7 +67,7 @@ def build_qdq(m: Int8Model) -> Any:
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 
-    low = [la["name"] for la in m.quantized() if la["act_bits"] < 8]
+    low = [la["name"] for la in m.layers if la["type"] in ("conv", "dense", "add") and la["act_bits"] < 8]
     if low:
         raise UserError(f"ONNX Runtime runs 8-bit activations only; layers {low} use fewer bits. "
                         "Use sim_int8_infer.py --engine sim|integer for this model")
@@ -73,26 +77,46 @@ def build_qdq(m: Int8Model) -> Any:
         inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
         return name
 
-    # the next quantized layer after each quantized layer, when only pooling/flatten lie between
-    nxt: dict = {}
-    for i, la in enumerate(m.layers):
-        if la["type"] in ("conv", "dense"):
-            for later in m.layers[i + 1:]:
-                if later["type"] in ("conv", "dense"):
-                    nxt[i] = later
-                if later["type"] not in ("maxpool", "flatten"):
-                    break
-    cur, nonneg = "x", False  # nonneg: the tensor is a ReLU output (max pooling and flatten keep that)
-    for i, la in enumerate(m.layers):
-        n, t = f"l{i}", la["type"]
+    layers = m.layers
+    inputs = [la.get("inputs", [i - 1]) for i, la in enumerate(layers)]
+    consumers: dict = {}
+    for i, ins in enumerate(inputs):
+        for j in ins:
+            consumers.setdefault(j, []).append(i)
+
+    def target(v: int) -> Optional[int]:
+        """The one quantized layer that reads ``v``, through max pooling/flatten, if it is the only reader."""
+        while len(consumers.get(v, [])) == 1:
+            v = consumers[v][0]
+            if layers[v]["type"] in ("conv", "dense"):
+                return v
+            if layers[v]["type"] not in ("maxpool", "flatten"):
+                return None
+        return None
+
+    out = {-1: "x"}  # ONNX tensor of each layer's output
+    nonneg = {-1: False}  # a ReLU output (pooling and flatten keep that)
+    clipped: set = set()  # quantized layers whose input was requantized and clipped for them (zero point 0)
+
+    def quantize(n: str, tensor: str, s: float, zp: int) -> str:
+        s_a = const(f"{n}.s_a", np.array(s, np.float32))
+        z = const(f"{n}.zp", np.array(zp, np.uint8))
+        nodes.extend([helper.make_node("QuantizeLinear", [tensor, s_a, z], [f"{n}.xq"]),
+                      helper.make_node("DequantizeLinear", [f"{n}.xq", s_a, z], [f"{n}.xdq"])])
+        return f"{n}.xdq"
+
+    for i, la in enumerate(layers):
+        n, t, src = f"l{i}", la["type"], inputs[i][0]
         if t in ("conv", "dense"):
             a = la["arrays"]
-            s_a = const(f"{n}.s_a", np.array(la["in_scale"], np.float32))
-            zp = const(f"{n}.zp", np.array(0 if nonneg else 128, np.uint8))
-            nodes += [helper.make_node("QuantizeLinear", [cur, s_a, zp], [f"{n}.xq"]),
-                      helper.make_node("DequantizeLinear", [f"{n}.xq", s_a, zp], [f"{n}.xdq"])]
+            x_in = out[src]
+            if t == "dense" and src >= 0 and layers[src]["type"] == "avgpool":  # Gemm takes 2-D input
+                nodes.append(helper.make_node("Flatten", [x_in], [f"{n}.flat"], axis=1))
+                x_in = f"{n}.flat"
+            u8_codes = i in clipped  # codes 0..127 with zero point 0; else zero point 128
+            xdq = quantize(n, x_in, la["in_scale"], 0 if u8_codes else 128)
             s_w = a["w_scale"].astype(np.float32)
-            if nonneg and la["in_qmax"] <= 127:  # u8 codes <= 127 times s8 weights: no 16-bit saturation
+            if u8_codes:  # u8 codes <= 127 times s8 weights: no 16-bit saturation
                 const(f"{n}.w", a["w"].astype(np.int8))
                 const(f"{n}.w_zp", np.zeros(len(s_w), np.int8))
             else:  # u8 codes up to 255: u8 weights (zero point 128), u8u8 kernels never saturate
@@ -104,47 +128,57 @@ def build_qdq(m: Int8Model) -> Any:
             const(f"{n}.b_zp", np.zeros(len(s_w), np.int32))
             nodes += [helper.make_node("DequantizeLinear", [f"{n}.w", f"{n}.s_w", f"{n}.w_zp"], [f"{n}.wdq"], axis=0),
                       helper.make_node("DequantizeLinear", [f"{n}.b", f"{n}.s_b", f"{n}.b_zp"], [f"{n}.bdq"], axis=0)]
-            ins = [f"{n}.xdq", f"{n}.wdq", f"{n}.bdq"]
+            ins = [xdq, f"{n}.wdq", f"{n}.bdq"]
             if t == "conv":
                 k, p = int(la["kernel"]), int(la["pad"])
                 nodes.append(helper.make_node("Conv", ins, [f"{n}.y"], kernel_shape=[k, k], pads=[p] * 4,
                                               strides=[int(la.get("stride", 1))] * 2))
             else:
                 nodes.append(helper.make_node("Gemm", ins, [f"{n}.y"], transB=1))
-            cur, nonneg = f"{n}.y", la["relu"]
-            if la["relu"]:
-                nodes.append(helper.make_node("Relu", [cur], [f"{n}.r"]))
-                cur = f"{n}.r"
-            if la["relu"] and i in nxt:
-                # requantize in the kernel (u8, zero point 0: ReLU folds away), then saturate at the
-                # next layer's qmax as our arithmetic does (u8 would only saturate at 255)
-                nx = nxt[i]
-                s_n = const(f"{n}.s_out", np.array(nx["in_scale"], np.float32))
-                zp0 = const(f"{n}.zp_out", np.array(0, np.uint8))
-                hi = const(f"{n}.hi", np.array(np.float32(nx["in_qmax"]) * np.float32(nx["in_scale"]), np.float32))
-                lo = const(f"{n}.lo", np.array(0, np.float32))
-                nodes += [helper.make_node("QuantizeLinear", [cur, s_n, zp0], [f"{n}.oq"]),
-                          helper.make_node("DequantizeLinear", [f"{n}.oq", s_n, zp0], [f"{n}.odq"]),
-                          helper.make_node("Clip", [f"{n}.odq", lo, hi], [f"{n}.oc"])]
-                cur = f"{n}.oc"
+            cur = f"{n}.y"
+        elif t == "add":  # both branches on the add's grid (signed: zero point 128), then add
+            a_dq = quantize(f"{n}a", out[inputs[i][0]], la["in_scale"], 128)
+            b_dq = quantize(f"{n}b", out[inputs[i][1]], la["in_scale"], 128)
+            nodes.append(helper.make_node("Add", [a_dq, b_dq], [f"{n}.y"]))
+            cur = f"{n}.y"
         elif t == "maxpool":
-            s = int(la["size"])
-            nodes.append(helper.make_node("MaxPool", [cur], [f"{n}.y"], kernel_shape=[s, s],
+            size = int(la["size"])
+            nodes.append(helper.make_node("MaxPool", [out[src]], [f"{n}.y"], kernel_shape=[size, size],
                                           strides=[int(la["stride"])] * 2, ceil_mode=int(bool(la["ceil"]))))
             cur = f"{n}.y"
+        elif t == "avgpool":
+            nodes.append(helper.make_node("GlobalAveragePool", [out[src]], [f"{n}.y"]))
+            cur = f"{n}.y"
         elif t == "flatten":
-            nodes.append(helper.make_node("Flatten", [cur], [f"{n}.y"], axis=1))
+            nodes.append(helper.make_node("Flatten", [out[src]], [f"{n}.y"], axis=1))
             cur = f"{n}.y"
         elif t == "dense_float":
             a = la["arrays"]
-            nodes.append(helper.make_node("Gemm", [cur, const(f"{n}.w", a["w"].astype(np.float32)),
+            nodes.append(helper.make_node("Gemm", [out[src], const(f"{n}.w", a["w"].astype(np.float32)),
                                                    const(f"{n}.b", a["b"].astype(np.float32))], [f"{n}.y"], transB=1))
-            cur, nonneg = f"{n}.y", la["relu"]
-            if la["relu"]:
-                nodes.append(helper.make_node("Relu", [cur], [f"{n}.r"]))
-                cur = f"{n}.r"
+            cur = f"{n}.y"
         else:
             raise ValueError(f"layer type {t!r} has no ONNX mapping")
+        nonneg[i] = bool(la.get("relu")) or (t in ("maxpool", "flatten", "avgpool") and nonneg[src])
+        if la.get("relu"):
+            nodes.append(helper.make_node("Relu", [cur], [f"{n}.r"]))
+            cur = f"{n}.r"
+        nx = target(i) if la.get("relu") and t in ("conv", "dense") else None
+        if nx is not None:
+            # requantize in the kernel (u8, zero point 0: ReLU folds away), then saturate at the
+            # next layer's qmax as our arithmetic does (u8 would only saturate at 255)
+            s_n = const(f"{n}.s_out", np.array(layers[nx]["in_scale"], np.float32))
+            zp0 = const(f"{n}.zp_out", np.array(0, np.uint8))
+            hi = const(f"{n}.hi", np.array(np.float32(layers[nx]["in_qmax"]) * np.float32(layers[nx]["in_scale"]),
+                                           np.float32))
+            lo = const(f"{n}.lo", np.array(0, np.float32))
+            nodes += [helper.make_node("QuantizeLinear", [cur, s_n, zp0], [f"{n}.oq"]),
+                      helper.make_node("DequantizeLinear", [f"{n}.oq", s_n, zp0], [f"{n}.odq"]),
+                      helper.make_node("Clip", [f"{n}.odq", lo, hi], [f"{n}.oc"])]
+            cur = f"{n}.oc"
+            clipped.add(nx)
+        out[i] = cur
+    cur = out[len(layers) - 1]
     nodes.append(helper.make_node("Identity", [cur], ["logits"]))
     c, h, w = m.input_shape
     graph = helper.make_graph(nodes, "train_quantization_qdq",
