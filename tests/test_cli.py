@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,12 @@ def test_cli_end_to_end_on_synthetic(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     q_row = next(ln for ln in r.stdout.splitlines() if ln.startswith("| q |"))
     assert f"{100 * rep['integer_acc']:.2f}" in q_row and r.stdout.count("| f | 3 |") == 1
+    for seed, acc in ((0, 0.5), (1, 0.7)):  # two seeds of a run: mean, sample std and range
+        shutil.copytree(out / "f", out / f"g-s{seed}")
+        res = json.loads((out / "f" / "result.json").read_text())
+        (out / f"g-s{seed}" / "result.json").write_text(json.dumps({**res, "best_test_acc": acc}))
+    r = _run("scripts/summarize.py", str(out / "g-s0"), str(out / "g-s1"))
+    assert r.returncode == 0 and "| g-s* | 0, 1 | 60.00 | 14.14 | 50.00 - 70.00 | - |" in r.stdout, r.stdout
     r = _run("scripts/report.py", str(out / "q"))
     assert r.returncode == 0, r.stderr[-2000:]
     for png in ("curves", "ranges", "weights", "compare", "disagreements"):
