@@ -178,6 +178,42 @@ class WorkerRanges:
                 best[i:i + 1].copyto(arr)
 
 
+class WorkerCheck:
+    """Every worker's parameters compared with rank 0's at the end of each epoch (workers > 1).
+
+    Each worker pushes its flattened parameters (rank 0) or zeros (others) under one key; the
+    servers sum, so every worker pulls rank 0's values. Workers apply the same summed gradients,
+    so the values should agree bit for bit; if they do not (seen once in five two-worker test runs,
+    cause not found), the difference is logged and rank 0's values are adopted, so checkpoints
+    and the next epoch start from one model."""
+
+    KEY = 999_979
+
+    def __init__(self, net: gluon.Block, kv: Any, rank: int):
+        self.params = [p for p in net.collect_params().values()]
+        self.kv, self.rank = kv, rank
+        self.size = sum(int(np.prod(p.shape)) for p in self.params)
+        self.kv.init(self.KEY, mx.nd.zeros((self.size,)))
+
+    def run(self, epoch: int) -> float:
+        """Largest |local - rank 0| over all parameters; afterwards every worker holds rank 0's values."""
+        mine = mx.nd.concat(*[p.data().as_in_context(mx.cpu()).reshape((-1,)) for p in self.params], dim=0)
+        buf = mine if self.rank == 0 else mx.nd.zeros((self.size,))
+        self.kv.push(self.KEY, buf)
+        ref = mx.nd.zeros((self.size,))
+        self.kv.pull(self.KEY, out=ref)
+        diff = float(mx.nd.abs(mine - ref).max().asscalar())
+        if diff > 0:
+            log.warning("epoch %d: worker %d's parameters differ from worker 0's by up to %.3g; "
+                        "continuing from worker 0's", epoch, self.rank, diff)
+            offset = 0
+            for p in self.params:
+                n = int(np.prod(p.shape))
+                p.set_data(ref[offset:offset + n].reshape(p.shape))
+                offset += n
+        return diff
+
+
 def split(batch: Any, ctxs: list) -> list:
     return gluon.utils.split_and_load(batch, ctxs, even_split=False)
 
@@ -284,6 +320,7 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
     worker_ranges = WorkerRanges(net, kv, rank, workers) if qat and workers > 1 else None
     if worker_ranges:
         worker_ranges.sync()  # calibration ran on each worker's own shard
+    worker_check = WorkerCheck(net, kv, rank) if workers > 1 else None
     mean, std = ds.mean_std()
     norm = data_mod.normalizer(mean, std)
     steps_per_epoch = len(train_loader)
@@ -338,6 +375,7 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.time() - t0):.0f}",
                             lr=f"{trainer.learning_rate:.4f}", refresh=False)
         train_time = time.time() - t0
+        worker_diff = worker_check.run(epoch + 1) if worker_check else None
         ev = evaluate(net, test_loader, norm, ctxs)
         rec = {"epoch": epoch + 1, "step": step, "lr": trainer.learning_rate,
                "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
@@ -345,6 +383,8 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
                "images_per_s": round(seen / train_time, 1)}
         if qat:
             rec["ranges"] = range_summary(net)
+        if worker_diff is not None:
+            rec["worker_max_diff"] = worker_diff
         save_params(net, run / "last.params")
         tmp = run / "last.states.tmp"
         trainer.save_states(str(tmp))
