@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--pretrained", help="float run folder (uses best.params) or .params file")
     p.add_argument("--per-channel", type=int, choices=(0, 1), help="override quant.per_channel (0/1)")
     p.add_argument("--bn-mode", choices=("frozen", "paper"), help="override quant.bn_mode")
+    p.add_argument("--bn-freeze-step", type=int,
+                   help="override quant.bn_freeze_step (paper mode: steps on batch statistics; 0 = frozen at once)")
     p.add_argument("--weight-bits", type=int, help="override quant.weight_bits (2-8)")
     p.add_argument("--act-bits", type=int, help="override quant.act_bits (2-8)")
     p.add_argument("--ste", choices=("plain", "clipped"), help="override quant.ste")
@@ -46,7 +48,8 @@ def main() -> None:
         args.per_channel = 1
     extra = {"quant.per_channel": None if args.per_channel is None else bool(args.per_channel),
              "quant.scheme": args.scheme,
-             "quant.bn_mode": args.bn_mode, "quant.weight_bits": args.weight_bits,
+             "quant.bn_mode": args.bn_mode, "quant.bn_freeze_step": args.bn_freeze_step,
+             "quant.weight_bits": args.weight_bits,
              "quant.act_bits": args.act_bits, "quant.ste": args.ste,
              "quant.first_last_bits": args.first_last_bits, "quant.delay_steps": args.delay_steps,
              "quant.freeze_ranges_step": args.freeze_ranges_step, "quant.calib": args.calib,
