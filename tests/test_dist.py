@@ -9,7 +9,6 @@ from pathlib import Path
 
 import mxnet as mx
 import numpy as np
-import pytest
 
 from conftest import ROOT
 
