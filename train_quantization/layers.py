@@ -82,12 +82,19 @@ def train_flag(F: Any, state: Any) -> Any:
     return F.BlockGrad(1.0 - F.clip(F.round(F.reshape(out, (1,))), 0.0, 1.0))
 
 
-def update_range(F: Any, x: Any, state: Any, momentum: float, spatial: bool) -> Any:
-    """EMA of ``max|x|`` (see module docstring); returns the value to quantize with, shape (1,)."""
+def _abs_max(F: Any, x: Any, spatial: bool) -> Any:
     a = F.abs(F.BlockGrad(x))
     if spatial:  # a global max pool is far faster than a full reduction over NCHW
         a = F.Pooling(a, kernel=(1, 1), global_pool=True, pool_type="max")
-    bmax = F.reshape(F.max(a), (1,))
+    return F.reshape(F.max(a), (1,))
+
+
+def update_range(F: Any, xs: tuple, state: Any, momentum: float, spatial: bool) -> Any:
+    """EMA of the batch ``max|x|`` over the tensors ``xs`` (see module docstring); returns the
+    value to quantize with, shape (1,)."""
+    bmax = _abs_max(F, xs[0], spatial)
+    for x in xs[1:]:
+        bmax = F.maximum(bmax, _abs_max(F, x, spatial))
     ema = float(momentum) * state + float(1.0 - momentum) * bmax
     new = F.where(state > 0, ema, bmax)
     return assign_state(F, state, F.where(train_flag(F, state), new, state))
@@ -119,7 +126,7 @@ def quantize_input(F: Any, x: Any, state: Any, q: QuantConfig, ndim: int, fused:
         out = _positional_op(F, "tq_act_quant", [x, state, train_flag(F, state)], momentum=q.momentum,
                              qmin=qmin, qmax=qmax, divisor=divisor, ste=q.ste)
         return out[0], F.BlockGrad(out[1])
-    amax = update_range(F, x, state, q.momentum, spatial=ndim == 4)
+    amax = update_range(F, (x,), state, q.momentum, spatial=ndim == 4)
     scale = F.where(amax > 0, amax, F.ones_like(amax)) / divisor
     return quant.fake_quant(F, x, F.reshape(scale, (1,) * ndim), qmin, qmax, q.ste), scale
 
@@ -276,7 +283,7 @@ class QAdd(gluon.HybridBlock):
         q = self.q
         if q.enabled:
             qmin, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, True)
-            amax = update_range(F, F.maximum(F.abs(a), F.abs(b)), input_max, q.momentum, spatial=True)
+            amax = update_range(F, (a, b), input_max, q.momentum, spatial=True)
             scale = F.reshape(F.where(amax > 0, amax, F.ones_like(amax)) / divisor, (1, 1, 1, 1))
             a = quant.fake_quant(F, a, scale, qmin, qmax, q.ste)
             b = quant.fake_quant(F, b, scale, qmin, qmax, q.ste)

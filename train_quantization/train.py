@@ -190,7 +190,7 @@ class WorkerCheck:
     KEY = 999_979
 
     def __init__(self, net: gluon.Block, kv: Any, rank: int):
-        self.params = [p for p in net.collect_params().values()]
+        self.params = list(net.collect_params().values())
         self.kv, self.rank = kv, rank
         self.size = sum(int(np.prod(p.shape)) for p in self.params)
         self.kv.init(self.KEY, mx.nd.zeros((self.size,)))

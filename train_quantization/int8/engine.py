@@ -91,15 +91,6 @@ def normalize(model: Int8Model, images_nhwc_uint8: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- engines
-def _last_use(model: Int8Model) -> dict:
-    """Producer index -> index of its last consumer (values are freed after it)."""
-    last = {}
-    for i, layer in enumerate(model.layers):
-        for j in layer.get("inputs", [i - 1]):
-            last[j] = i
-    return last
-
-
 def _flatten(v: tuple) -> tuple:
     """Flatten a value ``(array, scale)``; a per-channel scale is repeated over each channel's positions."""
     arr, scale = v
@@ -118,11 +109,12 @@ def _run(model: Int8Model, x: np.ndarray, integer: bool, record: Optional[dict])
     """Both engines over the layer graph. A value is ``(array, scale)``: ``scale`` None for float
     data, else the float64 scale (broadcastable, per channel after a conv) of an integer array
     (int64 accumulators or summed codes; integer engine only)."""
-    last = _last_use(model)
+    inputs = model.inputs()
+    last = {j: readers[-1] for j, readers in model.readers().items()}  # values are freed after it
     vals = {-1: (np.asarray(x, np.float32), None)}
     for i, layer in enumerate(model.layers):
         t, a = layer["type"], layer.get("arrays", {})
-        ins = [vals[j] for j in layer.get("inputs", [i - 1])]
+        ins = [vals[j] for j in inputs[i]]
         if t in ("conv", "dense"):
             v = _flatten(ins[0]) if t == "dense" and ins[0][0].ndim > 2 else ins[0]
             codes = _codes(layer, v, integer)
@@ -158,7 +150,7 @@ def _run(model: Int8Model, x: np.ndarray, integer: bool, record: Optional[dict])
         if layer.get("relu"):
             out = (np.maximum(out[0], 0), out[1])
         vals[i] = out
-        for j in layer.get("inputs", [i - 1]):
+        for j in inputs[i]:
             if last[j] == i and j != -1:
                 del vals[j]
     return _dequantize(vals[len(model.layers) - 1])

@@ -57,7 +57,7 @@ def _graph(block: gluon.Block, src: int, layers: list, path: str = "") -> int:
         short = src if block.downsample is None else _graph(block.downsample, src, layers, f"{path}.downsample")
         add = block.add
         lo, hi, _ = quant.act_grid(add.q.act_bits, add.q.scheme, True)
-        return emit({"type": "add", "relu": bool(add.relu), "in_scale": _act_scale(add),
+        return emit({"type": "add", "relu": bool(add.relu), "in_scale": float(_act_scale(add).asscalar()),
                      "in_qmin": lo, "in_qmax": hi, "act_bits": add.q.act_bits}, [body, short], f"{path}.add")
     if isinstance(block, (nn.HybridSequential, nn.Sequential)) or type(block).__name__ in SEQUENTIAL_CUSTOM:
         for name, child in block._children.items():
@@ -68,17 +68,17 @@ def _graph(block: gluon.Block, src: int, layers: list, path: str = "") -> int:
                     "Evaluate it as fake-quant (train_qat.py) instead")
 
 
-def _act_scale(block: gluon.Block) -> float:
+def _act_scale(block: gluon.Block) -> nd.NDArray:
+    """``s_a`` of a block's input, shape (1,), float32 as in the training graph (unset range: 1)."""
     q = block.q
     amax = block.input_max.data()
-    return float((nd.where(amax > 0, amax, nd.ones_like(amax)) / quant.act_grid(q.act_bits, q.scheme,
-                                                                                 block.input_signed)[2]).asscalar())
+    return nd.where(amax > 0, amax, nd.ones_like(amax)) / quant.act_grid(q.act_bits, q.scheme, block.input_signed)[2]
 
 
 def _qlayer(block: gluon.Block, name: str) -> dict:
     q = block.q
     qmin, qmax, w_div = quant.weight_grid(q.weight_bits, q.scheme)
-    a_lo, a_hi, a_div = quant.act_grid(q.act_bits, q.scheme, block.input_signed)
+    a_lo, a_hi, _ = quant.act_grid(q.act_bits, q.scheme, block.input_signed)
     w = block.weight.data()
     if isinstance(block, QConv2DBN):
         w_f, b_f = quant.fold_bn(nd, w, None, block.gamma.data(), block.beta.data(),
@@ -89,8 +89,7 @@ def _qlayer(block: gluon.Block, name: str) -> dict:
         ndim = 2
     s_w = quant.weight_scale(nd, w_f, w_div, q.per_channel, ndim)
     codes = nd.clip(quant.round_half_even(nd, nd.broadcast_div(w_f, s_w)), qmin, qmax)
-    amax = block.input_max.data()
-    s_a = nd.where(amax > 0, amax, nd.ones_like(amax)) / a_div
+    s_a = _act_scale(block)
     s_b = nd.broadcast_mul(s_w.reshape((-1,)), s_a)
     b_q = nd.clip(quant.round_half_even(nd, nd.broadcast_div(b_f, s_b)), -quant.BIAS_QMAX, quant.BIAS_QMAX)
     n_out = w.shape[0]

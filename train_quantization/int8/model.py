@@ -51,6 +51,18 @@ class Int8Model:
     def quantized(self) -> list:
         return [layer for layer in self.layers if layer["type"] in ("conv", "dense")]
 
+    def inputs(self) -> list:
+        """Each layer's input indices (-1: the network input; absent in a file: the previous layer)."""
+        return [layer.get("inputs", [i - 1]) for i, layer in enumerate(self.layers)]
+
+    def readers(self) -> dict:
+        """Layer index (or -1) -> the indices of the layers that read its output, in order."""
+        out: dict = {}
+        for i, ins in enumerate(self.inputs()):
+            for j in ins:
+                out.setdefault(j, []).append(i)
+        return out
+
 
 def quantize_multiplier(m: np.ndarray) -> tuple:
     """Real multipliers ``m > 0`` -> (int32 ``m0``, int32 ``shift``), ``m ~= m0 * 2**(shift - 31)``.

@@ -103,14 +103,15 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
 
     from .export import export
 
-    graph = export(qat_net, (0.0,) * 3, (1.0,) * 3, input_shape, []).layers
+    model = export(qat_net, (0.0,) * 3, (1.0,) * 3, input_shape, [])
+    graph, readers = model.layers, model.readers()
     ranges = {name: float(b.input_max.data().asscalar()) for name, b in quantized_layers(qat_net)}
     index = {la["name"]: i for i, la in enumerate(graph)}
     path_of = {p.name: path.rsplit(".", 1)[0] for path, p in float_net._collect_params_with_prefix().items()}
     nodes = json.loads(qsym.tojson())["nodes"]
 
     def reach(v: int) -> float:
-        cons = [i for i, la in enumerate(graph) if v in la["inputs"]]
+        cons = readers.get(v, [])
         for kinds in (("conv", "dense"), ("add",)):
             for i in cons:
                 if graph[i]["type"] in kinds:
@@ -132,7 +133,7 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
             raise ValueError(f"cannot map oneDNN's {out} (weight of {layer!r}) onto the learned ranges")
         v = index[layer]
         if n.get("attrs", {}).get("with_sum") == "true":  # conv + residual add (+ ReLU) fused: the add's output
-            v = next(i for i, la in enumerate(graph) if la["type"] == "add" and v in la["inputs"])
+            v = next(i for i in readers[v] if graph[i]["type"] == "add")
         if v == len(graph) - 1:
             table[out] = (-logits, logits)
             continue

@@ -78,11 +78,7 @@ def build_qdq(m: Int8Model) -> Any:
         return name
 
     layers = m.layers
-    inputs = [la.get("inputs", [i - 1]) for i, la in enumerate(layers)]
-    consumers: dict = {}
-    for i, ins in enumerate(inputs):
-        for j in ins:
-            consumers.setdefault(j, []).append(i)
+    inputs, consumers = m.inputs(), m.readers()
 
     def target(v: int) -> Optional[int]:
         """The one quantized layer that reads ``v``, through max pooling/flatten, if it is the only reader."""
