@@ -9,6 +9,8 @@ Rules (in place, values copied from the float blocks):
 * a ResNet v1 block (gluoncv's ``CIFARBasicBlockV1``, ``BasicBlockV1``, ``BottleneckV1``:
   ``relu(body(x) + downsample(x) or x)``) becomes a ``QResidual`` whose add is a ``QAdd``
   (both branches on one learned scale), after its body and downsample are converted;
+* in the ``onednn`` scheme, a ``GlobalAvgPool2D`` becomes a ``QAvgPool`` (its input quantized on a
+  learned range, as the int8 network hands it over);
 * everything else (pooling, activations, a BatchNorm that no convolution precedes, custom
   blocks) stays float; custom blocks are walked recursively, so their sequential children are
   converted too. A Conv2D and BatchNorm held as separate attributes of a custom block are
@@ -26,9 +28,11 @@ from mxnet.gluon import nn
 
 from .config import QuantConfig
 from .errors import UserError
-from .layers import QAdd, QConv2DBN, QDense, QResidual, quantized_layers, set_layer_widths
+from .layers import QAdd, QAvgPool, QConv2DBN, QDense, QResidual, quantized_layers, set_layer_widths
 
 RESIDUAL_V1 = ("CIFARBasicBlockV1", "BasicBlockV1", "BottleneckV1")  # relu(body(x) + downsample(x) or x)
+SEQUENTIAL_CUSTOM = ("VGG", "CIFARResNetV1", "ResNetV1")  # custom blocks whose forward runs the children in order
+PASS_SIGN = (nn.MaxPool2D, nn.AvgPool2D, nn.GlobalAvgPool2D, nn.GlobalMaxPool2D, nn.Flatten, nn.Dropout)
 
 
 def _square(v: object, what: str) -> int:
@@ -83,7 +87,12 @@ def _convert_children(block: gluon.Block, q: QuantConfig) -> None:
                 new.append((name, _qconv(child, nxt, q)))
                 i += 2
                 continue
-            new.append((name, _qdense(child, q) if isinstance(child, nn.Dense) else child))
+            if isinstance(child, nn.Dense):
+                child = _qdense(child, q)
+            elif isinstance(child, nn.GlobalAvgPool2D) and q.scheme == "onednn":
+                child = QAvgPool(q, prefix=child.prefix)
+                child.initialize(ctx=block.collect_params().list_ctx())
+            new.append((name, child))
             i += 1
         block._children.clear()
         for name, child in new:
@@ -105,10 +114,32 @@ def _convert_children(block: gluon.Block, q: QuantConfig) -> None:
             block._children[name] = new
 
 
+def _mark_signs(block: gluon.Block, nonneg: bool) -> bool:
+    """Set ``input_signed`` of every quantized layer from what feeds it (``nonneg``: the block's input
+    is a ReLU output); returns whether the block's output is one. The ``onednn`` scheme reads ReLU
+    outputs as uint8; a custom block whose call order is unknown gets signed inputs (always safe)."""
+    if isinstance(block, (QConv2DBN, QDense, QAvgPool)):
+        block.input_signed = not nonneg
+        return nonneg if isinstance(block, QAvgPool) else block.relu
+    if isinstance(block, nn.Activation):
+        return block._act_type == "relu"
+    if isinstance(block, PASS_SIGN):
+        return nonneg
+    if isinstance(block, QResidual):
+        _mark_signs(block.body, nonneg)
+        short = nonneg if block.downsample is None else _mark_signs(block.downsample, nonneg)
+        block.add.input_signed = not short
+        # oneDNN writes the fused conv + sum into the shortcut's buffer: after an int8 shortcut the
+        # block's output stays int8 (codes 0..127 after the ReLU), so its readers use the int8 grid
+        return block.add.relu and short
+    ordered = isinstance(block, (nn.HybridSequential, nn.Sequential)) or type(block).__name__ in SEQUENTIAL_CUSTOM
+    for child in block._children.values():
+        nonneg = _mark_signs(child, nonneg and ordered)
+    return nonneg and ordered
+
+
 def convert(net: gluon.HybridBlock, q: QuantConfig) -> gluon.HybridBlock:
     """Replace Conv2D+BatchNorm pairs and Dense layers of ``net`` by quantized blocks (in place)."""
-    if q.scheme != "original":
-        raise UserError("convert(): only quant.scheme 'original' is supported for converted models")
     try:
         for p in net.collect_params().values():
             p.data()
@@ -119,6 +150,7 @@ def convert(net: gluon.HybridBlock, q: QuantConfig) -> gluon.HybridBlock:
     if not quantized_layers(net):
         raise UserError("convert(): no Conv2D+BatchNorm pair or Dense layer found to quantize")
     set_layer_widths(net, q)
+    _mark_signs(net, False)
     return net
 
 

@@ -258,30 +258,42 @@ class QDense(gluon.HybridBlock):
 
 
 class QAdd(gluon.HybridBlock):
-    r"""Quantized residual add on one common scale (ResNet v1: then ReLU).
+    r"""Quantized residual add (ResNet v1: then ReLU), defined per scheme.
 
-    Both inputs are fake-quantized with the same scale, learned like a layer input from the
-    larger of the two magnitudes::
+    ``original``: both inputs are fake-quantized with the same scale, learned like a layer input
+    from the larger of the two magnitudes::
 
         input_max <- EMA of max(max|a|, max|b|)          (training only, as in ``update_range``)
         s = input_max / 2**(bits-1)
         y = relu((clip(round(a / s)) + clip(round(b / s))) * s)
 
-    so the sum is exact in integers: two signed codes add to a 9-bit code at scale ``s``. Every
-    engine defines the add this way (``int8/engine.py``): each branch is requantized to ``s``,
-    the codes are added, and the next layers requantize the sum to their own input scales.
+    so the sum is exact in integers: two signed codes add to a 9-bit code at scale ``s``.
+
+    ``onednn``: oneDNN fuses the body's last convolution with the add (``conv + sum`` post-op):
+    its accumulator joins unrequantized and only the shortcut ``b`` is read as codes, uint8 if
+    it is a ReLU output (``input_signed`` False), else int8, on its own learned range::
+
+        input_max <- EMA of max|b|,   y = relu(a + fq(b))
+
+    For an identity shortcut this range is bit-identical to that of the block's first
+    convolution (same input, same update), so ``b``'s codes are the ones that layer reads, as
+    in oneDNN where both read one uint8 tensor. Every engine defines the add the same way
+    (``int8/engine.py``); the next layers requantize the sum to their own input scales.
     """
 
     def __init__(self, qcfg: QuantConfig, relu: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
         self.q, self.relu = qcfg, relu
-        self.input_signed = True  # the body's last conv has no ReLU
+        self.fused = use_fused(qcfg)
+        self.input_signed = True  # onednn: False when the shortcut is a ReLU output (set by convert)
         self.input_max = self.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
                                          differentiable=False)
 
     def hybrid_forward(self, F: Any, a: Any, b: Any, input_max: Any) -> Any:
         q = self.q
-        if q.enabled:
+        if q.enabled and q.scheme == "onednn":
+            b, _ = quantize_input(F, b, input_max, q, ndim=4, fused=self.fused, signed=self.input_signed)
+        elif q.enabled:
             qmin, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, True)
             amax = update_range(F, (a, b), input_max, q.momentum, spatial=True)
             scale = F.reshape(F.where(amax > 0, amax, F.ones_like(amax)) / divisor, (1, 1, 1, 1))
@@ -289,6 +301,28 @@ class QAdd(gluon.HybridBlock):
             b = quant.fake_quant(F, b, scale, qmin, qmax, q.ste)
         y = a + b
         return F.Activation(y, act_type="relu") if self.relu else y
+
+
+class QAvgPool(gluon.HybridBlock):
+    """Global average pooling of fake-quantized input (the ``onednn`` scheme; ``convert`` puts it in
+    place of ``GlobalAvgPool2D``): ``y = mean_hw(fq(x))`` with ``x``'s own learned range.
+
+    oneDNN hands the last block's output to the pooling as codes (uint8 after a ReLU) on one range;
+    the pooling runs in float on their values and the next layer quantizes the mean at its own input
+    range. This block learns that range, so the graph computes what the int8 network computes.
+    """
+
+    def __init__(self, qcfg: QuantConfig, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.q = qcfg
+        self.fused = use_fused(qcfg)
+        self.input_signed = True  # False: the input is a ReLU output (set by convert)
+        self.input_max = self.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
+                                         differentiable=False)
+
+    def hybrid_forward(self, F: Any, x: Any, input_max: Any) -> Any:
+        xq, _ = quantize_input(F, x, input_max, self.q, ndim=4, fused=self.fused, signed=self.input_signed)
+        return F.Pooling(xq, kernel=(1, 1), global_pool=True, pool_type="avg")
 
 
 class QResidual(gluon.HybridBlock):
@@ -311,9 +345,9 @@ def dense(units: int, in_units: int, relu: bool) -> nn.Dense:
 
 
 def quantized_layers(net: gluon.Block, weights_only: bool = False) -> list:
-    """All blocks of ``net`` with an activation range (``QConv2DBN``, ``QDense``, ``QAdd``) in
-    registration order, with their structural names; ``weights_only``: without ``QAdd``."""
-    kinds = (QConv2DBN, QDense) if weights_only else (QConv2DBN, QDense, QAdd)
+    """All blocks of ``net`` with an activation range (``QConv2DBN``, ``QDense``, ``QAdd``,
+    ``QAvgPool``) in registration order, with their structural names; ``weights_only``: the first two."""
+    kinds = (QConv2DBN, QDense) if weights_only else (QConv2DBN, QDense, QAdd, QAvgPool)
     out = []
 
     def walk(block: gluon.Block, prefix: str) -> None:
@@ -328,7 +362,10 @@ def quantized_layers(net: gluon.Block, weights_only: bool = False) -> list:
 
 
 def range_input(block: gluon.Block, inputs: tuple) -> Any:
-    """The values a layer's range covers: its input, or both inputs of a ``QAdd`` (flattened)."""
+    """The values a layer's range covers: its input, or both inputs of a ``QAdd`` (flattened; the
+    ``onednn`` scheme's add covers its shortcut only)."""
+    if isinstance(block, QAdd) and block.q.scheme == "onednn":
+        return inputs[1]
     if isinstance(block, QAdd):
         return mx.nd.concat(inputs[0].reshape((-1,)), inputs[1].reshape((-1,)), dim=0)
     return inputs[0]

@@ -7,6 +7,7 @@
     y   = acc * (s_w * s_a)                             dequantized, then ReLU / pool in float
 
     add: y = (clip(round(a / s)) + clip(round(b / s))) * s   both branches on the add's scale
+         y = a + clip(round(b / s)) * s                       the onednn scheme: shortcut only
 
 ``run_integer`` — integer-only inference (Jacob et al. 2018): the input is quantized once,
 then integers flow between layers; int32 accumulators (computed by float64 BLAS, exact
@@ -126,6 +127,8 @@ def _run(model: Int8Model, x: np.ndarray, integer: bool, record: Optional[dict])
                 out = (np.rint(acc).astype(np.int64), scale)
             else:
                 out = (acc * scale, None)
+        elif t == "add" and layer.get("shortcut_only"):  # onednn: body unrequantized + shortcut codes
+            out = _add_shortcut(layer, ins[0], _codes(layer, ins[1], integer), integer)
         elif t == "add":  # both branches on the add's grid, codes summed (layers.QAdd)
             codes = [_codes(layer, v, integer) for v in ins]
             s = np.float64(layer["in_scale"])
@@ -133,6 +136,10 @@ def _run(model: Int8Model, x: np.ndarray, integer: bool, record: Optional[dict])
                 ((codes[0] + codes[1]) * s, None)
         elif t == "avgpool":  # integer: the sum of the codes at scale s / (H * W)
             arr, scale = ins[0]
+            if "in_scale" in layer:  # the onednn scheme pools codes (layers.QAvgPool)
+                arr = _codes(layer, ins[0], integer)
+                scale = np.reshape(np.float64(layer["in_scale"]), (1, 1, 1, 1))
+                arr, scale = (arr.astype(np.int64), scale) if integer else (arr * scale, None)
             hw = arr.shape[2] * arr.shape[3]
             out = (arr.mean(axis=(2, 3), keepdims=True), None) if scale is None else \
                 (arr.sum(axis=(2, 3), keepdims=True), scale / hw)
@@ -154,6 +161,24 @@ def _run(model: Int8Model, x: np.ndarray, integer: bool, record: Optional[dict])
             if last[j] == i and j != -1:
                 del vals[j]
     return _dequantize(vals[len(model.layers) - 1])
+
+
+ADD_FRAC_BITS = 16
+
+
+def _add_shortcut(layer: dict, body: tuple, codes: np.ndarray, integer: bool) -> tuple:
+    """The ``onednn`` scheme's add ``a + codes * s`` (``layers.QAdd``). Integer engine: the body's
+    accumulators are requantized onto the shortcut's grid refined by ``2**ADD_FRAC_BITS`` (one
+    rounding there, and a second at the next layer, which differs from the simulation's single
+    rounding only for values within ``2**-17`` of a code boundary), then the codes are added."""
+    s = np.float64(layer["in_scale"])
+    if not integer:
+        return _dequantize(body) + codes * s, None
+    acc, scale = body
+    fine = s / 2.0**ADD_FRAC_BITS
+    m0, shift = quantize_multiplier(np.ravel(scale / fine))
+    wide = requantize(acc, m0, shift, -2**62, 2**62)
+    return wide + codes.astype(np.int64) * 2**ADD_FRAC_BITS, np.reshape(fine, (1, 1, 1, 1))
 
 
 def _codes(layer: dict, v: tuple, integer: bool) -> np.ndarray:

@@ -16,11 +16,11 @@ from mxnet import gluon, nd
 from mxnet.gluon import nn
 
 from .. import quant
+from ..convert import SEQUENTIAL_CUSTOM
 from ..errors import UserError
-from ..layers import BN_EPS, QConv2DBN, QDense, QResidual, quantized_layers
+from ..layers import BN_EPS, QAvgPool, QConv2DBN, QDense, QResidual, quantized_layers
 from .model import Int8Model
 
-SEQUENTIAL_CUSTOM = ("VGG", "CIFARResNetV1", "ResNetV1")  # custom blocks whose forward runs the children in order
 
 
 def _graph(block: gluon.Block, src: int, layers: list, path: str = "") -> int:
@@ -38,6 +38,10 @@ def _graph(block: gluon.Block, src: int, layers: list, path: str = "") -> int:
         kw = block._kwargs
         return emit({"type": "maxpool", "size": int(kw["kernel"][0]), "stride": int(kw["stride"][0]),
                      "ceil": kw["pooling_convention"] == "full"}, [src])
+    if isinstance(block, QAvgPool):
+        lo, hi, _ = quant.act_grid(block.q.act_bits, block.q.scheme, block.input_signed)
+        return emit({"type": "avgpool", "in_scale": float(_act_scale(block).asscalar()), "in_qmin": lo,
+                     "in_qmax": hi, "act_bits": block.q.act_bits}, [src])
     if isinstance(block, nn.GlobalAvgPool2D):
         return emit({"type": "avgpool"}, [src])
     if isinstance(block, nn.Flatten):
@@ -56,9 +60,10 @@ def _graph(block: gluon.Block, src: int, layers: list, path: str = "") -> int:
         body = _graph(block.body, src, layers, f"{path}.body")
         short = src if block.downsample is None else _graph(block.downsample, src, layers, f"{path}.downsample")
         add = block.add
-        lo, hi, _ = quant.act_grid(add.q.act_bits, add.q.scheme, True)
+        lo, hi, _ = quant.act_grid(add.q.act_bits, add.q.scheme, add.input_signed)
         return emit({"type": "add", "relu": bool(add.relu), "in_scale": float(_act_scale(add).asscalar()),
-                     "in_qmin": lo, "in_qmax": hi, "act_bits": add.q.act_bits}, [body, short], f"{path}.add")
+                     "in_qmin": lo, "in_qmax": hi, "act_bits": add.q.act_bits,
+                     "shortcut_only": add.q.scheme == "onednn"}, [body, short], f"{path}.add")
     if isinstance(block, (nn.HybridSequential, nn.Sequential)) or type(block).__name__ in SEQUENTIAL_CUSTOM:
         for name, child in block._children.items():
             src = _graph(child, src, layers, f"{path}.{name}" if path else name)

@@ -12,7 +12,9 @@ Each quantized layer (``conv`` or ``dense``) holds
 * ``b_float``: the float32 folded bias (for reference and the float-simulation engine).
 
 Other layers: ``add`` (a residual add: ``in_scale``, ``in_qmin``/``in_qmax``, ``relu``; see
-``layers.QAdd``), ``maxpool`` (size, stride, ceil), ``avgpool`` (global), ``flatten``,
+``layers.QAdd``; ``shortcut_only``: the onednn scheme's add), ``maxpool`` (size, stride, ceil),
+``avgpool`` (global; with ``in_scale``/``in_qmin``/``in_qmax`` it pools its input's codes,
+``layers.QAvgPool``), ``flatten``,
 ``dense_float`` (a layer left in float: ``w``, ``b`` float32). Dropout is the identity at
 inference and is not stored. Every layer names its ``inputs`` (indices of earlier layers,
 -1 for the network input; absent: the previous layer), so the list is a graph in forward order.
@@ -35,8 +37,8 @@ import numpy as np
 from ..errors import UserError
 
 FORMAT = "train-quantization-int8"
-VERSION = 2
-READS = (1, 2)  # version 1: a sequential list with stored multipliers (ignored now)
+VERSION = 3
+READS = (1, 2, 3)  # 1: a sequential list with stored multipliers (ignored now); 3: onednn-scheme adds and pooling
 
 
 @dataclass

@@ -35,6 +35,7 @@ from mxnet.contrib import quantization as mxq
 from ..layers import quantized_layers
 
 log = logging.getLogger(__name__)
+INT8_DIV, UINT8_DIV = 127.5, 255.5  # oneDNN's quantization divisors (quant.act_grid, scheme onednn)
 
 
 def _export(net: gluon.HybridBlock, input_shape: tuple) -> tuple:
@@ -84,7 +85,7 @@ def with_learned_ranges(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock
     sym, args, auxs = _export(float_net, input_shape)
     qsym, qargs, qauxs, collector = _quiet(
         mxq.quantize_graph, sym=sym, arg_params=args, aux_params=auxs, ctx=mx.cpu(), calib_mode="naive",
-        quantized_dtype="auto", quantize_granularity="channel-wise")
+        quantized_dtype="auto", quantize_granularity="channel-wise", excluded_sym_names=_global_avg_pools(sym))
     table = range_table(float_net, qat_net, input_shape, qsym, list(collector.include_layer), logits)
     collector.min_max_dict = table
     qsym, qargs, qauxs = _quiet(mxq.calib_graph, qsym=qsym, arg_params=qargs, aux_params=qauxs,
@@ -92,12 +93,23 @@ def with_learned_ranges(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock
     return _block(qsym, qargs, qauxs)
 
 
+def _global_avg_pools(sym: mx.sym.Symbol) -> list:
+    """Global average pooling stays in float on the dequantized codes (then the next layer quantizes
+    the mean at its own range, as the engines do); oneDNN's int8 pooling would round the mean to
+    its input's coarser grid."""
+    import json
+
+    return [n["name"] for n in json.loads(sym.tojson())["nodes"] if n["op"] == "Pooling"
+            and n.get("attrs", {}).get("pool_type") == "avg" and n["attrs"].get("global_pool") == "True"]
+
+
 def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_shape: tuple,
                 qsym: mx.sym.Symbol, names: list, logits: float) -> dict:
     """oneDNN's calibration table from the learned ranges: each fused layer's output is found in
     our layer graph (``export``) by its weight's parameter name; it gets the range of the quantized
     layer that reads it (through max pooling and flatten), else of the add that reads it, else its
-    own add's range (before global average pooling); ``(0, r)`` after a ReLU, ``(-r, r)`` otherwise.
+    own add's range; a global average pooling left in float (``_global_avg_pools``) gives its output
+the range of the layer that reads it; ``(0, r)`` after a ReLU, ``(-r, r)`` otherwise.
     The network input gets the first layer's range and the logits their largest magnitude."""
     import json
 
@@ -112,9 +124,9 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
 
     def reach(v: int) -> float:
         cons = readers.get(v, [])
-        for kinds in (("conv", "dense"), ("add",)):
+        for kinds in (("conv", "dense", "avgpool"), ("add",)):
             for i in cons:
-                if graph[i]["type"] in kinds:
+                if graph[i]["type"] in kinds and graph[i]["name"] in ranges:
                     return ranges[graph[i]["name"]]
         for i in cons:
             if graph[i]["type"] in ("maxpool", "flatten"):
@@ -122,6 +134,10 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
         if v >= 0 and graph[v]["type"] == "add":
             return ranges[graph[v]["name"]]
         raise ValueError(f"no learned range for the output of {graph[v]['name']}")
+
+    def nonneg(v: int) -> bool:
+        return v >= 0 and (bool(graph[v].get("relu")) or
+                           graph[v]["type"] in ("maxpool", "flatten", "avgpool") and nonneg(model.inputs()[v][0]))
 
     table = {"data": (-reach(-1), reach(-1))}
     for n in nodes:
@@ -138,7 +154,14 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
             table[out] = (-logits, logits)
             continue
         r = reach(v)
-        table[out] = (0.0 if graph[v].get("relu") else -r, r)
+        if graph[v]["type"] == "add" and graph[v].get("shortcut_only") and graph[v]["in_qmin"] < 0:
+            r *= UINT8_DIV / INT8_DIV  # uint8-typed output in an int8 buffer: 255.5 / r' == 127.5 / r
+        table[out] = (0.0 if nonneg(v) else -r, r)
+    pools = [i for i, la in enumerate(graph) if la["type"] == "avgpool"]
+    for n in _global_avg_pools(qsym):  # left in float: the next layer's input range
+        if f"{n}_output" in names and len(pools) == 1:
+            r = reach(pools[0])
+            table[f"{n}_output"] = (0.0 if nonneg(pools[0]) else -r, r)
     missing = [n for n in names if n not in table]
     if missing:
         raise ValueError(f"cannot map learned ranges onto oneDNN's layers {missing}")

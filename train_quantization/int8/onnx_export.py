@@ -109,10 +109,10 @@ def build_qdq(m: Int8Model) -> Any:
             if t == "dense" and src >= 0 and layers[src]["type"] == "avgpool":  # Gemm takes 2-D input
                 nodes.append(helper.make_node("Flatten", [x_in], [f"{n}.flat"], axis=1))
                 x_in = f"{n}.flat"
-            u8_codes = i in clipped  # codes 0..127 with zero point 0; else zero point 128
-            xdq = quantize(n, x_in, la["in_scale"], 0 if u8_codes else 128)
+            zp = 0 if i in clipped or la["in_qmin"] == 0 else 128  # codes >= 0 carried as they are
+            xdq = quantize(n, x_in, la["in_scale"], zp)
             s_w = a["w_scale"].astype(np.float32)
-            if u8_codes:  # u8 codes <= 127 times s8 weights: no 16-bit saturation
+            if zp == 0 and la["in_qmax"] <= 127:  # u8 codes <= 127 times s8 weights: no 16-bit saturation
                 const(f"{n}.w", a["w"].astype(np.int8))
                 const(f"{n}.w_zp", np.zeros(len(s_w), np.int8))
             else:  # u8 codes up to 255: u8 weights (zero point 128), u8u8 kernels never saturate
@@ -132,6 +132,10 @@ def build_qdq(m: Int8Model) -> Any:
             else:
                 nodes.append(helper.make_node("Gemm", ins, [f"{n}.y"], transB=1))
             cur = f"{n}.y"
+        elif t == "add" and la.get("shortcut_only"):  # onednn scheme: the body in float, the shortcut's codes
+            b_dq = quantize(f"{n}b", out[inputs[i][1]], la["in_scale"], 0 if la["in_qmin"] == 0 else 128)
+            nodes.append(helper.make_node("Add", [out[inputs[i][0]], b_dq], [f"{n}.y"]))
+            cur = f"{n}.y"
         elif t == "add":  # both branches on the add's grid (signed: zero point 128), then add
             a_dq = quantize(f"{n}a", out[inputs[i][0]], la["in_scale"], 128)
             b_dq = quantize(f"{n}b", out[inputs[i][1]], la["in_scale"], 128)
@@ -142,8 +146,10 @@ def build_qdq(m: Int8Model) -> Any:
             nodes.append(helper.make_node("MaxPool", [out[src]], [f"{n}.y"], kernel_shape=[size, size],
                                           strides=[int(la["stride"])] * 2, ceil_mode=int(bool(la["ceil"]))))
             cur = f"{n}.y"
-        elif t == "avgpool":
-            nodes.append(helper.make_node("GlobalAveragePool", [out[src]], [f"{n}.y"]))
+        elif t == "avgpool":  # with in_scale (onednn scheme): pools its input's codes
+            x_in = quantize(n, out[src], la["in_scale"], 0 if la["in_qmin"] == 0 else 128) if "in_scale" in la \
+                else out[src]
+            nodes.append(helper.make_node("GlobalAveragePool", [x_in], [f"{n}.y"]))
             cur = f"{n}.y"
         elif t == "flatten":
             nodes.append(helper.make_node("Flatten", [out[src]], [f"{n}.y"], axis=1))
