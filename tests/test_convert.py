@@ -14,7 +14,7 @@ from conftest import ROOT
 from train_quantization.config import ModelConfig, QuantConfig
 from train_quantization.convert import convert
 from train_quantization.errors import UserError
-from train_quantization.layers import QAdd, QConv2DBN, QDense, quantized_layers
+from train_quantization.layers import QAdd, QAvgPool, QConv2DBN, QDense, quantized_layers
 from train_quantization.models import build_model
 
 
@@ -84,9 +84,46 @@ def test_qadd_puts_both_branches_on_one_grid():
     assert float(add.input_max.data().asscalar()) == pytest.approx(0.95 * 1.28 + 0.05 * 2.0, abs=1e-6)
 
 
-def _trained_resnet(seed: int = 0):
+def test_onednn_add_and_pool_known_codes():
+    """The onednn scheme: the body joins unquantized, the shortcut as codes on its own range
+    (uint8 at max/255.5 after a ReLU); the pooling averages its input's codes."""
+    q = QuantConfig(scheme="onednn", per_channel=True)
+    add = QAdd(q)
+    add.input_signed = False
+    add.initialize()
+    add.input_max.set_data(mx.nd.array([2.555]))  # s = 0.01
+    a = np.array([0.0123, -0.5, 0.2, -0.01], np.float32).reshape(1, 4, 1, 1)
+    b = np.array([0.016, 0.3, 3.0, -0.2], np.float32).reshape(1, 4, 1, 1)  # codes 2, 30, 255 (saturated), 0
+    y = add(mx.nd.array(a), mx.nd.array(b)).asnumpy().ravel()
+    np.testing.assert_allclose(y, np.maximum(a.ravel() + np.array([2, 30, 255, 0]) * 0.01, 0), atol=1e-6)
+    with mx.autograd.record():  # training: the range follows max|b| = 3.0 only (a is larger: ignored)
+        add(mx.nd.array(a * 10), mx.nd.array(b))
+    assert float(add.input_max.data().asscalar()) == pytest.approx(0.95 * 2.555 + 0.05 * 3.0, abs=1e-6)
+    pool = QAvgPool(q)
+    pool.initialize()
+    pool.input_max.set_data(mx.nd.array([1.275]))  # signed input: s = 1.275 / 127.5 = 0.01
+    x = np.array([0.004, 0.006, -0.013, 5.0], np.float32).reshape(1, 1, 2, 2)  # codes 0, 1, -1, 127
+    assert float(pool(mx.nd.array(x)).asscalar()) == pytest.approx(127 * 0.01 / 4, abs=1e-7)
+
+
+def test_signs_follow_the_graph():
+    """ReLU outputs are read as uint8 (onednn); the stem has no ReLU, so the first block's shortcut
+    is int8, and oneDNN's conv + sum then writes every later block output into an int8 buffer."""
+    net = build_model(ModelConfig(arch="gluoncv:cifar_resnet20_v1"), 10, 3, 32,
+                      QuantConfig(scheme="onednn", per_channel=True))
+    signed = {n: b.input_signed for n, b in quantized_layers(net)}
+    assert signed["features.0"] and signed["features.2.0.body.0"] and signed["features.2.0.add"]
+    assert not signed["features.2.0.body.3"] and not signed["features.4.2.body.3"]  # after the body's ReLU
+    assert signed["features.3.0.downsample.0"] and signed["features.3.0.add"]  # a downsample has no ReLU
+    assert signed["features.3.1.body.0"] and signed["features.3.1.add"]  # after the downsample block: int8
+    assert not signed["features.3.2.body.0"] and not signed["features.3.2.add"]  # its uint8-typed output
+    assert not signed["features.5"] and not signed["output"]
+    assert isinstance(dict(quantized_layers(net))["features.5"], QAvgPool)
+
+
+def _trained_resnet(seed: int = 0, **quant):
     mx.random.seed(seed)
-    net = build_model(ModelConfig(arch="gluoncv:cifar_resnet20_v1"), 10, 3, 32, QuantConfig())
+    net = build_model(ModelConfig(arch="gluoncv:cifar_resnet20_v1"), 10, 3, 32, QuantConfig(**quant))
     for p in net.collect_params().values():  # non-trivial BN statistics
         if p.name.endswith(("running_mean", "gamma", "beta")):
             p.set_data(mx.nd.array(np.random.default_rng(1).uniform(-0.2, 1.2, p.shape).astype(np.float32)))

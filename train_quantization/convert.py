@@ -114,28 +114,35 @@ def _convert_children(block: gluon.Block, q: QuantConfig) -> None:
             block._children[name] = new
 
 
-def _mark_signs(block: gluon.Block, nonneg: bool) -> bool:
-    """Set ``input_signed`` of every quantized layer from what feeds it (``nonneg``: the block's input
-    is a ReLU output); returns whether the block's output is one. The ``onednn`` scheme reads ReLU
-    outputs as uint8; a custom block whose call order is unknown gets signed inputs (always safe)."""
-    if isinstance(block, (QConv2DBN, QDense, QAvgPool)):
-        block.input_signed = not nonneg
-        return nonneg if isinstance(block, QAvgPool) else block.relu
+UINT8, INT8, INT8_NONNEG = "uint8", "int8", "int8 >= 0"  # how a tensor reaches its readers (onednn scheme)
+
+
+def _mark_signs(block: gluon.Block, state: str) -> str:
+    """Set ``input_signed`` of every quantized layer from how its input arrives (``state``: a ReLU
+    output is read as ``UINT8``) and return the state of the block's output. The ``onednn`` scheme
+    uses it; a custom block whose call order is unknown gets signed inputs (always safe)."""
+    if isinstance(block, (QConv2DBN, QDense)):
+        block.input_signed = state != UINT8
+        return UINT8 if block.relu else INT8
+    if isinstance(block, QAvgPool):  # pools in float: the next layer quantizes afresh
+        block.input_signed = state != UINT8
+        return INT8 if state == INT8 else UINT8
     if isinstance(block, nn.Activation):
-        return block._act_type == "relu"
+        return UINT8 if block._act_type == "relu" else INT8
     if isinstance(block, PASS_SIGN):
-        return nonneg
+        return state
     if isinstance(block, QResidual):
-        _mark_signs(block.body, nonneg)
-        short = nonneg if block.downsample is None else _mark_signs(block.downsample, nonneg)
-        block.add.input_signed = not short
-        # oneDNN writes the fused conv + sum into the shortcut's buffer: after an int8 shortcut the
-        # block's output stays int8 (codes 0..127 after the ReLU), so its readers use the int8 grid
-        return block.add.relu and short
+        _mark_signs(block.body, state)
+        short = state if block.downsample is None else _mark_signs(block.downsample, state)
+        block.add.input_signed = short != UINT8
+        # oneDNN writes the fused conv + sum into the shortcut's buffer: after a shortcut of type int8
+        # (a conv output without ReLU) the block's output stays int8 (codes 0..127 after the ReLU),
+        # so its readers use the int8 grid; a uint8-typed shortcut gives a uint8 output
+        return INT8 if not block.add.relu else INT8_NONNEG if short == INT8 else UINT8
     ordered = isinstance(block, (nn.HybridSequential, nn.Sequential)) or type(block).__name__ in SEQUENTIAL_CUSTOM
     for child in block._children.values():
-        nonneg = _mark_signs(child, nonneg and ordered)
-    return nonneg and ordered
+        state = _mark_signs(child, state if ordered else INT8)
+    return state if ordered else INT8
 
 
 def convert(net: gluon.HybridBlock, q: QuantConfig) -> gluon.HybridBlock:
@@ -150,7 +157,7 @@ def convert(net: gluon.HybridBlock, q: QuantConfig) -> gluon.HybridBlock:
     if not quantized_layers(net):
         raise UserError("convert(): no Conv2D+BatchNorm pair or Dense layer found to quantize")
     set_layer_widths(net, q)
-    _mark_signs(net, False)
+    _mark_signs(net, INT8)
     return net
 
 

@@ -22,7 +22,6 @@ from ..layers import BN_EPS, QAvgPool, QConv2DBN, QDense, QResidual, quantized_l
 from .model import Int8Model
 
 
-
 def _graph(block: gluon.Block, src: int, layers: list, path: str = "") -> int:
     """Append ``block``'s layers (reading layer ``src``; -1: the network input) to ``layers`` in
     forward order, each with ``inputs``; returns the index of the layer that holds its output."""

@@ -154,8 +154,8 @@ the range of the layer that reads it; ``(0, r)`` after a ReLU, ``(-r, r)`` other
             table[out] = (-logits, logits)
             continue
         r = reach(v)
-        if graph[v]["type"] == "add" and graph[v].get("shortcut_only") and graph[v]["in_qmin"] < 0:
-            r *= UINT8_DIV / INT8_DIV  # uint8-typed output in an int8 buffer: 255.5 / r' == 127.5 / r
+        if graph[v]["type"] == "add" and graph[v].get("shortcut_only") and not nonneg(model.inputs()[v][1]):
+            r *= UINT8_DIV / INT8_DIV  # int8 shortcut: a uint8-typed output in its int8 buffer, 255.5/r' = 127.5/r
         table[out] = (0.0 if nonneg(v) else -r, r)
     pools = [i for i, la in enumerate(graph) if la["type"] == "avgpool"]
     for n in _global_avg_pools(qsym):  # left in float: the next layer's input range
