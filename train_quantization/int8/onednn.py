@@ -154,8 +154,10 @@ the range of the layer that reads it; ``(0, r)`` after a ReLU, ``(-r, r)`` other
             table[out] = (-logits, logits)
             continue
         r = reach(v)
-        if graph[v]["type"] == "add" and graph[v].get("shortcut_only") and not nonneg(model.inputs()[v][1]):
-            r *= UINT8_DIV / INT8_DIV  # int8 shortcut: a uint8-typed output in its int8 buffer, 255.5/r' = 127.5/r
+        if graph[v]["type"] == "add" and not nonneg(model.inputs()[v][1]):
+            # conv + sum writes into the shortcut's buffer: after an int8 shortcut the uint8-typed
+            # output holds codes 0..127 only, so the range doubles (onednn scheme: 255.5/r' = 127.5/r)
+            r *= UINT8_DIV / INT8_DIV
         table[out] = (0.0 if nonneg(v) else -r, r)
     pools = [i for i, la in enumerate(graph) if la["type"] == "avgpool"]
     for n in _global_avg_pools(qsym):  # left in float: the next layer's input range
