@@ -163,14 +163,14 @@ def _run(model: Int8Model, x: np.ndarray, integer: bool, record: Optional[dict])
     return _dequantize(vals[len(model.layers) - 1])
 
 
-ADD_FRAC_BITS = 16
+ADD_FRAC_BITS = 20  # sums stay below 2**28, so the next requantization (times m0 < 2**31) fits int64
 
 
 def _add_shortcut(layer: dict, body: tuple, codes: np.ndarray, integer: bool) -> tuple:
     """The ``onednn`` scheme's add ``a + codes * s`` (``layers.QAdd``). Integer engine: the body's
     accumulators are requantized onto the shortcut's grid refined by ``2**ADD_FRAC_BITS`` (one
     rounding there, and a second at the next layer, which differs from the simulation's single
-    rounding only for values within ``2**-17`` of a code boundary), then the codes are added."""
+    rounding only for values within ``2**-21`` codes of a rounding boundary), then the codes are added."""
     s = np.float64(layer["in_scale"])
     if not integer:
         return _dequantize(body) + codes * s, None
