@@ -29,10 +29,9 @@ def _cluster_processes(port: int) -> list:
 
 
 def test_two_workers_identical_weights_and_ranges(float_run, tmp_path):
-    """Two workers, one server: identical weights and ranges at the end. Each epoch ends with a
-    comparison against worker 0 (``train.WorkerCheck``, logged in metrics.jsonl as
-    ``worker_max_diff``; a rare divergence, seen once in five runs before the check existed, is
-    repaired there and reported)."""
+    """Two workers, one server: identical weights and ranges at the end, and nothing for the
+    per-epoch comparison against worker 0 (``train.WorkerCheck``, ``worker_max_diff`` in
+    metrics.jsonl) to repair: the workers never drifted apart."""
     from launch_dist import free_port  # scripts/ is on sys.path below
 
     port = free_port()
@@ -54,7 +53,7 @@ def test_two_workers_identical_weights_and_ranges(float_run, tmp_path):
     assert m0[-1]["test_acc"] == m1[-1]["test_acc"] and m0[-1]["ranges"] == m1[-1]["ranges"]
     assert m0[-1]["step"] == 2000 // 64  # each worker: half of every global batch of 64 images
     assert m0[-1]["worker_max_diff"] == 0.0  # worker 0 compares with itself
-    assert m1[-1]["worker_max_diff"] >= 0.0  # 0.0 unless the workers had drifted apart (then repaired)
+    assert m1[-1]["worker_max_diff"] == 0.0, r.stderr[-3000:]  # the workers never drifted apart
 
 
 def test_dist_without_cluster_is_a_one_line_error(float_run, tmp_path):
