@@ -9,7 +9,11 @@ quantized by ``quantize_graph`` with channel-wise weights, and its calibration t
 * each fused layer's output: the next quantized layer's input range, ``(0, r)`` after a
   ReLU (max pooling does not change it),
 * the logits: the largest logit magnitude on the calibration images (so they come out in
-  float).
+  float),
+* a block output whose fused ``conv + sum`` had an int8 shortcut (a conv output without ReLU):
+  twice the range, because oneDNN writes the sum into the shortcut's int8 buffer, so the
+  uint8-typed output holds codes 0..127 only (at the full range, half of it would be clipped);
+* global average pooling stays in float (``_global_avg_pools``).
 
 oneDNN's arithmetic is not the original scheme's: int8 inputs at ``127.5/T``, post-ReLU
 tensors uint8 at ``255.5/T``, weights per output channel at ``127.5/max|w_c|``, round half to
@@ -109,7 +113,7 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
     our layer graph (``export``) by its weight's parameter name; it gets the range of the quantized
     layer that reads it (through max pooling and flatten), else of the add that reads it, else its
     own add's range; a global average pooling left in float (``_global_avg_pools``) gives its output
-the range of the layer that reads it; ``(0, r)`` after a ReLU, ``(-r, r)`` otherwise.
+    the range of the layer that reads it; ``(0, r)`` after a ReLU, ``(-r, r)`` otherwise.
     The network input gets the first layer's range and the logits their largest magnitude."""
     import json
 
