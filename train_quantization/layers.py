@@ -131,6 +131,16 @@ def quantize_input(F: Any, x: Any, state: Any, q: QuantConfig, ndim: int, fused:
     return quant.fake_quant(F, x, F.reshape(scale, (1,) * ndim), qmin, qmax, q.ste), scale
 
 
+def add_range_state(block: gluon.HybridBlock, qcfg: QuantConfig) -> None:
+    """Give ``block`` what a quantized input needs: the range state ``input_max`` (a parameter,
+    saved with the checkpoint, no gradient), the quantizer choice and ``input_signed`` (True
+    until a model builder or ``convert`` marks the input as a ReLU output)."""
+    block.fused = use_fused(qcfg)
+    block.input_signed = True
+    block.input_max = block.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
+                                       differentiable=False)
+
+
 def quantize_weights(F: Any, w_f: Any, b_f: Any, s_a: Any, q: QuantConfig, ndim: int) -> tuple:
     """Fake-quantized ``(w_q, b_q)``: narrow symmetric weights, bias on the int32 grid."""
     if not q.enabled:
@@ -197,11 +207,8 @@ class QConv2DBN(Conv2DBN):
                  padding: int = 1, relu: bool = True, stride: int = 1, **kwargs: Any):
         super().__init__(channels, in_channels, kernel, padding, relu, stride, **kwargs)
         self.q = qcfg
-        self.fused = use_fused(qcfg)
-        self.input_signed = True  # False: the input is a ReLU output (set by the model builder)
         self.bn_frozen = qcfg.bn_mode == "frozen"
-        self.input_max = self.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
-                                         differentiable=False)
+        add_range_state(self, qcfg)
         if self.bn_frozen and not qcfg.train_bn_affine:
             self.gamma.grad_req = self.beta.grad_req = "null"
 
@@ -240,12 +247,9 @@ class QDense(gluon.HybridBlock):
                  **kwargs: Any):
         super().__init__(**kwargs)
         self.units, self.in_units, self.q, self.relu, self.flatten = units, in_units, qcfg, relu, flatten
-        self.fused = use_fused(qcfg)
-        self.input_signed = True  # False: the input is a ReLU output (set by the model builder)
         self.weight = self.params.get("weight", shape=(units, in_units), init=None)
         self.bias = self.params.get("bias", shape=(units,), init="zeros")
-        self.input_max = self.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
-                                         differentiable=False)
+        add_range_state(self, qcfg)
 
     def hybrid_forward(self, F: Any, x: Any, weight: Any, bias: Any, input_max: Any) -> Any:
         q = self.q
@@ -284,10 +288,7 @@ class QAdd(gluon.HybridBlock):
     def __init__(self, qcfg: QuantConfig, relu: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
         self.q, self.relu = qcfg, relu
-        self.fused = use_fused(qcfg)
-        self.input_signed = True  # onednn: False when the shortcut is a ReLU output (set by convert)
-        self.input_max = self.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
-                                         differentiable=False)
+        add_range_state(self, qcfg)  # onednn: input_signed False when the shortcut is a ReLU output
 
     def hybrid_forward(self, F: Any, a: Any, b: Any, input_max: Any) -> Any:
         q = self.q
@@ -315,10 +316,7 @@ class QAvgPool(gluon.HybridBlock):
     def __init__(self, qcfg: QuantConfig, **kwargs: Any):
         super().__init__(**kwargs)
         self.q = qcfg
-        self.fused = use_fused(qcfg)
-        self.input_signed = True  # False: the input is a ReLU output (set by convert)
-        self.input_max = self.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
-                                         differentiable=False)
+        add_range_state(self, qcfg)
 
     def hybrid_forward(self, F: Any, x: Any, input_max: Any) -> Any:
         xq, _ = quantize_input(F, x, input_max, self.q, ndim=4, fused=self.fused, signed=self.input_signed)

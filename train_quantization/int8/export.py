@@ -11,6 +11,8 @@ layers, its downsample's layers and an ``add`` layer reading both.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 from mxnet import gluon, nd
 from mxnet.gluon import nn
@@ -38,9 +40,7 @@ def _graph(block: gluon.Block, src: int, layers: list, path: str = "") -> int:
         return emit({"type": "maxpool", "size": int(kw["kernel"][0]), "stride": int(kw["stride"][0]),
                      "ceil": kw["pooling_convention"] == "full"}, [src])
     if isinstance(block, QAvgPool):
-        lo, hi, _ = quant.act_grid(block.q.act_bits, block.q.scheme, block.input_signed)
-        return emit({"type": "avgpool", "in_scale": float(_act_scale(block).asscalar()), "in_qmin": lo,
-                     "in_qmax": hi, "act_bits": block.q.act_bits}, [src])
+        return emit({"type": "avgpool", **_act_fields(block)}, [src])
     if isinstance(block, nn.GlobalAvgPool2D):
         return emit({"type": "avgpool"}, [src])
     if isinstance(block, nn.Flatten):
@@ -59,9 +59,7 @@ def _graph(block: gluon.Block, src: int, layers: list, path: str = "") -> int:
         body = _graph(block.body, src, layers, f"{path}.body")
         short = src if block.downsample is None else _graph(block.downsample, src, layers, f"{path}.downsample")
         add = block.add
-        lo, hi, _ = quant.act_grid(add.q.act_bits, add.q.scheme, add.input_signed)
-        return emit({"type": "add", "relu": bool(add.relu), "in_scale": float(_act_scale(add).asscalar()),
-                     "in_qmin": lo, "in_qmax": hi, "act_bits": add.q.act_bits,
+        return emit({"type": "add", "relu": bool(add.relu), **_act_fields(add),
                      "shortcut_only": add.q.scheme == "onednn"}, [body, short], f"{path}.add")
     if isinstance(block, (nn.HybridSequential, nn.Sequential)) or type(block).__name__ in SEQUENTIAL_CUSTOM:
         for name, child in block._children.items():
@@ -79,10 +77,17 @@ def _act_scale(block: gluon.Block) -> nd.NDArray:
     return nd.where(amax > 0, amax, nd.ones_like(amax)) / quant.act_grid(q.act_bits, q.scheme, block.input_signed)[2]
 
 
+def _act_fields(block: gluon.Block, s_a: Optional[nd.NDArray] = None) -> dict:
+    """A layer's input grid for the artifact: ``in_scale`` (``s_a``), ``in_qmin``/``in_qmax``, ``act_bits``."""
+    q = block.q
+    lo, hi, _ = quant.act_grid(q.act_bits, q.scheme, block.input_signed)
+    s_a = _act_scale(block) if s_a is None else s_a
+    return {"in_scale": float(s_a.asscalar()), "in_qmin": lo, "in_qmax": hi, "act_bits": q.act_bits}
+
+
 def _qlayer(block: gluon.Block, name: str) -> dict:
     q = block.q
     qmin, qmax, w_div = quant.weight_grid(q.weight_bits, q.scheme)
-    a_lo, a_hi, _ = quant.act_grid(q.act_bits, q.scheme, block.input_signed)
     w = block.weight.data()
     if isinstance(block, QConv2DBN):
         w_f, b_f = quant.fold_bn(nd, w, None, block.gamma.data(), block.beta.data(),
@@ -97,13 +102,11 @@ def _qlayer(block: gluon.Block, name: str) -> dict:
     s_b = nd.broadcast_mul(s_w.reshape((-1,)), s_a)
     b_q = nd.clip(quant.round_half_even(nd, nd.broadcast_div(b_f, s_b)), -quant.BIAS_QMAX, quant.BIAS_QMAX)
     n_out = w.shape[0]
-    s_a = float(s_a.asscalar())
     s_w = np.broadcast_to(s_w.asnumpy().reshape(-1), (n_out,)).astype(np.float64)
     b_q = np.broadcast_to(b_q.asnumpy(), (n_out,))
     b_f = b_f.asnumpy().astype(np.float32)
     layer = {"type": "conv" if ndim == 4 else "dense", "name": name, "relu": bool(block.relu),
-             "in_scale": s_a, "in_qmin": a_lo, "in_qmax": a_hi, "weight_bits": q.weight_bits,
-             "act_bits": q.act_bits, "per_channel": bool(q.per_channel),
+             **_act_fields(block, s_a), "weight_bits": q.weight_bits, "per_channel": bool(q.per_channel),
              "arrays": {"w": codes.asnumpy().astype(np.int8), "w_scale": s_w, "b": b_q.astype(np.int32),
                         "b_float": b_f}}
     if ndim == 4:

@@ -57,6 +57,14 @@ class Int8Model:
         """Each layer's input indices (-1: the network input; absent in a file: the previous layer)."""
         return [layer.get("inputs", [i - 1]) for i, layer in enumerate(self.layers)]
 
+    def nonneg(self) -> dict:
+        """Layer index (and -1, the network input) -> whether its output is a ReLU output (max and
+        average pooling and flatten keep that)."""
+        out = {-1: False}
+        for i, (layer, ins) in enumerate(zip(self.layers, self.inputs())):
+            out[i] = bool(layer.get("relu")) or (layer["type"] in ("maxpool", "flatten", "avgpool") and out[ins[0]])
+        return out
+
     def readers(self) -> dict:
         """Layer index (or -1) -> the indices of the layers that read its output, in order."""
         out: dict = {}

@@ -120,7 +120,7 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
     from .export import export
 
     model = export(qat_net, (0.0,) * 3, (1.0,) * 3, input_shape, [])
-    graph, readers = model.layers, model.readers()
+    graph, inputs, readers, nonneg = model.layers, model.inputs(), model.readers(), model.nonneg()
     ranges = {name: float(b.input_max.data().asscalar()) for name, b in quantized_layers(qat_net)}
     index = {la["name"]: i for i, la in enumerate(graph)}
     path_of = {p.name: path.rsplit(".", 1)[0] for path, p in float_net._collect_params_with_prefix().items()}
@@ -139,11 +139,8 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
             return ranges[graph[v]["name"]]
         raise ValueError(f"no learned range for the output of {graph[v]['name']}")
 
-    def nonneg(v: int) -> bool:
-        return v >= 0 and (bool(graph[v].get("relu")) or
-                           graph[v]["type"] in ("maxpool", "flatten", "avgpool") and nonneg(model.inputs()[v][0]))
-
-    table = {"data": (-reach(-1), reach(-1))}
+    r_in = reach(-1)
+    table = {"data": (-r_in, r_in)}
     for n in nodes:
         out = n["name"][len("quantized_"):] + "_output"
         if not n["name"].startswith("quantized_sg_mkldnn_") or out not in names:
@@ -158,16 +155,16 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
             table[out] = (-logits, logits)
             continue
         r = reach(v)
-        if graph[v]["type"] == "add" and not nonneg(model.inputs()[v][1]):
+        if graph[v]["type"] == "add" and not nonneg[inputs[v][1]]:
             # conv + sum writes into the shortcut's buffer: after an int8 shortcut the uint8-typed
             # output holds codes 0..127 only, so the range doubles (onednn scheme: 255.5/r' = 127.5/r)
             r *= UINT8_DIV / INT8_DIV
-        table[out] = (0.0 if nonneg(v) else -r, r)
+        table[out] = (0.0 if nonneg[v] else -r, r)
     pools = [i for i, la in enumerate(graph) if la["type"] == "avgpool"]
     for n in _global_avg_pools(qsym):  # left in float: the next layer's input range
         if f"{n}_output" in names and len(pools) == 1:
             r = reach(pools[0])
-            table[f"{n}_output"] = (0.0 if nonneg(pools[0]) else -r, r)
+            table[f"{n}_output"] = (0.0 if nonneg[pools[0]] else -r, r)
     missing = [n for n in names if n not in table]
     if missing:
         raise ValueError(f"cannot map learned ranges onto oneDNN's layers {missing}")

@@ -62,6 +62,11 @@ def _onnx() -> Any:
     return onnx
 
 
+def _zero_point(layer: dict) -> int:
+    """uint8 zero point of a layer's input codes: 0 for codes that are >= 0 (uint8 grid), else 128."""
+    return 0 if layer["in_qmin"] == 0 else 128
+
+
 def build_qdq(m: Int8Model) -> Any:
     """The ``onnx.ModelProto`` of ``m`` (input ``x``: normalized float32 NCHW, output ``logits``)."""
     onnx = _onnx()
@@ -91,7 +96,6 @@ def build_qdq(m: Int8Model) -> Any:
         return None
 
     out = {-1: "x"}  # ONNX tensor of each layer's output
-    nonneg = {-1: False}  # a ReLU output (pooling and flatten keep that)
     clipped: set = set()  # quantized layers whose input was requantized and clipped for them (zero point 0)
 
     def quantize(n: str, tensor: str, s: float, zp: int) -> str:
@@ -109,7 +113,7 @@ def build_qdq(m: Int8Model) -> Any:
             if t == "dense" and src >= 0 and layers[src]["type"] == "avgpool":  # Gemm takes 2-D input
                 nodes.append(helper.make_node("Flatten", [x_in], [f"{n}.flat"], axis=1))
                 x_in = f"{n}.flat"
-            zp = 0 if i in clipped or la["in_qmin"] == 0 else 128  # codes >= 0 carried as they are
+            zp = 0 if i in clipped else _zero_point(la)
             xdq = quantize(n, x_in, la["in_scale"], zp)
             s_w = a["w_scale"].astype(np.float32)
             if zp == 0 and la["in_qmax"] <= 127:  # u8 codes <= 127 times s8 weights: no 16-bit saturation
@@ -133,7 +137,7 @@ def build_qdq(m: Int8Model) -> Any:
                 nodes.append(helper.make_node("Gemm", ins, [f"{n}.y"], transB=1))
             cur = f"{n}.y"
         elif t == "add" and la.get("shortcut_only"):  # onednn scheme: the body in float, the shortcut's codes
-            b_dq = quantize(f"{n}b", out[inputs[i][1]], la["in_scale"], 0 if la["in_qmin"] == 0 else 128)
+            b_dq = quantize(f"{n}b", out[inputs[i][1]], la["in_scale"], _zero_point(la))
             nodes.append(helper.make_node("Add", [out[inputs[i][0]], b_dq], [f"{n}.y"]))
             cur = f"{n}.y"
         elif t == "add":  # both branches on the add's grid (signed: zero point 128), then add
@@ -147,8 +151,7 @@ def build_qdq(m: Int8Model) -> Any:
                                           strides=[int(la["stride"])] * 2, ceil_mode=int(bool(la["ceil"]))))
             cur = f"{n}.y"
         elif t == "avgpool":  # with in_scale (onednn scheme): pools its input's codes
-            x_in = quantize(n, out[src], la["in_scale"], 0 if la["in_qmin"] == 0 else 128) if "in_scale" in la \
-                else out[src]
+            x_in = quantize(n, out[src], la["in_scale"], _zero_point(la)) if "in_scale" in la else out[src]
             nodes.append(helper.make_node("GlobalAveragePool", [x_in], [f"{n}.y"]))
             cur = f"{n}.y"
         elif t == "flatten":
@@ -161,7 +164,6 @@ def build_qdq(m: Int8Model) -> Any:
             cur = f"{n}.y"
         else:
             raise ValueError(f"layer type {t!r} has no ONNX mapping")
-        nonneg[i] = bool(la.get("relu")) or (t in ("maxpool", "flatten", "avgpool") and nonneg[src])
         if la.get("relu"):
             nodes.append(helper.make_node("Relu", [cur], [f"{n}.r"]))
             cur = f"{n}.r"
