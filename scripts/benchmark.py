@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon  # noqa: E402
 
-from train_quantization import fused  # noqa: E402
+from train_quantization import fused, machine  # noqa: E402
 from train_quantization.config import load_config  # noqa: E402
 from train_quantization.errors import cli_main  # noqa: E402
 from train_quantization.models import build_model  # noqa: E402
@@ -65,6 +64,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--per-channel", action="store_true")
     p.add_argument("--inference", type=int, choices=(0, 1), default=1, help="also time inference (0/1)")
+    p.add_argument("--onnx-target", choices=("auto", "avx2", "vnni"), default="auto",
+                   help="ONNX Runtime int8 kernels to export for (auto: vnni on a CPU with VNNI, else avx2)")
     args = p.parse_args()
     cfg = load_config(args.config)
     mx.random.seed(0)
@@ -95,20 +96,38 @@ def main() -> None:
            "ratio": {k: round(v / med["float"], 3) for k, v in med.items() if k != "float"},
            "ratio_per_repeat": {k: [round(b / a, 3) for a, b in zip(times["float"], v)]
                                 for k, v in times.items() if k != "float"},
-           "machine": f"{platform.machine()} {os.cpu_count()} cpus", "mxnet": mx.__version__,
-           "date": time.strftime("%Y-%m-%d")}
+           "machine": machine.facts(), "mxnet": mx.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     if args.inference:
         res["inference"] = inference(cfg, nets["qat_fused" if "qat_fused" in nets else "qat_stock"], fnet, x,
-                                     args.repeats)
+                                     args.repeats, args.onnx_target)
+        res["onnx_target"] = onnx_target(args.onnx_target)
+        res["int8_over_float_b64"] = _int8_ratios(res["inference"])
     print(json.dumps(res, indent=2))
     if args.inference:
         print("\n| variant | images/s (batch 64) | latency ms (batch 1) | model bytes |\n|---|---|---|---|")
         for k, v in res["inference"].items():
             print(f"| {k} | {v['images_per_s_b64']:.0f} | {v['latency_ms_b1']:.2f} | {v.get('bytes') or '-'} |")
+        ratios = ", ".join(f"{k} {v:.2f}" for k, v in res["int8_over_float_b64"].items())
+        print(f"int8 / float images/s at batch 64: {ratios} (ONNX target {res['onnx_target']})")
+    print(f"machine: {machine.describe(res['machine'])}")
+
+
+def onnx_target(target: str) -> str:
+    from train_quantization.int8.onnx_export import resolve_target
+
+    return resolve_target(target)
+
+
+def _int8_ratios(inf: dict) -> dict:
+    """int8 over float throughput at batch 64, each within its runtime."""
+    pairs = {"oneDNN / MXNet float": ("oneDNN int8 (MXNet)", "float (MXNet)"),
+             "ONNX Runtime int8 / float": ("int8 QDQ (ONNX Runtime)", "float (ONNX Runtime)")}
+    return {k: round(inf[a]["images_per_s_b64"] / inf[b]["images_per_s_b64"], 2)
+            for k, (a, b) in pairs.items() if a in inf and b in inf}
 
 
 def inference(cfg, qnet: gluon.HybridBlock, fnet: gluon.HybridBlock, x: mx.nd.NDArray,  # noqa: ANN001
-              repeats: int) -> dict:
+              repeats: int, target: str = "auto") -> dict:
     """Median images/s at batch 64 and latency at batch 1 of every inference path."""
     import tempfile
     from pathlib import Path
@@ -140,7 +159,7 @@ def inference(cfg, qnet: gluon.HybridBlock, fnet: gluon.HybridBlock, x: mx.nd.ND
         fns["oneDNN int8 (MXNet)"] = lambda a: one(mx.nd.array(a)).asnumpy()
         if onnx_export.available():
             fo = onnx_export.runner(onnx_export.session(onnx_export.save_float(fnet, shape, Path(d) / "f.onnx")))
-            qo = onnx_export.runner(onnx_export.session(onnx_export.save_qdq(m, Path(d) / "q.onnx")))
+            qo = onnx_export.runner(onnx_export.session(onnx_export.save_qdq(m, Path(d) / "q.onnx", target)))
             fns["float (ONNX Runtime)"], fns["int8 QDQ (ONNX Runtime)"] = fo, qo
             sizes["float ONNX"] = os.path.getsize(Path(d) / "f.onnx")
             sizes["int8 QDQ ONNX"] = os.path.getsize(Path(d) / "q.onnx")

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from train_quantization import cli  # noqa: E402
+from train_quantization import cli, machine  # noqa: E402
 from train_quantization import data as data_mod  # noqa: E402
 from train_quantization.config import load_config  # noqa: E402
 from train_quantization.errors import UserError, cli_main  # noqa: E402
@@ -66,6 +66,8 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=1000, help="calibration images for PTQ (from the training set)")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N test images (0: all)")
     p.add_argument("--batches", type=int, default=5, help="timed batches of 64 per variant")
+    p.add_argument("--onnx-target", choices=onnx_export.TARGETS, default="auto",
+                   help="ONNX Runtime int8 kernels to export for (auto: vnni on a CPU with VNNI, else avx2)")
     args = p.parse_args()
     qrun = Path(args.qat)
     if not (qrun / "config.yaml").is_file():
@@ -112,7 +114,7 @@ def main() -> None:
     if onnx_export.available():
         with tempfile.TemporaryDirectory() as d:
             f_onnx = onnx_export.save_float(fnet, shape, Path(d) / "f.onnx")
-            q_onnx = onnx_export.save_qdq(m, Path(d) / "q.onnx")
+            q_onnx = onnx_export.save_qdq(m, Path(d) / "q.onnx", args.onnx_target)
             variants["float (ONNX Runtime)"] = (onnx_export.runner(onnx_export.session(f_onnx)),
                                                 f_onnx.stat().st_size)
             variants["QAT int8 QDQ (ONNX Runtime)"] = (onnx_export.runner(onnx_export.session(q_onnx)),
@@ -131,7 +133,8 @@ def main() -> None:
     for r in rows:
         r["agree_sim"] = float((preds[r["variant"]] == sim).mean())
     out = {"float_run": str(args.float_run), "qat_run": str(qrun), "images": n, "calib_images": args.calib,
-           "machine": f"{os.uname().machine} {os.cpu_count()} cpus", "date": time.strftime("%Y-%m-%d"), "rows": rows}
+           "machine": machine.facts(), "onnx_target": onnx_export.resolve_target(args.onnx_target),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
     cli.write_json(qrun / "compare.json", out)
     tmp = qrun / "predictions.tmp.npz"  # for report.py: where float and int8 disagree
     np.savez_compressed(tmp, labels=labels, variants=np.array(list(preds)), preds=np.stack(list(preds.values())))
@@ -144,6 +147,7 @@ def main() -> None:
                      f"{r['images_per_s_b64']:.0f} | {r['latency_ms_b1']:.2f} | {size} |")
     (qrun / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"machine: {machine.describe(out['machine'])}; ONNX target {out['onnx_target']}")
     print(f"written: {qrun / 'compare.json'}, {qrun / 'compare.md'}")
 
 

@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--engine", choices=("sim", "integer", "onnx", "both", "all"), default="both",
                    help="both: sim and integer; onnx: ONNX Runtime int8 (optional install); all: the three")
     p.add_argument("--onnx", help="also write the QDQ ONNX model to this file")
+    p.add_argument("--onnx-target", choices=("auto", "avx2", "vnni"), default="auto",
+                   help="ONNX Runtime int8 kernels to export for (auto: vnni on a CPU with VNNI, else avx2)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N test images (0: all)")
     p.add_argument("--json", help="write the report here (default: <run>/int8_eval.json with --qat)")
     args = p.parse_args()
@@ -102,7 +104,7 @@ def main() -> None:
     if args.onnx:
         from train_quantization.int8.onnx_export import save_qdq
 
-        report["onnx"] = str(save_qdq(model, args.onnx))
+        report["onnx"] = str(save_qdq(model, args.onnx, args.onnx_target))
     preds = {}
     if fq_logits is not None:
         fq_logits = fq_logits[:n]
@@ -110,7 +112,7 @@ def main() -> None:
         report["fake_quant_acc"] = float((preds["fake_quant"] == labels).mean())
     for name in engines:
         t0 = time.time()
-        logits = engine.predict(model, images, name, progress=True)
+        logits = engine.predict(model, images, name, progress=True, onnx_target=args.onnx_target)
         preds[name] = logits.argmax(1)
         report[f"{name}_acc"] = float((preds[name] == labels).mean())
         report[f"{name}_seconds"] = round(time.time() - t0, 2)
@@ -121,6 +123,13 @@ def main() -> None:
         if "sim" in preds and other in preds:
             report[f"{other}_agree_sim"] = float((preds[other] == preds["sim"]).mean())
     report["images"] = int(n)
+    if "onnx" in engines or args.onnx:
+        from train_quantization.int8.onnx_export import resolve_target
+
+        report["onnx_target"] = resolve_target(args.onnx_target)
+    from train_quantization.machine import facts
+
+    report["machine"] = facts()
     out = args.json or (str(Path(args.qat) / "int8_eval.json") if args.qat else None)
     if out:
         Path(out).write_text(json.dumps(report, indent=2))

@@ -50,7 +50,9 @@ def float_run(tmp_path_factory, tiny_ds):
     net.hybridize(static_alloc=True)
     run = train.make_run_dir(cfg, "fp32", "tiny")
     best, _ = train.fit(net, cfg, tiny_ds, run, [mx.cpu()])
-    return {"run": run, "cfg": cfg, "best": best}
+    _, test_loader = data_mod.make_loaders(tiny_ds, 64, 250, False, 0)
+    ev = train.evaluate(net, test_loader, data_mod.normalizer(*tiny_ds.mean_std()), [mx.cpu()], return_outputs=True)
+    return {"run": run, "cfg": cfg, "best": best, "logits": ev["logits"]}
 
 
 def qat_finetune(float_run, tiny_ds, tmp: Path, name: str, **quant: object) -> dict:
@@ -79,3 +81,34 @@ def qat_run(float_run, tiny_ds, tmp_path_factory):
 
 
 os.environ.setdefault("MXNET_STORAGE_FALLBACK_LOG_VERBOSE", "0")
+
+
+# ----------------------------------------------------------------------------- engine comparisons
+FLOAT_TOL = 1e-4  # engines with identical codes give logits equal to float rounding: below this * max(1, |logit|)
+
+
+def decided(logits, tol: float = FLOAT_TOL):
+    """Images whose top-two logits differ by more than ``tol * max(1, |top|)``: float rounding
+    alone cannot swap their top-1 (a tie, e.g. two classes that a model never predicts, can)."""
+    import numpy as np
+
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0] > tol * np.maximum(1.0, np.abs(top2[:, 1]))
+
+
+def top1_agreement(ref, other, tol: float = FLOAT_TOL) -> float:
+    """Share of the ``decided`` images of ``ref`` where ``other`` has the same top-1."""
+    import numpy as np
+
+    keep = decided(ref, tol)
+    assert keep.mean() >= 0.9, f"only {keep.sum()} of {len(keep)} images are decided"
+    return float(np.mean(ref[keep].argmax(1) == other[keep].argmax(1)))
+
+
+def layerwise_codes(model, x, ref_engine, other_engine) -> tuple:
+    """Every quantized layer's input codes from ``ref_engine``, and from ``other_engine`` when each of
+    its layers reads ``ref_engine``'s codes: a difference cannot come from an earlier layer."""
+    ref, got = {}, {}
+    ref_engine(model, x, ref)
+    other_engine(model, x, got, force=ref)
+    return ref, got

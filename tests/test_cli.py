@@ -54,11 +54,14 @@ def test_training_beats_bound_and_checkpoint_roundtrip(float_run, tiny_ds, tmp_p
     from train_quantization import cli, train
     from train_quantization import data as data_mod
 
-    assert float_run["best"]["test_acc"] >= 0.6  # chance is 0.1
+    assert float_run["best"]["test_acc"] >= 0.9  # chance is 0.1; measured 0.982-1.0 over seeds and CPUs
     rows = [json.loads(line) for line in (float_run["run"] / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 7))
     for f in ("config.yaml", "env.json", "best.params", "last.params", "last.states", "train.log"):
         assert (float_run["run"] / f).is_file()
+    env = json.loads((float_run["run"] / "env.json").read_text())  # what the run ran on
+    assert env["cpu"] and isinstance(env["isa_flags"], list) and env["onednn_isa"] != "unknown"
+    assert env["dnnl_max_cpu_isa"] == os.environ.get("DNNL_MAX_CPU_ISA")
     net = cli.build_for(float_run["cfg"], tiny_ds, quant=False)
     cli.load_weights(net, float_run["run"] / "best.params", [mx.cpu()], expect_ranges=False)
     _, test_loader = data_mod.make_loaders(tiny_ds, 64, 250, False, 0)
@@ -104,6 +107,9 @@ def test_cli_end_to_end_on_synthetic(tmp_path):
     rows = {row["variant"]: row for row in json.loads((out / "q" / "compare.json").read_text())["rows"]}
     assert len(rows) == 10 and rows["QAT integer-only (numpy)"]["agree_sim"] >= 0.99
     assert rows["QAT int8 QDQ (ONNX Runtime)"]["agree_sim"] >= 0.99
+    cmp = json.loads((out / "q" / "compare.json").read_text())
+    assert cmp["machine"]["onednn_isa"] != "unknown" and cmp["onnx_target"] in ("avx2", "vnni")
+    assert rep["machine"]["cpu"] == cmp["machine"]["cpu"]
     assert rows["float (ONNX Runtime)"]["acc"] == pytest.approx(rows["float (MXNet)"]["acc"], abs=0.011)
     assert rows["QAT simulated int8 (numpy)"]["acc"] == pytest.approx(rep["sim_acc"], abs=0.05)
     r = _run("scripts/summarize.py", str(out / "f"), str(out / "q"))
@@ -220,6 +226,11 @@ def test_benchmark_prints_training_ratio_and_inference_table():
     assert all(v["images_per_s_b64"] > 0 and v["latency_ms_b1"] > 0 for v in inf.values())
     assert inf["simulated int8 (numpy)"]["bytes"] < 0.5 * inf["float (MXNet)"]["bytes"]
     assert "| oneDNN int8 (MXNet) |" in r.stdout
+    from train_quantization import machine
+
+    assert res["machine"]["cpu"] and res["machine"]["isa_flags"] == machine.isa_flags()
+    assert res["machine"]["onednn_isa"] != "unknown" and res["onnx_target"] in ("avx2", "vnni")
+    assert res["int8_over_float_b64"]["ONNX Runtime int8 / float"] > 0
 
 
 def test_more_bad_input_and_all_zero_layer(tmp_path, float_run):
@@ -255,4 +266,11 @@ def test_more_bad_input_and_all_zero_layer(tmp_path, float_run):
     layers = {la["layer"]: la for la in json.loads((out / "z" / "layers_before.json").read_text())}
     assert layers["features.3"]["weight_scale"] == 1.0
     res = json.loads((out / "z" / "result.json").read_text())
-    assert np.isfinite(res["fq_acc"]) and res["fq_acc"] > 0.2
+    assert np.isfinite(res["fq_acc"])
+    # the straight-through gradient reaches gamma through the all-zero layer, so it trains out of it
+    # (channels whose ReLU output is 0 for every input, beta < 0, get no gradient and stay at 0)
+    trained = mx.nd.load(str(out / "z" / "last.params"))
+    gamma = trained["features.3.gamma"].asnumpy()
+    assert np.all(np.isfinite(gamma)) and np.count_nonzero(gamma) > 0
+    after = {la["layer"]: la for la in json.loads((out / "z" / "layers.json").read_text())}
+    assert 0 < after["features.3"]["weight_scale"] < 1.0 and np.isfinite(after["features.3"]["weight_sqnr_db"])

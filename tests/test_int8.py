@@ -7,6 +7,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+from conftest import FLOAT_TOL, layerwise_codes, top1_agreement
 from train_quantization.errors import UserError
 from train_quantization.int8 import engine
 from train_quantization.int8 import model as int8_model
@@ -67,27 +68,36 @@ def test_float32_accumulation_would_be_wrong_but_ours_is_exact():
 
 
 def test_sim_and_integer_engines_give_the_same_codes(int8, tiny_ds):
+    """Layer by layer on identical inputs: the first layer's codes are the same float32 arithmetic in
+    both engines, so they are equal; later layers requantize with a fixed-point multiplier (relative
+    error 2**-31) instead of a float32 division, so a code may differ by one step where the value
+    lies within float rounding of a tie: measured 0-16 of 6.6 million codes (1,000 images, 3 seeds x
+    per tensor/channel/3 bits, AVX2 and AVX-512 oneDNN); the bound is 1e-5 of the codes."""
     rng = np.random.default_rng(3)
-    x = engine.normalize(int8, tiny_ds.test_x[:40]) + rng.normal(0, 0.2, (40, 3, 16, 16)).astype(np.float32)
-    rec_s, rec_i = {}, {}
-    ls = engine.simulate(int8, x, rec_s)
-    li = engine.run_integer(int8, x, rec_i)
-    total = diff = 0
-    for name in rec_s:
-        total += rec_s[name].size
-        diff += int((rec_s[name] != rec_i[name]).sum())
-        assert np.abs(rec_s[name] - rec_i[name]).max() <= 1  # at most one step, at rare near-ties
-    assert diff / total <= 1e-4
-    assert np.mean(ls.argmax(1) == li.argmax(1)) >= 0.975  # 40 images: at most one differs
+    x = engine.normalize(int8, tiny_ds.test_x) + rng.normal(0, 0.2, (len(tiny_ds.test_x), 3, 16, 16)).astype(np.float32)
+    ref, got = layerwise_codes(int8, x, engine.simulate, engine.run_integer)
+    names = list(ref)
+    assert len(names) == 15 and np.array_equal(ref[names[0]], got[names[0]])
+    for name in names:
+        assert np.abs(ref[name] - got[name]).max() <= 1, name
+    diff = sum(int((ref[n] != got[n]).sum()) for n in names)
+    assert diff <= 1e-5 * sum(ref[n].size for n in names), diff
+    # free-running, a flipped code moves later layers: top-1 still equal on every decided image
+    assert top1_agreement(engine.simulate(int8, x), engine.run_integer(int8, x)) >= 0.995
 
 
 def test_engines_match_fake_quant_on_the_synthetic_set(int8, qat_run, tiny_ds):
-    labels = tiny_ds.test_y
-    sim = engine.predict(int8, tiny_ds.test_x, "sim").argmax(1)
-    integer = engine.predict(int8, tiny_ds.test_x, "integer").argmax(1)
-    fq_acc = float((qat_run["logits"].argmax(1) == labels).mean())
-    assert abs(float((sim == labels).mean()) - fq_acc) <= 0.001
-    assert float((integer == sim).mean()) >= 0.999
+    """The simulation computes the fake-quant graph's codes in float64 (MXNet: float32 convolutions), the
+    integer engine with fixed-point requantization: top-1 equal on the decided images (measured: all
+    of them, 18 models x 2 oneDNN ISAs); logits equal to float rounding on most images (measured 98.5-100 %:
+    a code on a near-tie moves the rest)."""
+    sim = engine.predict(int8, tiny_ds.test_x, "sim")
+    integer = engine.predict(int8, tiny_ds.test_x, "integer")
+    fq = qat_run["logits"]
+    assert top1_agreement(sim, fq) >= 0.995 and top1_agreement(sim, integer) >= 0.995
+    for other in (fq, integer):
+        close = np.abs(other - sim).max(1) <= FLOAT_TOL * np.maximum(1.0, np.abs(sim).max(1))
+        assert close.mean() >= 0.97, close.mean()
 
 
 def test_artifact_roundtrip_size_and_errors(int8, tiny_ds, tmp_path):

@@ -1,4 +1,4 @@
-"""Bit widths 2-8: exact grids, the engines at 4 bits, and what QAT buys over PTQ at W4A4."""
+"""Bit widths 2-8: exact grids, the engines at 2-4 bits, and what QAT buys over PTQ at W3A3."""
 from __future__ import annotations
 
 import numpy as np
@@ -34,34 +34,94 @@ def test_grid_and_range_of_every_width(bits):
 
 
 @pytest.fixture(scope="module")
-def w4a4(float_run, tiny_ds, tmp_path_factory):
-    return qat_finetune(float_run, tiny_ds, tmp_path_factory.mktemp("w4a4"), "w4a4", weight_bits=4, act_bits=4,
-                        epochs=4, lr=0.01)
+def w3a3(float_run, tiny_ds, tmp_path_factory):
+    """W3A3 QAT (clipped STE, 4 epochs at lr 0.002): where post-training quantization loses 8-36 points
+    of the float fixture's accuracy and QAT recovers most of it (at W4A4 PTQ already keeps 98-99 %)."""
+    return qat_finetune(float_run, tiny_ds, tmp_path_factory.mktemp("w3a3"), "w3a3", weight_bits=3, act_bits=3,
+                        epochs=4, lr=0.002, ste="clipped")
 
 
-def test_engines_agree_at_4_bits(w4a4, tiny_ds):
-    m = export(w4a4["net"], *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
-    assert all(la["arrays"]["w"].min() >= -7 and la["arrays"]["w"].max() <= 7 for la in m.quantized())
-    rec_s, rec_i = {}, {}
-    x = engine.normalize(m, tiny_ds.test_x[:100])
-    ls = engine.simulate(m, x, rec_s)
-    li = engine.run_integer(m, x, rec_i)
-    for name, codes in rec_s.items():
-        assert codes.min() >= -8 and codes.max() <= 7
-        assert np.mean(codes != rec_i[name]) <= 1e-3
-    assert np.mean(ls.argmax(1) == li.argmax(1)) >= 0.99
-    fq = w4a4["logits"][:100].argmax(1)
-    assert np.mean(ls.argmax(1) == fq) >= 0.99
+def _ptq_net(float_run, tiny_ds, bits: int, method: str = "ema"):
+    """The float fixture's weights in a ``bits``-bit QAT network, ranges calibrated, not fine-tuned."""
+    import mxnet as mx
+
+    from conftest import tiny_config
+    from train_quantization import cli, ptq
+    from train_quantization.data import calib_loader, make_loaders, normalizer
+    from train_quantization.train import calibrate
+
+    cfg = tiny_config(float_run["run"].parent, weight_bits=bits, act_bits=bits)
+    net = cli.build_for(cfg, tiny_ds, quant=True)
+    cli.load_weights(net, float_run["run"] / "best.params", [mx.cpu()], expect_ranges=False)
+    net.hybridize(static_alloc=True)
+    norm = normalizer(*tiny_ds.mean_std())
+    if method == "ema":  # what QAT starts from (conftest.qat_finetune)
+        calibrate(net, make_loaders(tiny_ds, 64, 250, False, 0)[0], norm, [mx.cpu()], cfg.quant.calib_batches)
+    else:
+        ptq.calibrate_ranges(net, calib_loader(tiny_ds, 64, 5, 0), norm, mx.cpu(), 5, method)
+    return net, norm
 
 
-def test_w4a4_qat_beats_ema_ptq(w4a4, float_run):
-    """PTQ here: the same EMA ranges from the calibration batches, no fine-tuning."""
-    import json
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_engines_agree_at_low_bits(float_run, tiny_ds, bits):
+    """Codes on the ``bits``-bit grids, simulated = integer-only layer by layer (at most one step, at
+    near-ties), the simulation's logits = the fake-quant network's to float rounding on most images and
+    its top-1 on the decided ones."""
+    import mxnet as mx
 
-    start = json.loads((w4a4["run"] / "metrics.jsonl").read_text().splitlines()[0])
+    from conftest import FLOAT_TOL, layerwise_codes, top1_agreement
+    from train_quantization.data import make_loaders
+    from train_quantization.train import evaluate
+
+    net, norm = _ptq_net(float_run, tiny_ds, bits)
+    m = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
+    wmax, amin, amax = 2 ** (bits - 1) - 1, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert all(np.abs(la["arrays"]["w"]).max() == wmax for la in m.quantized())  # max|w| lands on qmax
+    x = engine.normalize(m, tiny_ds.test_x)
+    ref, got = layerwise_codes(m, x, engine.simulate, engine.run_integer)
+    for name, codes in ref.items():
+        assert codes.min() >= amin and codes.max() <= amax
+        assert np.abs(codes - got[name]).max() <= 1
+    assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-5 * sum(c.size for c in ref.values())
+    fq = evaluate(net, make_loaders(tiny_ds, 64, 250, False, 0)[1], norm, [mx.cpu()], return_outputs=True)["logits"]
+    sim = engine.simulate(m, x)
+    close = np.abs(fq - sim).max(1) <= FLOAT_TOL * np.maximum(1.0, np.abs(sim).max(1))
+    assert close.mean() >= 0.97, close.mean()
+    if bits > 2:  # 2-bit PTQ without fine-tuning collapses: every logit ties on every image
+        assert top1_agreement(sim, fq) >= 0.995
+
+
+def _recovered(acc: float, ptq_acc: float, float_acc: float) -> float:
+    """Share of the accuracy that PTQ loses against float which QAT wins back."""
+    return (acc - ptq_acc) / (float_acc - ptq_acc)
+
+
+def test_w3a3_qat_beats_ema_ptq(w3a3, float_run):
+    """PTQ here: the same EMA ranges from the calibration batches, no fine-tuning. QAT wins back at least
+    half of what PTQ loses. Measured over 5 seeds x AVX2/AVX-512 oneDNN: 0.82-0.95 (mean 0.88, std 0.05;
+    PTQ 64-92 %, QAT 95-99 %, float 100 %), so 0.5 is 3 std above no gain and 6 std below the worst run."""
     float_acc = float_run["best"]["test_acc"]
-    ptq = w4a4["ptq_acc"]
-    assert w4a4["acc"] >= ptq + 0.03, (ptq, w4a4["acc"], float_acc, start)
+    assert w3a3["ptq_acc"] < float_acc - 0.05  # PTQ loses at 3 bits, so the comparison means something
+    assert _recovered(w3a3["acc"], w3a3["ptq_acc"], float_acc) >= 0.5, (w3a3["ptq_acc"], w3a3["acc"], float_acc)
+
+
+def test_w3a3_qat_beats_fair_ptq(w3a3, float_run, tiny_ds):
+    """QAT against the better of max- and MSE-calibrated PTQ from the same float checkpoint: QAT wins back
+    at least 0.3 of what that PTQ loses. Measured over 5 seeds x AVX2/AVX-512 oneDNN: 0.64-0.94 (mean
+    0.78, std 0.10), so 0.3 is 3 std above no gain and 3.3 std below the worst run."""
+    import mxnet as mx
+
+    from train_quantization import ptq
+    from train_quantization.data import make_loaders
+    from train_quantization.train import evaluate
+
+    _, test_loader = make_loaders(tiny_ds, 64, 250, False, 0)
+    accs = {}
+    for method in ptq.METHODS:
+        net, norm = _ptq_net(float_run, tiny_ds, 3, method)
+        accs[method] = evaluate(net, test_loader, norm, [mx.cpu()])["acc"]
+    best = max(accs.values())
+    assert _recovered(w3a3["acc"], best, float_run["best"]["test_acc"]) >= 0.3, (accs, w3a3["acc"])
 
 
 def test_layer_widths_from_config(tiny_ds, tmp_path):
@@ -84,59 +144,38 @@ def test_layer_widths_from_config(tiny_ds, tmp_path):
         from_dict({"quant": {"first_last_bits": 1}})
 
 
-def test_mixed_widths_reach_the_artifact_and_engines(w4a4, tiny_ds):
-    """First and last layer at 8 bits, one layer at W6A5, the rest W4A4: per-layer grids in the
-    artifact, integer-only = simulated, and the simulation = the fake-quant graph."""
+def test_mixed_widths_reach_the_artifact_and_engines(w3a3, tiny_ds):
+    """First and last layer at 8 bits, one layer at W6A5, the rest W3A3: per-layer grids in the
+    artifact, integer-only = simulated layer by layer, and the simulation = the fake-quant graph."""
     import dataclasses
 
+    from mxnet.gluon.data import ArrayDataset, DataLoader
+
+    from conftest import layerwise_codes, top1_agreement
     from train_quantization.layers import set_layer_widths
     from train_quantization.train import evaluate
 
-    net = w4a4["net"]
-    q = dataclasses.replace(w4a4["cfg"].quant, first_last_bits=8, layer_bits={"features.7": [6, 5]})
+    net = w3a3["net"]
+    q = dataclasses.replace(w3a3["cfg"].quant, first_last_bits=8, layer_bits={"features.7": [6, 5]})
     set_layer_widths(net, q)
     net.hybridize(static_alloc=True)
     try:
         m = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
         wmax = {la["name"]: int(np.abs(la["arrays"]["w"]).max()) for la in m.quantized()}
         assert wmax["features.0"] == 127 and wmax["classifier.3"] == 127
-        assert wmax["features.7"] == 31 and wmax["features.1"] == 7
-        x = engine.normalize(m, tiny_ds.test_x[:200])
-        rec_s, rec_i = {}, {}
-        ls = engine.simulate(m, x, rec_s)
-        li = engine.run_integer(m, x, rec_i)
-        assert rec_s["features.7"].min() >= -16 and rec_s["features.7"].max() <= 15
-        assert rec_s["features.0"].min() < -8 or rec_s["features.0"].max() > 7  # 8-bit codes used
-        assert np.mean(ls.argmax(1) == li.argmax(1)) >= 0.99
-        from mxnet.gluon.data import ArrayDataset, DataLoader
-
-        loader = DataLoader(ArrayDataset(tiny_ds.test_x[:200], tiny_ds.test_y[:200]), batch_size=100)
-        fq = evaluate(net, loader, w4a4["norm"], [w4a4["net"].collect_params().list_ctx()[0]],
-                      return_outputs=True)["logits"]
-        assert np.mean(fq.argmax(1) == ls.argmax(1)) >= 0.99
+        assert wmax["features.7"] == 31 and wmax["features.1"] == 3
+        x = engine.normalize(m, tiny_ds.test_x)
+        ref, got = layerwise_codes(m, x, engine.simulate, engine.run_integer)
+        assert ref["features.7"].min() >= -16 and ref["features.7"].max() <= 15
+        assert ref["features.1"].min() >= -4 and ref["features.1"].max() <= 3
+        assert ref["features.0"].min() < -8 or ref["features.0"].max() > 7  # 8-bit codes used
+        assert all(np.abs(ref[n] - got[n]).max() <= 1 for n in ref)
+        loader = DataLoader(ArrayDataset(tiny_ds.test_x, tiny_ds.test_y), batch_size=250)
+        fq = evaluate(net, loader, w3a3["norm"], [net.collect_params().list_ctx()[0]], return_outputs=True)["logits"]
+        assert top1_agreement(engine.simulate(m, x), fq) >= 0.995
     finally:
-        set_layer_widths(net, w4a4["cfg"].quant)
+        set_layer_widths(net, w3a3["cfg"].quant)
         net.hybridize(static_alloc=True)
-
-
-def test_w4a4_qat_beats_fair_ptq(w4a4, float_run, tiny_ds):
-    """QAT against the better of max- and MSE-calibrated PTQ from the same float checkpoint."""
-    import mxnet as mx
-
-    from train_quantization import cli, ptq
-    from train_quantization.data import calib_loader, make_loaders
-    from train_quantization.train import evaluate
-
-    _, test_loader = make_loaders(tiny_ds, 64, 250, False, 0)
-    calib = calib_loader(tiny_ds, 64, 5, 0)
-    accs = {}
-    for method in ptq.METHODS:
-        net = cli.build_for(w4a4["cfg"], tiny_ds, quant=True)
-        cli.load_weights(net, float_run["run"] / "best.params", [mx.cpu()], expect_ranges=False)
-        net.hybridize(static_alloc=True)
-        ptq.calibrate_ranges(net, calib, w4a4["norm"], mx.cpu(), 5, method)
-        accs[method] = evaluate(net, test_loader, w4a4["norm"], [mx.cpu()])["acc"]
-    assert w4a4["acc"] >= max(accs.values()) + 0.03, (accs, w4a4["acc"])
 
 
 def test_ptq_max_range_is_the_input_max_and_mse_clips_weights(float_run, tiny_ds, tmp_path):

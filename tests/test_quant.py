@@ -177,7 +177,8 @@ def test_float_checkpoint_loads_with_only_ranges_new(qat_run):
 
 
 def test_qat_accuracy_within_one_point_of_float(float_run, qat_run):
-    assert float_run["best"]["test_acc"] >= 0.6
+    # the fixture learns on every CPU: measured 0.982-1.0 over 5 seeds x AVX2/AVX-512 oneDNN, every class predicted
+    assert float_run["best"]["test_acc"] >= 0.9 and len(set(float_run["logits"].argmax(1).tolist())) == 10
     assert qat_run["acc"] >= float_run["best"]["test_acc"] - 0.01
 
 
@@ -254,3 +255,21 @@ def test_train_flag_for_any_range_state(state):
     off = train_flag(nd, s).asscalar()
     assert (on, off) == (1.0, 0.0)
     assert s.asscalar() == np.float32(state)  # the BatchNorm inside leaves the state alone
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_label_smoothing_loss_against_float64_reference(eps):
+    from train_quantization.config import from_dict
+    from train_quantization.errors import UserError
+    from train_quantization.train import smoothed_loss
+
+    rng = np.random.default_rng(0)
+    logits, y = rng.normal(0, 3, (8, 10)), rng.integers(0, 10, 8)
+    target = (1 - eps) * np.eye(10)[y] + eps / 10
+    z = logits - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    ref = -(target * logp).sum(1)
+    got = smoothed_loss(eps, 10)(mx.nd.array(logits), mx.nd.array(y, dtype="int32")).asnumpy()
+    assert np.abs(got - ref).max() <= 1e-5
+    with pytest.raises(UserError, match="optim.label_smoothing"):
+        from_dict({"optim": {"label_smoothing": 1.0}})

@@ -36,7 +36,8 @@ def test_same_seed_same_metrics_and_kill_resume(tmp_path):
         deadline = time.time() + 240
         while not (state.is_file() and json.loads(state.read_text())["epoch"] >= 1) and time.time() < deadline:
             time.sleep(0.05)
-        time.sleep(0.4)  # into the second epoch
+        first = json.loads((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()[0])
+        time.sleep(0.5 * first["epoch_time_s"])  # half-way into the second epoch, on a fast or a slow CPU
         os.kill(victim.pid, signal.SIGKILL)
     finally:
         victim.kill()

@@ -29,6 +29,7 @@ class DataConfig:
     synthetic_size: int = 16  # image side, pixels
     synthetic_channels: int = 3  # 1 or 3
     synthetic_seed: int = 0  # generator seed (the set, not the training run)
+    synthetic_noise: float = 22.0  # std of the Gaussian pixel noise, in 0-255 pixel units
 
 
 @dataclass
@@ -50,6 +51,7 @@ class OptimConfig:
     warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs
     step_epochs: list = field(default_factory=lambda: [])  # step schedule: epochs where lr *= step_factor
     step_factor: float = 0.1
+    label_smoothing: float = 0.0  # target = (1 - e) * one_hot + e / classes; 0 = plain cross-entropy
 
 
 @dataclass
@@ -162,6 +164,8 @@ def _validate(cfg: Config) -> Config:
                                  or q.first_last_bits not in (0, 8) or q.layer_bits):
         raise UserError("config key 'quant.scheme' onednn is oneDNN's 8-bit arithmetic: it needs "
                         "quant.per_channel: true and 8-bit weights and activations everywhere")
+    if not 0.0 <= cfg.optim.label_smoothing < 1.0:
+        raise UserError(f"config key 'optim.label_smoothing' must be in [0, 1), got {cfg.optim.label_smoothing}")
     if not 0.0 <= q.momentum < 1.0:
         raise UserError(f"config key 'quant.momentum' must be in [0, 1), got {q.momentum}")
     if cfg.model.width <= 0:

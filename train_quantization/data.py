@@ -64,7 +64,8 @@ class Dataset:
 
 
 # ----------------------------------------------------------------------------- synthetic
-def synthetic(n_train: int, n_test: int, size: int = 16, channels: int = 3, seed: int = 0) -> Dataset:
+def synthetic(n_train: int, n_test: int, size: int = 16, channels: int = 3, seed: int = 0,
+              noise: float = 22.0) -> Dataset:
     """Ten classes of oriented sinusoidal gratings: 5 orientations x 2 spatial frequencies.
 
     Each image gets a random phase, a random base colour and tint, +-10 % frequency jitter and
@@ -85,7 +86,7 @@ def synthetic(n_train: int, n_test: int, size: int = 16, channels: int = 3, seed
         wave = np.sin(2 * np.pi * freq[:, None, None] * arg + phase[:, None, None])
         base = rng.uniform(70, 185, (n, 1, 1, channels))
         tint = rng.uniform(0.3, 1.0, (n, 1, 1, channels)) * 55
-        img = base + tint * wave[..., None] + rng.normal(0, 22, (n, size, size, channels))
+        img = base + tint * wave[..., None] + rng.normal(0, noise, (n, size, size, channels))
         return np.clip(np.rint(img), 0, 255).astype(np.uint8), y.astype(np.int32)
 
     tx, ty = make(n_train)
@@ -295,7 +296,7 @@ def load_dataset(source: str, cache_dir: Optional[str] = ".cache/data", **synthe
 def dataset_from_config(dcfg: object) -> Dataset:
     return load_dataset(dcfg.source, dcfg.cache_dir or None, n_train=dcfg.synthetic_train,
                         n_test=dcfg.synthetic_test, size=dcfg.synthetic_size,
-                        channels=dcfg.synthetic_channels, seed=dcfg.synthetic_seed)
+                        channels=dcfg.synthetic_channels, seed=dcfg.synthetic_seed, noise=dcfg.synthetic_noise)
 
 
 # ----------------------------------------------------------------------------- loaders

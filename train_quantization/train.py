@@ -104,9 +104,10 @@ def make_run_dir(cfg: Config, kind: str, stem: str) -> Path:
         raise UserError(f"run folder {run} already holds a run; pass another --name or --out")
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run / "config.yaml", dump_config(cfg))
+    from .machine import facts
+
     env = {"kind": kind, "command": " ".join(sys.argv), "python": platform.python_version(),
-           "mxnet": mx.__version__, "numpy": np.__version__, "machine": platform.machine(),
-           "processor": platform.processor(), "cpus": os.cpu_count(), "commit": _git_commit(),
+           "mxnet": mx.__version__, "numpy": np.__version__, **facts(), "commit": _git_commit(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write_text(run / "env.json", json.dumps(env, indent=2))
     log_to(run)
@@ -301,6 +302,16 @@ def resume_point(run: Path) -> tuple:
     return state["epoch"], state["step"], best, rows[-1] if rows else best
 
 
+def smoothed_loss(eps: float, classes: int) -> Any:
+    """``loss(logits, labels)``: cross-entropy against ``(1 - eps) * one_hot(y) + eps / classes``
+    (label smoothing; plain cross-entropy for ``eps = 0``)."""
+    if eps == 0.0:
+        plain = gluon.loss.SoftmaxCrossEntropyLoss()
+        return lambda out, y: plain(out, y.astype("float32"))
+    dense = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=False)
+    return lambda out, y: dense(out, mx.nd.one_hot(y, classes) * (1.0 - eps) + eps / classes)
+
+
 def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ctxs: list,
         qat: bool = False, resume: bool = False) -> tuple:
     """Train ``net`` for ``cfg.optim.epochs`` epochs; returns the best and the last epoch's metrics.
@@ -325,7 +336,7 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
     norm = data_mod.normalizer(mean, std)
     steps_per_epoch = len(train_loader)
     trainer = make_trainer(net, cfg, steps_per_epoch)
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    loss_fn = smoothed_loss(cfg.optim.label_smoothing, ds.num_classes)
     metrics_path = run / "metrics.jsonl"
     best: dict = {"test_acc": -1.0}
     step = start = 0
@@ -350,7 +361,7 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
             xs, ys = split(x, ctxs), split(y, ctxs)
             with autograd.record():
                 outs = [net(norm(a)) for a in xs]
-                losses = [loss_fn(o, b.astype("float32")) for o, b in zip(outs, ys)]
+                losses = [loss_fn(o, b) for o, b in zip(outs, ys)]
             autograd.backward(losses)
             trainer.step(x.shape[0] * workers)
             if qat:

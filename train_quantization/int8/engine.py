@@ -106,10 +106,13 @@ def _dequantize(v: tuple) -> np.ndarray:
     return np.asarray(arr, np.float64) if scale is None else arr * scale
 
 
-def _run(model: Int8Model, x: np.ndarray, integer: bool, record: Optional[dict]) -> np.ndarray:
+def _run(model: Int8Model, x: np.ndarray, integer: bool, record: Optional[dict],
+         force: Optional[dict] = None) -> np.ndarray:
     """Both engines over the layer graph. A value is ``(array, scale)``: ``scale`` None for float
     data, else the float64 scale (broadcastable, per channel after a conv) of an integer array
-    (int64 accumulators or summed codes; integer engine only)."""
+    (int64 accumulators or summed codes; integer engine only). ``record`` receives each quantized
+    layer's input codes; ``force`` (layer name -> codes) replaces them after recording, so two
+    engines can be compared layer by layer on identical inputs."""
     inputs = model.inputs()
     last = {j: readers[-1] for j, readers in model.readers().items()}  # values are freed after it
     vals = {-1: (np.asarray(x, np.float32), None)}
@@ -121,6 +124,8 @@ def _run(model: Int8Model, x: np.ndarray, integer: bool, record: Optional[dict])
             codes = _codes(layer, v, integer)
             if record is not None:
                 record[layer["name"]] = codes.astype(np.int32)
+            if force is not None and layer["name"] in force:
+                codes = force[layer["name"]]
             acc = _accumulate(layer, codes)
             scale = (a["w_scale"].astype(np.float64) * np.float64(layer["in_scale"])).reshape(_channel_shape(layer))
             if integer:
@@ -191,23 +196,26 @@ def _codes(layer: dict, v: tuple, integer: bool) -> np.ndarray:
     return requantize(arr, m0, shift, layer["in_qmin"], layer["in_qmax"])
 
 
-def simulate(model: Int8Model, x: np.ndarray, record: Optional[dict] = None) -> np.ndarray:
+def simulate(model: Int8Model, x: np.ndarray, record: Optional[dict] = None,
+             force: Optional[dict] = None) -> np.ndarray:
     """Float-simulated integer inference on normalized float NCHW input; returns logits."""
-    return _run(model, x, integer=False, record=record)
+    return _run(model, x, integer=False, record=record, force=force)
 
 
-def run_integer(model: Int8Model, x: np.ndarray, record: Optional[dict] = None) -> np.ndarray:
+def run_integer(model: Int8Model, x: np.ndarray, record: Optional[dict] = None,
+                force: Optional[dict] = None) -> np.ndarray:
     """Integer-only inference on normalized float NCHW input; returns float64 logits."""
-    return _run(model, x, integer=True, record=record)
+    return _run(model, x, integer=True, record=record, force=force)
 
 
 def predict(model: Int8Model, images: np.ndarray, engine: str = "sim", batch: int = 200,
-            progress: bool = False) -> np.ndarray:
-    """Logits for uint8 NHWC images with the ``sim``, ``integer`` or ``onnx`` (ONNX Runtime) engine."""
+            progress: bool = False, onnx_target: str = "auto") -> np.ndarray:
+    """Logits for uint8 NHWC images with the ``sim``, ``integer`` or ``onnx`` (ONNX Runtime, exported
+    for ``onnx_target``) engine."""
     if engine == "onnx":
         from .onnx_export import build_qdq, runner, session
 
-        ort_fn = runner(session(build_qdq(model)))
+        ort_fn = runner(session(build_qdq(model, onnx_target)))
 
         def fn(_: Int8Model, x: np.ndarray) -> np.ndarray:
             return ort_fn(x)

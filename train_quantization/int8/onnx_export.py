@@ -1,26 +1,31 @@
 """ONNX export of an ``Int8Model`` as a QDQ graph, run by ONNX Runtime's int8 kernels.
 
-Each quantized layer (in the layer graph's order; each reads the outputs its ``inputs`` name) becomes::
+Each quantized layer becomes ``DequantizeLinear -> Conv|Gemm (-> Relu) -> QuantizeLinear``, which
+ONNX Runtime fuses into one QLinearConv/QGemm: int8 weights, our int32 bias, our learned scales.
+Codes travel between layers as uint8 tensors holding exactly our codes:
 
-    x_q = QuantizeLinear(x, s_a, zp)         uint8, round half to even
-    y   = Conv|Gemm(DequantizeLinear(x_q, s_a, zp), DequantizeLinear(w, s_w, axis=0),
-                    DequantizeLinear(b, s_w * s_a, axis=0))   then Relu
+* a tensor that is a ReLU output (``Int8Model.nonneg``) with zero point 0: the producer's kernel
+  requantizes it to the reader's scale (the ReLU folds away), then ``Clip`` on the uint8 codes
+  saturates them at the reader's ``in_qmax`` (127 in the original scheme: uint8 alone would stop at
+  255); max pooling and flatten run on the codes;
+* a signed tensor (the network input, a conv without ReLU) with zero point 128: codes -128..127
+  are 0..255, with the same saturation.
 
-Our signed codes are carried exactly in uint8: a signed input (the network input) with zero
-point 128 (codes -128..127 -> 0..255, same saturation), a ReLU output with zero point 0 and an
-explicit ``Clip(0, 127 * s_a)`` after the kernel's requantization (uint8 alone would saturate
-at 255, ours at 127) where the ReLU output has that one reader; ReLU outputs with several
-readers (a ResNet block's output) use zero point 128 like signed data. A residual add
-quantizes both branches to its scale (zero point 128) and adds the dequantized values.
-Weights are int8 where the input is a ReLU output with zero point 0 (u8 codes <= 127 times s8
-never overflow the 16-bit pair sums of non-VNNI x86 kernels) and uint8 with zero point 128
-where the input has zero point 128 (u8u8 kernels, no saturation). Measured: logits equal to
-the simulated engine's to float rounding (tests/test_onnx.py).
+The producer quantizes for its reader when that is the only reader (through max pooling and
+flatten); otherwise each reader quantizes the float tensor itself. A residual add quantizes both
+branches to its scale and adds the dequantized values (the ``onednn`` scheme's add: the body in
+float plus the shortcut's codes).
 
-The weights are our codes (any width 2-8: they fit int8), the bias our int32 bias, the scales
-our learned activation scales; ONNX Runtime fuses the pattern into QLinearConv/QGemm kernels.
-Max pooling, global average pooling, Flatten and a float last layer map to their ONNX ops.
-Activations below 8 bits cannot be expressed by QuantizeLinear's int8 saturation, so those
+**Targets** (``target``, recorded in the file's metadata): where an input reaches codes above 127
+(zero point 128, or the onednn scheme's uint8), ``avx2`` stores uint8 weights with zero point 128
+(u8 x u8 kernels, exact on every x86 CPU: the u8 x s8 kernels of CPUs without VNNI add pairs of
+products in int16 and saturate) and ``vnni`` int8 weights (u8 x s8, the fast kernels of AVX-512
+VNNI, AVX-VNNI and AMX, exact there). Inputs with codes <= 127 take int8 weights in both. The
+default ``auto`` is ``vnni`` on a CPU with VNNI, else ``avx2``. Measured (tests/test_onnx.py):
+logits equal to the simulated engine's to float rounding, but for codes within float rounding
+of a rounding tie (ONNX Runtime requantizes in float32).
+
+Activations below 8 bits cannot be expressed by QuantizeLinear's 8-bit saturation, so those
 models are refused (the simulated and integer-only engines run them). Opset 13 (per-axis
 DequantizeLinear).
 
@@ -31,8 +36,9 @@ MXNet's numpy 1.23.5).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -40,8 +46,11 @@ from ..errors import UserError
 from .model import Int8Model
 
 OPSET = 13
+TARGETS = ("auto", "avx2", "vnni")
 INSTALL = ("pip install onnx==1.14.1 && pip install --no-deps onnxruntime==1.17.3 coloredlogs flatbuffers "
            "sympy packaging")
+PASS_CODES = ("maxpool", "flatten")  # run on uint8 codes unchanged
+QUANTIZED = ("conv", "dense")
 
 
 def available() -> bool:
@@ -62,145 +71,222 @@ def _onnx() -> Any:
     return onnx
 
 
-def _zero_point(layer: dict) -> int:
-    """uint8 zero point of a layer's input codes: 0 for codes that are >= 0 (uint8 grid), else 128."""
-    return 0 if layer["in_qmin"] == 0 else 128
+def resolve_target(target: str = "auto") -> str:
+    """``auto`` -> ``vnni`` on a CPU with VNNI (or AMX), else ``avx2``."""
+    if target not in TARGETS:
+        raise UserError(f"ONNX target must be one of {TARGETS}, got {target!r}")
+    if target != "auto":
+        return target
+    from ..machine import has_vnni
+
+    return "vnni" if has_vnni() else "avx2"
 
 
-def build_qdq(m: Int8Model) -> Any:
-    """The ``onnx.ModelProto`` of ``m`` (input ``x``: normalized float32 NCHW, output ``logits``)."""
+@dataclass(frozen=True)
+class Grid:
+    """uint8 codes ``q`` of a tensor ``x``: ``x = (q - zp) * scale``, ``q`` in ``[0, hi]``."""
+
+    scale: float
+    zp: int
+    hi: int
+
+
+@dataclass
+class _Builder:
+    """The graph under construction: nodes, initializers, and each layer's output tensor with its
+    ``Grid`` (uint8 codes) or None (float)."""
+
+    m: Int8Model
+    target: str
+    nodes: list = field(default_factory=list)
+    inits: list = field(default_factory=list)
+    out: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.inputs, self.readers, self.nonneg = self.m.inputs(), self.m.readers(), self.m.nonneg()
+        self.out[-1] = ("x", None)
+
+    def const(self, name: str, arr: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def node(self, op: str, ins: list, out: str, **attrs: Any) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, ins, [out], **attrs))
+        return out
+
+    def grid(self, reader: int, source: int) -> Optional[Grid]:
+        """The codes ``reader`` reads from ``source``'s output (None: it reads float)."""
+        la = self.m.layers[reader]
+        if la["type"] == "add" and la.get("shortcut_only") and source != self.inputs[reader][1]:
+            return None  # the onednn scheme's add reads the body unrequantized
+        if "in_scale" not in la:
+            return None
+        if self.nonneg[source]:
+            return Grid(float(np.float32(la["in_scale"])), 0, int(la["in_qmax"]))
+        return Grid(float(np.float32(la["in_scale"])), 128, 255)
+
+    def reader_grid(self, i: int) -> Optional[Grid]:
+        """The grid of the one quantizing reader of ``i``'s output (through max pooling and flatten)."""
+        v = i
+        while len(self.readers.get(v, [])) == 1:
+            r = self.readers[v][0]
+            if self.m.layers[r]["type"] not in PASS_CODES:
+                return self.grid(r, i)
+            v = r
+        return None
+
+    def quantize(self, n: str, tensor: str, g: Grid) -> str:
+        s = self.const(f"{n}.s", np.array(g.scale, np.float32))
+        z = self.const(f"{n}.zp", np.array(g.zp, np.uint8))
+        q = self.node("QuantizeLinear", [tensor, s, z], f"{n}.q")
+        if g.hi < 255:  # our grid saturates before uint8 does
+            q = self.node("Clip", [q, self.const(f"{n}.lo", np.array(0, np.uint8)),
+                                   self.const(f"{n}.hi", np.array(g.hi, np.uint8))], f"{n}.qc")
+        return q
+
+    def dequantize(self, n: str, codes: str, g: Grid) -> str:
+        s = self.const(f"{n}.ds", np.array(g.scale, np.float32))
+        z = self.const(f"{n}.dzp", np.array(g.zp, np.uint8))
+        return self.node("DequantizeLinear", [codes, s, z], f"{n}.dq")
+
+    def as_float(self, n: str, v: int) -> str:
+        tensor, g = self.out[v]
+        return tensor if g is None else self.dequantize(n, tensor, g)
+
+    def as_grid(self, n: str, v: int, g: Grid) -> str:
+        """``v``'s output as float values on grid ``g`` (DequantizeLinear of its codes)."""
+        tensor, have = self.out[v]
+        if have != g:
+            tensor = self.quantize(n, self.as_float(f"{n}.f", v), g)
+        return self.dequantize(n, tensor, g)
+
+    def finish(self, i: int, tensor: str) -> None:
+        """Store layer ``i``'s float output: its ReLU, then the quantization its only reader needs."""
+        la, n = self.m.layers[i], f"l{i}"
+        if la.get("relu"):
+            tensor = self.node("Relu", [tensor], f"{n}.relu")
+        g = self.reader_grid(i)
+        self.out[i] = (tensor, None) if g is None else (self.quantize(f"{n}.out", tensor, g), g)
+
+
+def _weights(b: _Builder, n: str, la: dict, g: Grid) -> tuple:
+    """Weight and bias DequantizeLinear outputs; uint8 weights (zero point 128) where inputs reach 255
+    on the ``avx2`` target."""
+    a = la["arrays"]
+    s_w = a["w_scale"].astype(np.float32)
+    if b.target == "avx2" and g.zp + la["in_qmax"] > 127:
+        w, zp = (a["w"].astype(np.int16) + 128).astype(np.uint8), np.full(len(s_w), 128, np.uint8)
+    else:
+        w, zp = a["w"].astype(np.int8), np.zeros(len(s_w), np.int8)
+    wdq = b.node("DequantizeLinear", [b.const(f"{n}.w", w), b.const(f"{n}.s_w", s_w), b.const(f"{n}.w_zp", zp)],
+                 f"{n}.wdq", axis=0)
+    s_b = (s_w * np.float32(la["in_scale"])).astype(np.float32)
+    bdq = b.node("DequantizeLinear", [b.const(f"{n}.b", a["b"].astype(np.int32)), b.const(f"{n}.s_b", s_b),
+                                      b.const(f"{n}.b_zp", np.zeros(len(s_w), np.int32))], f"{n}.bdq", axis=0)
+    return wdq, bdq
+
+
+def _conv_dense(b: _Builder, i: int, la: dict) -> None:
+    n, src = f"l{i}", b.inputs[i][0]
+    g = b.grid(i, src)
+    x = b.as_grid(f"{n}.in", src, g)
+    if la["type"] == "dense" and b.m.layers[src]["type"] == "avgpool":  # Gemm takes 2-D input
+        x = b.node("Flatten", [x], f"{n}.flat", axis=1)
+    wdq, bdq = _weights(b, n, la, g)
+    if la["type"] == "conv":
+        k, p = int(la["kernel"]), int(la["pad"])
+        y = b.node("Conv", [x, wdq, bdq], f"{n}.y", kernel_shape=[k, k], pads=[p] * 4,
+                   strides=[int(la.get("stride", 1))] * 2)
+    else:
+        y = b.node("Gemm", [x, wdq, bdq], f"{n}.y", transB=1)
+    b.finish(i, y)
+
+
+def _add(b: _Builder, i: int, la: dict) -> None:
+    n, (src_a, src_b) = f"l{i}", b.inputs[i]
+    ga = b.grid(i, src_a)
+    a = b.as_float(f"{n}.a", src_a) if ga is None else b.as_grid(f"{n}.a", src_a, ga)
+    b.finish(i, b.node("Add", [a, b.as_grid(f"{n}.b", src_b, b.grid(i, src_b))], f"{n}.y"))
+
+
+def _pass_codes(op: str, **attrs: Callable) -> Callable:
+    """Max pooling and flatten: on the codes when the input holds codes (the grid passes through)."""
+    def emit(b: _Builder, i: int, la: dict) -> None:
+        tensor, g = b.out[b.inputs[i][0]]
+        b.out[i] = (b.node(op, [tensor], f"l{i}.y", **{k: f(la) for k, f in attrs.items()}), g)
+    return emit
+
+
+def _avgpool(b: _Builder, i: int, la: dict) -> None:
+    src = b.inputs[i][0]
+    x = b.as_grid(f"l{i}.in", src, b.grid(i, src)) if "in_scale" in la else b.as_float(f"l{i}.in", src)
+    b.finish(i, b.node("GlobalAveragePool", [x], f"l{i}.y"))
+
+
+def _dense_float(b: _Builder, i: int, la: dict) -> None:
+    a = la["arrays"]
+    x = b.as_float(f"l{i}.in", b.inputs[i][0])
+    b.finish(i, b.node("Gemm", [x, b.const(f"l{i}.w", a["w"].astype(np.float32)),
+                                b.const(f"l{i}.b", a["b"].astype(np.float32))], f"l{i}.y", transB=1))
+
+
+EMIT = {  # layer type -> how it becomes ONNX nodes
+    "conv": _conv_dense,
+    "dense": _conv_dense,
+    "add": _add,
+    "maxpool": _pass_codes("MaxPool", kernel_shape=lambda la: [int(la["size"])] * 2,
+                           strides=lambda la: [int(la["stride"])] * 2, ceil_mode=lambda la: int(bool(la["ceil"]))),
+    "flatten": _pass_codes("Flatten", axis=lambda la: 1),
+    "avgpool": _avgpool,
+    "dense_float": _dense_float,
+}
+
+
+def build_qdq(m: Int8Model, target: str = "auto") -> Any:
+    """The ``onnx.ModelProto`` of ``m`` (input ``x``: normalized float32 NCHW, output ``logits``) for
+    ``target`` (``auto``, ``avx2`` or ``vnni``, see the module docstring; recorded in the metadata)."""
     onnx = _onnx()
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     low = [la["name"] for la in m.layers if la["type"] in ("conv", "dense", "add") and la["act_bits"] < 8]
     if low:
         raise UserError(f"ONNX Runtime runs 8-bit activations only; layers {low} use fewer bits. "
                         "Use sim_int8_infer.py --engine sim|integer for this model")
-    nodes, inits = [], []
-
-    def const(name: str, arr: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-        return name
-
-    layers = m.layers
-    inputs, consumers = m.inputs(), m.readers()
-
-    def target(v: int) -> Optional[int]:
-        """The one quantized layer that reads ``v``, through max pooling/flatten, if it is the only reader."""
-        while len(consumers.get(v, [])) == 1:
-            v = consumers[v][0]
-            if layers[v]["type"] in ("conv", "dense"):
-                return v
-            if layers[v]["type"] not in ("maxpool", "flatten"):
-                return None
-        return None
-
-    out = {-1: "x"}  # ONNX tensor of each layer's output
-    clipped: set = set()  # quantized layers whose input was requantized and clipped for them (zero point 0)
-
-    def quantize(n: str, tensor: str, s: float, zp: int) -> str:
-        s_a = const(f"{n}.s_a", np.array(s, np.float32))
-        z = const(f"{n}.zp", np.array(zp, np.uint8))
-        nodes.extend([helper.make_node("QuantizeLinear", [tensor, s_a, z], [f"{n}.xq"]),
-                      helper.make_node("DequantizeLinear", [f"{n}.xq", s_a, z], [f"{n}.xdq"])])
-        return f"{n}.xdq"
-
-    for i, la in enumerate(layers):
-        n, t, src = f"l{i}", la["type"], inputs[i][0]
-        if t in ("conv", "dense"):
-            a = la["arrays"]
-            x_in = out[src]
-            if t == "dense" and src >= 0 and layers[src]["type"] == "avgpool":  # Gemm takes 2-D input
-                nodes.append(helper.make_node("Flatten", [x_in], [f"{n}.flat"], axis=1))
-                x_in = f"{n}.flat"
-            zp = 0 if i in clipped else _zero_point(la)
-            xdq = quantize(n, x_in, la["in_scale"], zp)
-            s_w = a["w_scale"].astype(np.float32)
-            if zp == 0 and la["in_qmax"] <= 127:  # u8 codes <= 127 times s8 weights: no 16-bit saturation
-                const(f"{n}.w", a["w"].astype(np.int8))
-                const(f"{n}.w_zp", np.zeros(len(s_w), np.int8))
-            else:  # u8 codes up to 255: u8 weights (zero point 128), u8u8 kernels never saturate
-                const(f"{n}.w", (a["w"].astype(np.int16) + 128).astype(np.uint8))
-                const(f"{n}.w_zp", np.full(len(s_w), 128, np.uint8))
-            const(f"{n}.s_w", s_w)
-            const(f"{n}.b", a["b"].astype(np.int32))
-            const(f"{n}.s_b", (s_w * np.float32(la["in_scale"])).astype(np.float32))
-            const(f"{n}.b_zp", np.zeros(len(s_w), np.int32))
-            nodes += [helper.make_node("DequantizeLinear", [f"{n}.w", f"{n}.s_w", f"{n}.w_zp"], [f"{n}.wdq"], axis=0),
-                      helper.make_node("DequantizeLinear", [f"{n}.b", f"{n}.s_b", f"{n}.b_zp"], [f"{n}.bdq"], axis=0)]
-            ins = [xdq, f"{n}.wdq", f"{n}.bdq"]
-            if t == "conv":
-                k, p = int(la["kernel"]), int(la["pad"])
-                nodes.append(helper.make_node("Conv", ins, [f"{n}.y"], kernel_shape=[k, k], pads=[p] * 4,
-                                              strides=[int(la.get("stride", 1))] * 2))
-            else:
-                nodes.append(helper.make_node("Gemm", ins, [f"{n}.y"], transB=1))
-            cur = f"{n}.y"
-        elif t == "add" and la.get("shortcut_only"):  # onednn scheme: the body in float, the shortcut's codes
-            b_dq = quantize(f"{n}b", out[inputs[i][1]], la["in_scale"], _zero_point(la))
-            nodes.append(helper.make_node("Add", [out[inputs[i][0]], b_dq], [f"{n}.y"]))
-            cur = f"{n}.y"
-        elif t == "add":  # both branches on the add's grid (signed: zero point 128), then add
-            a_dq = quantize(f"{n}a", out[inputs[i][0]], la["in_scale"], 128)
-            b_dq = quantize(f"{n}b", out[inputs[i][1]], la["in_scale"], 128)
-            nodes.append(helper.make_node("Add", [a_dq, b_dq], [f"{n}.y"]))
-            cur = f"{n}.y"
-        elif t == "maxpool":
-            size = int(la["size"])
-            nodes.append(helper.make_node("MaxPool", [out[src]], [f"{n}.y"], kernel_shape=[size, size],
-                                          strides=[int(la["stride"])] * 2, ceil_mode=int(bool(la["ceil"]))))
-            cur = f"{n}.y"
-        elif t == "avgpool":  # with in_scale (onednn scheme): pools its input's codes
-            x_in = quantize(n, out[src], la["in_scale"], _zero_point(la)) if "in_scale" in la else out[src]
-            nodes.append(helper.make_node("GlobalAveragePool", [x_in], [f"{n}.y"]))
-            cur = f"{n}.y"
-        elif t == "flatten":
-            nodes.append(helper.make_node("Flatten", [out[src]], [f"{n}.y"], axis=1))
-            cur = f"{n}.y"
-        elif t == "dense_float":
-            a = la["arrays"]
-            nodes.append(helper.make_node("Gemm", [out[src], const(f"{n}.w", a["w"].astype(np.float32)),
-                                                   const(f"{n}.b", a["b"].astype(np.float32))], [f"{n}.y"], transB=1))
-            cur = f"{n}.y"
-        else:
-            raise ValueError(f"layer type {t!r} has no ONNX mapping")
-        if la.get("relu"):
-            nodes.append(helper.make_node("Relu", [cur], [f"{n}.r"]))
-            cur = f"{n}.r"
-        nx = target(i) if la.get("relu") and t in ("conv", "dense") else None
-        if nx is not None:
-            # requantize in the kernel (u8, zero point 0: ReLU folds away), then saturate at the
-            # next layer's qmax as our arithmetic does (u8 would only saturate at 255)
-            s_n = const(f"{n}.s_out", np.array(layers[nx]["in_scale"], np.float32))
-            zp0 = const(f"{n}.zp_out", np.array(0, np.uint8))
-            hi = const(f"{n}.hi", np.array(np.float32(layers[nx]["in_qmax"]) * np.float32(layers[nx]["in_scale"]),
-                                           np.float32))
-            lo = const(f"{n}.lo", np.array(0, np.float32))
-            nodes += [helper.make_node("QuantizeLinear", [cur, s_n, zp0], [f"{n}.oq"]),
-                      helper.make_node("DequantizeLinear", [f"{n}.oq", s_n, zp0], [f"{n}.odq"]),
-                      helper.make_node("Clip", [f"{n}.odq", lo, hi], [f"{n}.oc"])]
-            cur = f"{n}.oc"
-            clipped.add(nx)
-        out[i] = cur
-    cur = out[len(layers) - 1]
-    nodes.append(helper.make_node("Identity", [cur], ["logits"]))
+    b = _Builder(m, resolve_target(target))
+    for i, la in enumerate(m.layers):
+        if la["type"] not in EMIT:
+            raise ValueError(f"layer type {la['type']!r} has no ONNX mapping")
+        EMIT[la["type"]](b, i, la)
+    b.node("Identity", [b.as_float("logits", len(m.layers) - 1)], "logits")
     c, h, w = m.input_shape
-    graph = helper.make_graph(nodes, "train_quantization_qdq",
+    graph = helper.make_graph(b.nodes, "train_quantization_qdq",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, h, w])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(m.classes)])],
-                              inits)
+                              b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="train-quantization")
     model.ir_version = 8
+    helper.set_model_props(model, {"train_quantization.target": b.target, "train_quantization.scheme": m.scheme})
     onnx.checker.check_model(model)
     return model
 
 
-def save_qdq(m: Int8Model, path: str | Path) -> Path:
-    """Write the QDQ model to ``path`` (temporary file, then rename)."""
+def target_of(model: Any) -> str:
+    """The target a QDQ model was exported for (its metadata), ``unknown`` for other files."""
+    if isinstance(model, (str, Path)):
+        model = _onnx().load(str(model))
+    return {p.key: p.value for p in model.metadata_props}.get("train_quantization.target", "unknown")
+
+
+def save_qdq(m: Int8Model, path: str | Path, target: str = "auto") -> Path:
+    """Write the QDQ model for ``target`` to ``path`` (temporary file, then rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(build_qdq(m).SerializeToString())
+    tmp.write_bytes(build_qdq(m, target).SerializeToString())
     os.replace(tmp, path)
     return path
 

@@ -1,0 +1,76 @@
+"""What a number ran on: the CPU model, its ISA flags and the ISA oneDNN dispatches.
+
+oneDNN (MXNet's kernels) picks its kernels from the CPU and ``DNNL_MAX_CPU_ISA`` (e.g. ``AVX2``
+on an AVX-512 machine makes it behave like an AVX2-only one); ONNX Runtime's MLAS picks its
+own from the CPU flags and ignores that variable. Float results differ in the last bits
+between ISAs, so every record (``env.json``, ``benchmark.py``, ``compare.json``) carries these facts.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+import sys
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # u8 x s8 products summed in int32, no 16-bit saturation
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple:
+    """``(model name, set of flags)`` from /proc/cpuinfo (``platform`` elsewhere)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine(), frozenset()
+    model, flags = "", frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = frozenset(value.split())
+    return model or platform.machine(), flags
+
+
+def isa_flags() -> list:
+    """The ISA extensions of ``ISA_FLAGS`` this CPU reports."""
+    return [f for f in ISA_FLAGS if f in _cpuinfo()[1]]
+
+
+def has_vnni() -> bool:
+    """Whether the CPU multiplies u8 by s8 with int32 sums (AVX-512 VNNI, AVX-VNNI or AMX)."""
+    return any(f in _cpuinfo()[1] for f in VNNI_FLAGS)
+
+
+_PROBE = ("import mxnet as mx; x = mx.nd.ones((1, 3, 8, 8)); w = mx.nd.ones((4, 3, 3, 3)); "
+          "mx.nd.Convolution(x, w, kernel=(3, 3), num_filter=4, no_bias=True).wait_to_read()")
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_isa() -> str:
+    """The ISA oneDNN dispatches in this environment (its verbose line, from a child process that
+    inherits ``DNNL_MAX_CPU_ISA``), or ``unknown``."""
+    env = dict(os.environ, DNNL_VERBOSE="1", MKLDNN_VERBOSE="1")
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
+                             timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    for line in out.splitlines():
+        if ",cpu,isa:" in line:
+            return line.split(",cpu,isa:", 1)[1].strip()
+    return "unknown"
+
+
+def facts() -> dict:
+    """CPU model, ISA flags, the oneDNN ISA and its cap, core count: the machine of a measurement."""
+    return {"cpu": _cpuinfo()[0], "isa_flags": isa_flags(), "onednn_isa": onednn_isa(),
+            "dnnl_max_cpu_isa": os.environ.get("DNNL_MAX_CPU_ISA"), "cpus": os.cpu_count(),
+            "machine": platform.machine()}
+
+
+def describe(f: dict) -> str:
+    """One line for tables: ``AMD EPYC (avx2 avx512f ...; oneDNN: Intel AVX2)``."""
+    return f"{f['cpu']} ({' '.join(f['isa_flags']) or 'no AVX2'}; oneDNN: {f['onednn_isa']})"
