@@ -84,7 +84,7 @@ def main() -> None:
     qnet = cli.build_for(cfg, ds, quant=True)
     qpath = cli.resolve_params(str(qrun), "last.params")
     cli.load_weights(qnet, qpath, ctx, expect_ranges=True)
-    qweights = cli.float_with_qat_weights(cfg, ds, qnet, qpath)  # for oneDNN
+    qweights = cli.float_with_qat_weights(cfg, ds, qnet)  # for oneDNN
     for net in (fnet, qnet, qweights):
         net.hybridize(static_alloc=True)
     m = export(qnet, mean, std, shape, ds.classes)

@@ -8,16 +8,17 @@ For each weight/activation pair W/A:
 - PTQ max: float weights (scale max|w_f|), ranges max|x| over --calib-batches float evaluation batches;
 - PTQ MSE: ranges at their MSE-optimal clipping thresholds, weights as above;
 - PTQ MSE+w: the same, and the weights clipped at their MSE-optimal thresholds too (train_quantization.ptq);
-- QAT: ``scripts/train_qat.py --weight-bits W --act-bits A`` (its own run folder under this one).
+- QAT: ``train_qat`` at W/A with the config's ``qat`` recipe and the flags after ``--`` (its own run
+  folder under this one).
 All evaluate the same fake-quant graph on the test set (= the simulated int8 engine).
 Writes sweep.json, sweep.md and sweep.png into the sweep's run folder.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,8 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from train_quantization import cli, ptq, report, train  # noqa: E402
 from train_quantization import data as data_mod  # noqa: E402
 from train_quantization.errors import UserError, cli_main  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
+from train_quantization.qat import train_qat  # noqa: E402
 
 
 def parse_pairs(text: str) -> list:
@@ -67,7 +67,7 @@ def main() -> None:
     argv = sys.argv[1:]
     qat_extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = cli.common_parser(__doc__)
+    p = cli.common_parser(__doc__, cli.RUN_FLAGS + (cli.Flag("--epochs", "qat.epochs", int, "QAT epochs"),))
     p.add_argument("--pretrained", help="float run folder (best.params) or .params file (required to sweep)")
     p.add_argument("--pairs", default="8/8,6/8,4/8,8/4,4/4", help="comma-separated W/A bit pairs")
     p.add_argument("--per-channel", type=int, choices=(0, 1), help="override quant.per_channel (0/1)")
@@ -85,10 +85,12 @@ def main() -> None:
     if not args.pretrained:
         raise UserError("pass --pretrained FLOAT_RUN_DIR (the float checkpoint every row starts from)")
     pairs = parse_pairs(args.pairs)
-    extra = {"quant.per_channel": None if args.per_channel is None else bool(args.per_channel),
-             "quant.first_last_bits": args.first_last_bits, "quant.epochs": args.epochs}
-    args.epochs = None
-    cfg = cli.config_from_args(args, extra)
+    extra = cli.add_flags(argparse.ArgumentParser(prog="sweep_bits.py ... --"), cli.QAT_FLAGS)
+    extra_args = extra.parse_args(qat_extra)
+    base = {"quant.per_channel": None if args.per_channel is None else bool(args.per_channel),
+            "quant.first_last_bits": args.first_last_bits, **cli.overrides_of(extra_args, cli.QAT_FLAGS)}
+    cfg = cli.config_from_args(args, cli.RUN_FLAGS + (cli.Flag("--epochs", "qat.epochs", int),),
+                               {k: v for k, v in base.items() if v is not None})
     weights = cli.resolve_params(args.pretrained)
     train.setup_logging()
     ctxs = train.parse_ctx(cfg.ctx)
@@ -116,19 +118,12 @@ def main() -> None:
             row[key] = train.evaluate(net, test_loader, norm, ctxs)["acc"]
         if not args.skip_qat:
             name = f"qat-w{w}a{a}"
-            cmd = [sys.executable, str(HERE / "train_qat.py"), "--config", str(args.config), "--pretrained",
-                   str(weights), "--weight-bits", str(w), "--act-bits", str(a), "--out", str(run), "--name", name,
-                   "--data", cfg.data.source, "--seed", str(cfg.seed), "--epochs", str(cfg.quant.epochs),
-                   "--per-channel", str(int(cfg.quant.per_channel)),
-                   "--first-last-bits", str(cfg.quant.first_last_bits)] + qat_extra
-            if subprocess.run(cmd).returncode != 0:
-                raise UserError(f"QAT for W{w}A{a} failed (command: {' '.join(cmd)}); see {run / name}")
-            row["qat"] = json.loads((run / name / "result.json").read_text())["fq_acc"]
-            row["qat_run"] = name
+            res = train_qat(dataclasses.replace(qcfg, out=str(run), name=name), str(weights), ds=ds)
+            row["qat"], row["qat_run"] = res["fq_acc"], name
         rows.append(row)
         cli.write_json(run / "sweep.json", {"pretrained": str(weights), "per_channel": cfg.quant.per_channel,
                                             "first_last_bits": cfg.quant.first_last_bits,
-                                            "calib_batches": args.calib_batches, "qat_epochs": cfg.quant.epochs,
+                                            "calib_batches": args.calib_batches, "qat_epochs": cfg.qat.epochs,
                                             "qat_extra": qat_extra, "rows": rows})
         print(report.sweep_row_text(rows[-1]), flush=True)
     report.write_sweep(run, rows)

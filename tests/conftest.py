@@ -27,9 +27,13 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001
                 item.add_marker(skip)
 
 
-def tiny_config(tmp: Path, **quant: object):
+def tiny_config(tmp: Path, **keys: object):
+    """The tiny config writing under ``tmp``; ``keys`` set ``quant`` or ``qat`` (recipe) fields by name."""
     cfg = load_config(ROOT / "configs" / "synthetic_tiny.yaml", {"out": str(tmp), "data.cache_dir": ""})
-    return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, **quant))
+    recipe = {k: v for k, v in keys.items() if k in {f.name for f in dataclasses.fields(cfg.qat)}}
+    quant = {k: v for k, v in keys.items() if k not in recipe}
+    return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, **quant),
+                               qat=dataclasses.replace(cfg.qat, **recipe))
 
 
 @pytest.fixture(scope="session")
@@ -55,18 +59,15 @@ def float_run(tmp_path_factory, tiny_ds):
     return {"run": run, "cfg": cfg, "best": best, "logits": ev["logits"]}
 
 
-def qat_finetune(float_run, tiny_ds, tmp: Path, name: str, **quant: object) -> dict:
-    cfg = tiny_config(tmp, **quant)
-    cfg = dataclasses.replace(cfg, name=name, optim=dataclasses.replace(cfg.optim, epochs=cfg.quant.epochs,
-                                                                       lr=cfg.quant.lr, warmup_epochs=0.0))
+def qat_finetune(float_run, tiny_ds, tmp: Path, name: str, **keys: object) -> dict:
+    cfg = dataclasses.replace(tiny_config(tmp, **keys), name=name)
     train.seed_all(0)
-    net = cli.build_for(cfg, tiny_ds, quant=True)
-    new = cli.load_weights(net, float_run["run"] / "best.params", [mx.cpu()], expect_ranges=False)
+    net, new = cli.qat_from_float(cfg, tiny_ds, float_run["run"] / "best.params", [mx.cpu()])
     net.hybridize(static_alloc=True)
     run = train.make_run_dir(cfg, "qat", "tiny")
     loader, test_loader = data_mod.make_loaders(tiny_ds, 64, 250, False, 0)
     norm = data_mod.normalizer(*tiny_ds.mean_std())
-    train.calibrate(net, loader, norm, [mx.cpu()], cfg.quant.calib_batches)
+    train.calibrate(net, loader, norm, [mx.cpu()], cfg.qat.calib_batches)
     ptq_acc = train.evaluate(net, test_loader, norm, [mx.cpu()])["acc"]
     train.fit(net, cfg, tiny_ds, run, [mx.cpu()], qat=True)
     ev = train.evaluate(net, test_loader, norm, [mx.cpu()], return_outputs=True)

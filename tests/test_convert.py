@@ -11,10 +11,10 @@ import pytest
 from mxnet.gluon import nn
 
 from conftest import ROOT
-from train_quantization.config import ModelConfig, QuantConfig
+from train_quantization.config import ModelConfig, QuantConfig, QuantSpec
 from train_quantization.convert import convert
 from train_quantization.errors import UserError
-from train_quantization.layers import QAdd, QAvgPool, QConv2DBN, QDense, quantized_layers
+from train_quantization.layers import QAdd, QAvgPool, QConv2DBN, QDense, quantized_layers, set_quant_state
 from train_quantization.models import build_model
 
 
@@ -29,7 +29,8 @@ def test_resnet20_converts_by_value():
             p.set_data(mx.nd.array(np.random.default_rng(1).uniform(0.5, 1.5, p.shape).astype(np.float32)))
     x = _x()
     ref = net(x).asnumpy()
-    q = convert(net, QuantConfig(enabled=False))  # quantization off: the BN fold alone
+    q = convert(net, QuantConfig())
+    set_quant_state(q, enabled=False)  # quantization off: the BN fold alone
     layers = quantized_layers(q)
     assert sum(isinstance(b, QConv2DBN) for _, b in layers) == 21 and isinstance(layers[-1][1], QDense)
     assert [b.stride for n, b in layers if n.endswith("downsample.0")] == [2, 2]
@@ -59,7 +60,8 @@ def test_rules_on_a_custom_block():
         if "bias" in p.name or "mean" in p.name:
             p.set_data(mx.nd.array(np.full(p.shape, 0.3, np.float32)))
     ref = net(x).asnumpy()
-    q = convert(net, QuantConfig(enabled=False))
+    q = convert(net, QuantConfig())
+    set_quant_state(q, enabled=False)
     assert isinstance(q.pre, nn.BatchNorm) and isinstance(q.head, QDense) and q.head.relu
     kinds = [type(c).__name__ for c in q.body._children.values()]
     assert kinds == ["QConv2DBN", "Activation", "Conv2D"]
@@ -71,7 +73,7 @@ def test_rules_on_a_custom_block():
 
 def test_qadd_puts_both_branches_on_one_grid():
     """Known tensors in, exact values out: s = input_max / 128, relu((round(a/s) + round(b/s)) * s)."""
-    add = QAdd(QuantConfig())
+    add = QAdd(QuantSpec())
     add.initialize()
     add.input_max.set_data(mx.nd.array([1.28]))  # s = 0.01
     a = np.array([0.005, 0.015, -0.025, 1.5, -0.3, 0.0], np.float32).reshape(1, 6, 1, 1)
@@ -87,7 +89,7 @@ def test_qadd_puts_both_branches_on_one_grid():
 def test_onednn_add_and_pool_known_codes():
     """The onednn scheme: the body joins unquantized, the shortcut as codes on its own range
     (uint8 at max/255.5 after a ReLU); the pooling averages its input's codes."""
-    q = QuantConfig(scheme="onednn", per_channel=True)
+    q = QuantSpec(scheme="onednn", per_channel=True)
     add = QAdd(q)
     add.input_signed = False
     add.initialize()
@@ -191,7 +193,8 @@ def test_copy_to_float_inverts_convert():
             p.set_data(mx.nd.array(np.random.default_rng(2).uniform(0.5, 1.5, p.shape).astype(np.float32)))
     x = _x()
     ref = net(x).asnumpy()
-    q = convert(net, QuantConfig(enabled=False))
+    q = convert(net, QuantConfig())
+    set_quant_state(q, enabled=False)
     back = copy_to_float(q, build_model(ModelConfig(arch="gluoncv:cifar_resnet20_v1"), 10, 3, 32))
     np.testing.assert_array_equal(back(x).asnumpy(), ref)
 

@@ -56,7 +56,7 @@ def _ptq_net(float_run, tiny_ds, bits: int, method: str = "ema"):
     net.hybridize(static_alloc=True)
     norm = normalizer(*tiny_ds.mean_std())
     if method == "ema":  # what QAT starts from (conftest.qat_finetune)
-        calibrate(net, make_loaders(tiny_ds, 64, 250, False, 0)[0], norm, [mx.cpu()], cfg.quant.calib_batches)
+        calibrate(net, make_loaders(tiny_ds, 64, 250, False, 0)[0], norm, [mx.cpu()], cfg.qat.calib_batches)
     else:
         ptq.calibrate_ranges(net, calib_loader(tiny_ds, 64, 5, 0), norm, mx.cpu(), 5, method)
     return net, norm
@@ -133,7 +133,7 @@ def test_layer_widths_from_config(tiny_ds, tmp_path):
 
     cfg = tiny_config(tmp_path, weight_bits=4, act_bits=4, first_last_bits=8, layer_bits={"features.7": [6, 5]})
     net = cli.build_for(cfg, tiny_ds, quant=True)
-    bits = {name: (b.q.weight_bits, b.q.act_bits) for name, b in quantized_layers(net)}
+    bits = {name: (b.spec.weight_bits, b.spec.act_bits) for name, b in quantized_layers(net)}
     assert bits["features.0"] == (8, 8) and bits["classifier.3"] == (8, 8)
     assert bits["features.7"] == (6, 5) and bits["features.1"] == (4, 4) and bits["classifier.1"] == (4, 4)
     with pytest.raises(UserError, match="unknown layers.*features.99"):

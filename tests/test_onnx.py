@@ -1,6 +1,7 @@
 """ONNX export: the QDQ graph on ONNX Runtime's int8 kernels equals the simulated engine; float export."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -46,14 +47,14 @@ def test_qdq_on_onnxruntime_equals_simulation(qat_run, tiny_ds, tmp_path, per_ch
         from train_quantization.layers import quantized_layers
 
         for _, b in quantized_layers(net):
-            b.q = b.q.__class__(**{**b.q.__dict__, "per_channel": True})
+            b.spec = dataclasses.replace(b.spec, per_channel=True)
         net.hybridize(static_alloc=True)
     try:
         m = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
     finally:
         if per_channel:
             for _, b in quantized_layers(net):
-                b.q = b.q.__class__(**{**b.q.__dict__, "per_channel": False})
+                b.spec = dataclasses.replace(b.spec, per_channel=False)
             net.hybridize(static_alloc=True)
     model = onnx_export.build_qdq(m, target)
     assert onnx_export.target_of(model) == target

@@ -7,7 +7,7 @@ import pytest
 from mxnet import autograd, gluon, nd
 
 from train_quantization import quant
-from train_quantization.config import QuantConfig
+from train_quantization.config import QuantSpec
 from train_quantization.layers import QConv2DBN, QDense
 
 
@@ -88,7 +88,8 @@ def test_ste_gradient_is_the_expected_mask(ste):
 def test_bn_fold_equals_conv_then_frozen_bn_and_gradients_match():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 3, 6, 6))
-    blk = QConv2DBN(4, 3, QuantConfig(enabled=False), relu=False)
+    blk = QConv2DBN(4, 3, QuantSpec(), relu=False)
+    blk.quant_enabled = False
     blk.initialize()
     vals = {"gamma": rng.uniform(0.5, 2, 4), "beta": rng.standard_normal(4),
             "running_mean": rng.standard_normal(4), "running_var": rng.uniform(0.5, 2, 4)}
@@ -125,7 +126,7 @@ def test_bn_fold_equals_conv_then_frozen_bn_and_gradients_match():
 
 @pytest.mark.parametrize("hybrid", [False, True])
 def test_ema_range_exact_sequence_and_eval_leaves_it(hybrid):
-    q = QuantConfig(momentum=0.95)
+    q = QuantSpec(momentum=0.95)
     blk = QDense(3, 4, q)
     blk.initialize()
     if hybrid:
@@ -207,8 +208,8 @@ def test_paper_bn_mode_consistent_after_freeze(float_run, tiny_ds):
         pre_train = net.features(x).asnumpy()
     pre_eval = net.features(x).asnumpy()
     assert np.abs(pre_train - pre_eval).max() > 1e-3
-    assert train.qat_phase(net, cfg, cfg.quant.bn_freeze_step - 1, None) == (True, False, False)
-    assert train.qat_phase(net, cfg, cfg.quant.bn_freeze_step, None) == (True, False, True)
+    assert train.qat_phase(net, cfg, cfg.qat.bn_freeze_step - 1, None) == (True, False, False)
+    assert train.qat_phase(net, cfg, cfg.qat.bn_freeze_step, None) == (True, False, True)
     frozen = net.features[0].running_mean.data().asnumpy().copy()
     net.collect_params().setattr("grad_req", "null")
     with autograd.record():  # after freezing: train-mode and eval-mode outputs agree
@@ -221,7 +222,7 @@ def test_paper_bn_mode_consistent_after_freeze(float_run, tiny_ds):
 def test_two_devices_get_identical_ranges_equal_to_single_device():
     from train_quantization import train
 
-    q = QuantConfig()
+    q = QuantSpec()
     rng = np.random.default_rng(3)
     batches = [rng.standard_normal((8, 6)).astype(np.float32) * (1 + i) for i in range(4)]
     single = gluon.nn.HybridSequential()

@@ -1,44 +1,107 @@
-"""Shared command-line flags and run setup for the scripts (which stay thin)."""
+"""Shared command-line flags and run setup for the scripts (which stay thin).
+
+Every flag that overrides a config key is declared once, in a ``Flag`` table, with the dotted key
+it sets; scripts pick their table (``FLOAT_FLAGS``, ``QAT_FLAGS``) and ``config_from_args`` turns
+the given flags into overrides.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import mxnet as mx
 import numpy as np
 
 from . import data as data_mod
-from .config import Config, load_config
+from .config import Config, load_config, parse_arch
 from .errors import UserError
 from .layers import quantized_layers
 from .models import build_model
 
 
-def common_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", help="YAML config (configs/*.yaml); required unless --resume")
-    p.add_argument("--resume", help="run folder to continue after its last completed epoch (uses its config.yaml)")
-    p.add_argument("--data", help="dataset: cifar-10-python.tar.gz, cifar-10-binary.tar.gz, an image-folder "
-                                  "tree or tarball, or 'synthetic' (overrides data.source)")
-    p.add_argument("--out", help="parent folder for the run folder (overrides out)")
-    p.add_argument("--name", help="run folder name (default: <config>-<kind>-<time>)")
-    p.add_argument("--epochs", type=int, help="override optim.epochs")
-    p.add_argument("--lr", type=float, help="override optim.lr")
-    p.add_argument("--batch-size", type=int, help="override data.batch_size")
-    p.add_argument("--width", type=float, help="override model.width")
-    p.add_argument("--model", help="override model.arch: vgg11|vgg13|vgg16|vgg19|gluoncv:<name> "
-                                   "(e.g. gluoncv:cifar_resnet20_v1)")
-    p.add_argument("--augment", type=int, choices=(0, 1), help="override data.augment (0/1)")
-    p.add_argument("--seed", type=int, help="override seed")
-    p.add_argument("--ctx", help="devices: cpu, cpu:0,cpu:1 or gpu:N (overrides ctx)")
-    p.add_argument("--kvstore", choices=("device", "local", "dist_sync"),
-                   help="gradient aggregation (overrides kvstore); dist_sync: run under scripts/launch_dist.py")
+def _bool01(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
+    return text == "1"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag that overrides the config key ``key``."""
+
+    flag: str
+    key: str
+    type: Callable = str
+    help: str = ""
+    choices: Optional[tuple] = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+
+RUN_FLAGS = (
+    Flag("--data", "data.source", help="dataset: cifar-10-python.tar.gz, cifar-10-binary.tar.gz, an image-folder "
+                                       "tree or tarball, or 'synthetic'"),
+    Flag("--out", "out", help="parent folder for the run folder"),
+    Flag("--name", "name", help="run folder name (default: <config>-<kind>-<time>)"),
+    Flag("--batch-size", "data.batch_size", int, "images per step"),
+    Flag("--width", "model.width", float, "VGG channel multiplier"),
+    Flag("--model", "model.arch", help="vgg11|vgg13|vgg16|vgg19|gluoncv:<name> (e.g. gluoncv:cifar_resnet20_v1)"),
+    Flag("--augment", "data.augment", _bool01, "random crop + flip, 0/1"),
+    Flag("--seed", "seed", int),
+    Flag("--ctx", "ctx", help="devices: cpu, cpu:0,cpu:1 or gpu:N"),
+    Flag("--kvstore", "kvstore", choices=("device", "local", "dist_sync"),
+         help="gradient aggregation; dist_sync: run under scripts/launch_dist.py"),
+)
+FLOAT_FLAGS = RUN_FLAGS + (Flag("--epochs", "optim.epochs", int), Flag("--lr", "optim.lr", float, "peak learning rate"))
+QUANT_FLAGS = (
+    Flag("--per-channel", "quant.per_channel", _bool01, "weight scales per output channel, 0/1"),
+    Flag("--scheme", "quant.scheme", choices=("original", "onednn"),
+         help="onednn: oneDNN's 8-bit arithmetic (per-channel weights)"),
+    Flag("--weight-bits", "quant.weight_bits", int, "2-8"),
+    Flag("--act-bits", "quant.act_bits", int, "2-8"),
+    Flag("--first-last-bits", "quant.first_last_bits", int, "width of the first and last layer, 0 off, 2-8"),
+    Flag("--ste", "quant.ste", choices=("plain", "clipped")),
+    Flag("--bn-mode", "quant.bn_mode", choices=("frozen", "paper")),
+)
+QAT_FLAGS = RUN_FLAGS + QUANT_FLAGS + (
+    Flag("--epochs", "qat.epochs", int, "QAT epochs"),
+    Flag("--lr", "qat.lr", float, "QAT peak learning rate"),
+    Flag("--calib", "qat.calib", choices=("ema", "max", "mse"),
+         help="how the ranges start (mse: MSE-optimal clipping, see ptq.py)"),
+    Flag("--delay-steps", "qat.delay_steps", int, "float steps before fake quantization switches on"),
+    Flag("--freeze-ranges-step", "qat.freeze_ranges_step", int, "the range EMA stops from this step on, -1 never"),
+    Flag("--bn-freeze-step", "qat.bn_freeze_step", int, "paper BN mode: steps on batch statistics"),
+)
+
+
+def add_flags(p: argparse.ArgumentParser, flags: tuple) -> argparse.ArgumentParser:
+    for f in flags:
+        p.add_argument(f.flag, dest=f.dest, type=f.type, choices=f.choices,
+                       help=f"{f.help + '; ' if f.help else ''}overrides {f.key}")
     return p
 
 
-def config_from_args(args: argparse.Namespace, extra: Optional[dict] = None) -> Config:
+def common_parser(description: str, flags: tuple = FLOAT_FLAGS) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", help="YAML config (configs/*.yaml); required unless --resume")
+    p.add_argument("--resume", help="run folder to continue after its last completed epoch (uses its config.yaml)")
+    return add_flags(p, flags)
+
+
+def overrides_of(args: argparse.Namespace, flags: tuple) -> dict:
+    """``{dotted key: value}`` of the flags given on the command line."""
+    return {f.key: getattr(args, f.dest) for f in flags if getattr(args, f.dest, None) is not None}
+
+
+def config_from_args(args: argparse.Namespace, flags: tuple = FLOAT_FLAGS, base: Optional[dict] = None) -> Config:
+    """The run's config: ``--resume``'s config.yaml, or ``--config`` with ``base`` (e.g. the pretrained
+    run's model and data) and then the flags given applied."""
     if args.resume:
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
@@ -46,18 +109,19 @@ def config_from_args(args: argparse.Namespace, extra: Optional[dict] = None) -> 
         return on_devices(load_config(run / "config.yaml"))
     if not args.config:
         raise UserError("pass --config configs/<name>.yaml (or --resume RUN_DIR)")
-    overrides = {"data.source": args.data, "out": args.out, "name": args.name, "optim.epochs": args.epochs,
-                 "optim.lr": args.lr, "data.batch_size": args.batch_size, "model.width": args.width,
-                 "model.arch": args.model, "seed": args.seed, "kvstore": args.kvstore, "ctx": args.ctx,
-                 "data.augment": None if args.augment is None else bool(args.augment)}
-    overrides.update(extra or {})
-    return on_devices(load_config(args.config, overrides))
+    return on_devices(load_config(args.config, {**(base or {}), **overrides_of(args, flags)}))
+
+
+def run_spec(run: Path) -> dict:
+    """A float run's model and data keys (from its config.yaml), which a QAT run of it must share."""
+    raw = load_config(run / "config.yaml").to_dict()
+    keys = [f"model.{k}" for k in raw["model"]] + [f"data.{k}" for k in raw["data"] if k.startswith("synthetic")]
+    keys.append("data.source")
+    return {k: raw[k.split(".")[0]][k.split(".")[1]] for k in keys}
 
 
 def on_devices(cfg: Config) -> Config:
     """The compiled quantizer is a CPU operator: on GPUs ``quant.kernel: auto`` means stock ops."""
-    import dataclasses
-
     if "gpu" in cfg.ctx:
         if cfg.quant.kernel == "fused":
             raise UserError("quant.kernel 'fused' is a CPU operator; use 'auto' or 'stock' with --ctx gpu:N")
@@ -66,11 +130,12 @@ def on_devices(cfg: Config) -> Config:
 
 
 def build_for(cfg: Config, ds: data_mod.Dataset, quant: bool) -> mx.gluon.HybridBlock:
+    """The float network for ``ds``, or (``quant``) its QAT form with random values (load a checkpoint next)."""
     if cfg.data.batch_size > len(ds.train_x):
         raise UserError(f"batch size {cfg.data.batch_size} is larger than the training set ({len(ds.train_x)} "
                         "images); lower data.batch_size")
     h, w, c = ds.image_shape
-    if h != w and not cfg.model.arch.startswith("gluoncv:"):
+    if h != w and parse_arch(cfg.model.arch)[0] == "vgg":
         raise UserError(f"images are {h}x{w}; VGG here needs square images")
     return build_model(cfg.model, ds.num_classes, c, h, cfg.quant if quant else None)
 
@@ -126,33 +191,22 @@ def init_net(net: mx.gluon.HybridBlock, ctxs: list) -> None:
 
 
 def qat_from_float(cfg: Config, ds: data_mod.Dataset, weights: Path, ctxs: list) -> tuple:
-    """The QAT network holding a float checkpoint's weights; returns ``(net, new parameter names)``.
-
-    VGG: the quantized spec loads the float checkpoint by name. Other models (``gluoncv:``):
-    the float network loads it, then ``convert`` moves the values into quantized blocks.
-    """
-    if not cfg.model.arch.startswith("gluoncv:"):
-        net = build_for(cfg, ds, quant=True)
-        return net, load_weights(net, weights, ctxs, expect_ranges=False)
+    """The QAT network holding a float checkpoint's weights; returns ``(net, new parameter names)``:
+    the float network loads the checkpoint, then ``convert`` moves the values into quantized blocks."""
     from .convert import convert
 
     fnet = build_for(cfg, ds, quant=False)
     load_weights(fnet, weights, ctxs, expect_ranges=False)
     net = convert(fnet, cfg.quant)
     net.collect_params().reset_ctx(ctxs)
-    return net, [f"{name}.input_max" for name, _ in quantized_layers(net)]
+    return net, sorted(f"{name}.input_max" for name, _ in quantized_layers(net))
 
 
-def float_with_qat_weights(cfg: Config, ds: data_mod.Dataset, qnet: mx.gluon.HybridBlock,
-                           qpath: Path) -> mx.gluon.HybridBlock:
+def float_with_qat_weights(cfg: Config, ds: data_mod.Dataset, qnet: mx.gluon.HybridBlock) -> mx.gluon.HybridBlock:
     """The float graph holding the QAT weights (what oneDNN quantizes with the learned ranges)."""
-    fnet = build_for(cfg, ds, quant=False)
-    if cfg.model.arch.startswith("gluoncv:"):
-        from .convert import copy_to_float
+    from .convert import copy_to_float
 
-        return copy_to_float(qnet, fnet)
-    fnet.load_parameters(str(qpath), ignore_extra=True)  # VGG: the same parameter names
-    return fnet
+    return copy_to_float(qnet, build_for(cfg, ds, quant=False))
 
 
 def describe_ranges(net: mx.gluon.Block) -> list:
@@ -162,7 +216,7 @@ def describe_ranges(net: mx.gluon.Block) -> list:
 
     rows = []
     for name, layer in quantized_layers(net):
-        q = layer.q
+        q = layer.spec
         if not hasattr(layer, "weight"):  # QAdd: a range only
             rows.append({"layer": name, "type": type(layer).__name__, "act_bits": q.act_bits,
                          "input_max": float(layer.input_max.data().asscalar())})

@@ -1,6 +1,8 @@
 """One typed config for float training and QAT, read from YAML.
 
-Every field has a unit or a meaning in its comment. Unknown keys and wrong types are
+Sections: ``data``, ``model``, ``optim`` (float training and the QAT optimizer), ``quant`` (the
+quantizer and each layer's widths: ``QuantConfig.spec`` gives the frozen per-layer ``QuantSpec``),
+``qat`` (the fine-tuning recipe). Every field has a unit or a meaning in its comment. Unknown keys and wrong types are
 errors that name the key (``UserError``); scripts turn them into one line and exit code 2.
 """
 from __future__ import annotations
@@ -54,28 +56,56 @@ class OptimConfig:
     label_smoothing: float = 0.0  # target = (1 - e) * one_hot + e / classes; 0 = plain cross-entropy
 
 
-@dataclass
-class QuantConfig:
-    enabled: bool = True  # False: quantized blocks run in float (BN fold only), e.g. a quantization delay
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one layer quantizes; frozen: every quantized block holds its own (``QuantConfig.spec``)."""
+
     weight_bits: int = 8  # weights: narrow symmetric [-(2^(b-1)-1), 2^(b-1)-1]
     act_bits: int = 8  # activations: signed [-2^(b-1), 2^(b-1)-1], scale moving_max / 2^(b-1)
     per_channel: bool = False  # weight scale per output channel instead of per tensor
     scheme: str = "original"  # original (Jacob et al.) | onednn (MXNet/oneDNN int8 arithmetic; 8 bits, per channel)
-    first_last_bits: int = 0  # >0: the first and the last quantized layer use this width for weights and input
-    layer_bits: dict = field(default_factory=dict)  # per layer [weight_bits, act_bits], e.g. {classifier.3: [8, 8]}
+    momentum: float = 0.95  # EMA: moving_max = m * moving_max + (1 - m) * max|x|
+    ste: str = "plain"  # plain: identity gradient; clipped: zero outside the range
+    bn_mode: str = "frozen"  # frozen: running statistics; paper: batch stats + correction until frozen
+    train_bn_affine: bool = True  # frozen mode: gamma/beta keep learning
+    kernel: str = "auto"  # auto: compiled fused quantizer if it builds, else stock ops | fused | stock
+
+
+@dataclass
+class QuantConfig:
+    """The ``quant:`` section: the quantizer, and which layers get which widths."""
+
+    weight_bits: int = 8  # default weight width, 2-8
+    act_bits: int = 8  # default activation width, 2-8
+    per_channel: Optional[bool] = None  # None: per channel in the onednn scheme, per tensor otherwise
+    scheme: str = "original"  # original (Jacob et al.) | onednn (MXNet/oneDNN int8 arithmetic; 8 bits, per channel)
     momentum: float = 0.95  # EMA: moving_max = m * moving_max + (1 - m) * max|x|
     ste: str = "plain"  # plain: identity gradient; clipped: zero outside the range
     bn_mode: str = "frozen"  # frozen: running statistics; paper: batch stats + correction, then frozen
-    bn_freeze_step: int = 0  # paper mode: optimizer steps before BN statistics freeze
     train_bn_affine: bool = True  # frozen mode: gamma/beta keep learning
-    quantize_last_layer: bool = True  # False keeps the classifier's last Dense in float
     kernel: str = "auto"  # auto: compiled fused quantizer if it builds, else stock ops | fused | stock
-    calib_batches: int = 10  # training batches that initialize the ranges before QAT
+    first_last_bits: int = 0  # >0: the first and the last quantized layer use this width for weights and input
+    layer_bits: dict = field(default_factory=dict)  # per layer [weight_bits, act_bits], e.g. {classifier.3: [8, 8]}
+    quantize_last_layer: bool = True  # False keeps the network's last Dense in float
+
+    def spec(self, weight_bits: Optional[int] = None, act_bits: Optional[int] = None) -> QuantSpec:
+        """The frozen per-layer spec, at these widths (default: the section's)."""
+        per_channel = self.scheme == "onednn" if self.per_channel is None else self.per_channel
+        return QuantSpec(weight_bits or self.weight_bits, act_bits or self.act_bits, per_channel, self.scheme,
+                         self.momentum, self.ste, self.bn_mode, self.train_bn_affine, self.kernel)
+
+
+@dataclass
+class QATConfig:
+    """The ``qat:`` section: the fine-tuning recipe of ``train_qat.py`` (the optimizer is ``optim``'s)."""
+
+    epochs: int = 2  # QAT fine-tuning epochs
+    lr: float = 0.005  # peak learning rate (cosine to 0, no warm-up)
     calib: str = "ema"  # how ranges start: ema (training-mode EMA, the original) | max | mse (float eval batches)
-    delay_steps: int = 0  # QAT steps that train in float (BN fold only) before fake quantization switches on
-    freeze_ranges_step: int = -1  # >=0: activation ranges stop updating after this many QAT steps
-    epochs: int = 2  # QAT fine-tuning epochs (replace optim.epochs for train_qat.py)
-    lr: float = 0.005  # QAT peak learning rate (replaces optim.lr; cosine to 0, no warm-up)
+    calib_batches: int = 10  # training batches that initialize the ranges before QAT
+    delay_steps: int = 0  # steps that train in float (BN folded) before fake quantization switches on
+    freeze_ranges_step: int = -1  # >=0: activation ranges stop updating from this QAT step on
+    bn_freeze_step: int = 0  # paper BN mode: steps on batch statistics before they freeze
 
 
 @dataclass
@@ -89,6 +119,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,9 +133,19 @@ _CHOICES = {
     "quant.bn_mode": ("frozen", "paper"),
     "quant.kernel": ("auto", "fused", "stock"),
     "quant.scheme": ("original", "onednn"),
-    "quant.calib": ("ema", "max", "mse"),
+    "qat.calib": ("ema", "max", "mse"),
     "kvstore": ("device", "local", "dist_sync"),
 }
+
+
+def parse_arch(arch: str) -> tuple:
+    """``model.arch`` -> ``(kind, name)``: ``("vgg", "vgg16")`` or ``("gluoncv", "<model zoo name>")``."""
+    if arch in VGG_ARCHS:
+        return "vgg", arch
+    kind, _, name = arch.partition(":")
+    if kind == "gluoncv" and name:
+        return kind, name
+    raise UserError(f"config key 'model.arch' must be one of {VGG_ARCHS} or gluoncv:<model name>, got {arch!r}")
 
 
 def _check_type(key: str, value: Any, typ: Any) -> Any:
@@ -151,16 +192,14 @@ def _validate(cfg: Config) -> Config:
     for key, bits in (("quant.weight_bits", q.weight_bits), ("quant.act_bits", q.act_bits)):
         if not 2 <= bits <= 8:
             raise UserError(f"config key '{key}' must be between 2 and 8, got {bits}")
-    arch = cfg.model.arch
-    if arch not in VGG_ARCHS and not (arch.startswith("gluoncv:") and len(arch) > 8):
-        raise UserError(f"config key 'model.arch' must be one of {VGG_ARCHS} or gluoncv:<model name>, got {arch!r}")
+    parse_arch(cfg.model.arch)
     if q.first_last_bits and not 2 <= q.first_last_bits <= 8:
         raise UserError(f"config key 'quant.first_last_bits' must be 0 (off) or 2-8, got {q.first_last_bits}")
     for name, pair in q.layer_bits.items():
         if not (isinstance(pair, list) and len(pair) == 2 and all(type(b) is int and 2 <= b <= 8 for b in pair)):
             raise UserError(f"config key 'quant.layer_bits.{name}' must be [weight_bits, act_bits] with "
                             f"widths 2-8, got {pair!r}")
-    if q.scheme == "onednn" and (q.weight_bits != 8 or q.act_bits != 8 or not q.per_channel
+    if q.scheme == "onednn" and (q.weight_bits != 8 or q.act_bits != 8 or q.per_channel is False
                                  or q.first_last_bits not in (0, 8) or q.layer_bits):
         raise UserError("config key 'quant.scheme' onednn is oneDNN's 8-bit arithmetic: it needs "
                         "quant.per_channel: true and 8-bit weights and activations everywhere")
@@ -175,8 +214,26 @@ def _validate(cfg: Config) -> Config:
     return cfg
 
 
+RECIPE_KEYS = ("epochs", "lr", "calib", "calib_batches", "delay_steps", "freeze_ranges_step", "bn_freeze_step")
+
+
+def _migrate(raw: dict) -> dict:
+    """Run folders written before the ``qat:`` section existed kept the recipe under ``quant:``
+    (and a ``quant.enabled`` switch, now block state): move those keys where they live now."""
+    quant = raw.get("quant")
+    if not isinstance(quant, dict) or not any(k in quant for k in RECIPE_KEYS + ("enabled",)):
+        return raw
+    quant = dict(quant)
+    qat = dict(raw.get("qat") or {})
+    for key in RECIPE_KEYS:
+        if key in quant:
+            qat.setdefault(key, quant.pop(key))
+    quant.pop("enabled", None)
+    return {**raw, "quant": quant, "qat": qat}
+
+
 def from_dict(raw: dict) -> Config:
-    return _validate(_build(Config, raw or {}, ""))
+    return _validate(_build(Config, _migrate(raw or {}), ""))
 
 
 def load_config(path: str | Path, overrides: Optional[dict] = None) -> Config:

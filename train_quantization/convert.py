@@ -1,11 +1,14 @@
-"""Quantize a Gluon model we did not write: ``convert(net, quant_config)``.
+"""Turn a float Gluon network into its QAT form: ``convert(net, quant_config)``; and back.
 
-Rules (in place, values copied from the float blocks):
+One path for every model (VGG from our spec, gluoncv model zoo networks, any nest of sequential
+containers). Rules (in place, values copied from the float blocks, no random draws):
 
+* our float ``Conv2DBN`` becomes a ``QConv2DBN`` (same parameter names);
 * in every ``HybridSequential``, a ``Conv2D`` directly followed by a ``BatchNorm`` becomes one
   ``QConv2DBN`` (the BatchNorm is folded into it; a ReLU ``Activation`` right after stays a
   separate block), and the BatchNorm leaves the container;
-* every ``Dense`` (in a container or held as a child attribute) becomes a ``QDense``;
+* every ``Dense`` (in a container or held as a child attribute) becomes a ``QDense``; with
+  ``quant.quantize_last_layer: false`` the network's last one stays float;
 * a ResNet v1 block (gluoncv's ``CIFARBasicBlockV1``, ``BasicBlockV1``, ``BottleneckV1``:
   ``relu(body(x) + downsample(x) or x)``) becomes a ``QResidual`` whose add is a ``QAdd``
   (both branches on one learned scale), after its body and downsample are converted;
@@ -16,9 +19,14 @@ Rules (in place, values copied from the float blocks):
   converted too. A Conv2D and BatchNorm held as separate attributes of a custom block are
   left in float (their call order is not known without tracing).
 
-The network must be initialized with known shapes (run one forward pass first). Parameter
-names of the result are structural (``save_parameters``), so a QAT checkpoint of a
-converted network loads into ``convert(<same float model>)``.
+Then, in one place, every quantized layer gets its frozen spec (widths from ``quant.layer_bits``,
+``quant.first_last_bits``) and its input's signedness from the graph (``_mark_signs``).
+
+The network must hold values with known shapes (initialized, or loaded from a checkpoint).
+Parameter names of the result are structural (``save_parameters``) and equal the float
+network's plus one ``input_max`` per quantized layer, so float checkpoints load into QAT
+networks and QAT checkpoints into ``convert(<same float model>)``. ``copy_to_float`` is the
+inverse: the QAT values back into the float network.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from mxnet.gluon import nn
 
 from .config import QuantConfig
 from .errors import UserError
-from .layers import QAdd, QAvgPool, QConv2DBN, QDense, QResidual, quantized_layers, set_layer_widths
+from .layers import Conv2DBN, QAdd, QAvgPool, QConv2DBN, QDense, QResidual, quantized_layers, set_layer_widths
 
 RESIDUAL_V1 = ("CIFARBasicBlockV1", "BasicBlockV1", "BottleneckV1")  # relu(body(x) + downsample(x) or x)
 SEQUENTIAL_CUSTOM = ("VGG", "CIFARResNetV1", "ResNetV1")  # custom blocks whose forward runs the children in order
@@ -42,6 +50,17 @@ def _square(v: object, what: str) -> int:
     return int(t[0])
 
 
+def _adopt(block: gluon.Block, values: dict, ctx: list) -> None:
+    """Set ``block``'s parameters from ``{name: NDArray}`` without initializing them (no random
+    draws, so a run's random stream is the same whichever way its network was built); the rest
+    (range states) start at zero."""
+    for name, p in block._collect_params_with_prefix().items():
+        if name in values:
+            p._load_init(values[name].copy(), ctx)
+        else:
+            p.initialize(mx.init.Zero(), ctx=ctx)
+
+
 def _qconv(conv: nn.Conv2D, bn: nn.BatchNorm, q: QuantConfig) -> QConv2DBN:
     kw = conv._kwargs
     if kw.get("num_group", 1) != 1 or _square(kw.get("dilate", (1, 1)), "dilations") != 1:
@@ -50,17 +69,20 @@ def _qconv(conv: nn.Conv2D, bn: nn.BatchNorm, q: QuantConfig) -> QConv2DBN:
         raise UserError("convert(): BatchNorm with fix_gamma=True is not supported (gamma must be a parameter)")
     w = conv.weight.data()
     out_c, in_c, k, _ = w.shape
-    block = QConv2DBN(out_c, in_c, q, kernel=k, padding=_square(kw["pad"], "paddings"), relu=False,
+    block = QConv2DBN(out_c, in_c, q.spec(), kernel=k, padding=_square(kw["pad"], "paddings"), relu=False,
                       stride=_square(kw["stride"], "strides"))
-    ctx = w.context
-    block.initialize(ctx=ctx)
-    block.weight.set_data(w)
-    block.gamma.set_data(bn.gamma.data())
-    block.beta.set_data(bn.beta.data())
-    block.running_mean.set_data(bn.running_mean.data())
-    block.running_var.set_data(bn.running_var.data())
-    if conv.bias is not None:  # fold a conv bias into beta: BN(conv + b) = BN'(conv), mean' = mean - b
-        block.running_mean.set_data(bn.running_mean.data() - conv.bias.data())
+    mean = bn.running_mean.data()
+    if conv.bias is not None:  # fold a conv bias into the mean: BN(conv + b) = BN'(conv), mean' = mean - b
+        mean = mean - conv.bias.data()
+    _adopt(block, {"weight": w, "gamma": bn.gamma.data(), "beta": bn.beta.data(), "running_mean": mean,
+                   "running_var": bn.running_var.data()}, conv.weight.list_ctx())
+    return block
+
+
+def _qconv2dbn(conv: Conv2DBN, q: QuantConfig) -> QConv2DBN:
+    block = QConv2DBN(conv.channels, conv.in_channels, q.spec(), kernel=conv.kernel, padding=conv.padding,
+                      relu=conv.relu, stride=conv.stride)
+    _adopt(block, {k: p.data() for k, p in conv._collect_params_with_prefix().items()}, conv.weight.list_ctx())
     return block
 
 
@@ -69,11 +91,24 @@ def _qdense(dense: nn.Dense, q: QuantConfig) -> QDense:
     act = dense.act._act_type if dense.act is not None else None
     if act not in (None, "relu"):
         raise UserError(f"convert(): Dense with activation {act!r} is not supported (relu or none)")
-    block = QDense(w.shape[0], w.shape[1], q, relu=act == "relu", flatten=bool(dense._flatten))
-    block.initialize(ctx=w.context)
-    block.weight.set_data(w)
-    block.bias.set_data(dense.bias.data() if dense.bias is not None else mx.nd.zeros(w.shape[0], ctx=w.context))
+    block = QDense(w.shape[0], w.shape[1], q.spec(), relu=act == "relu", flatten=bool(dense._flatten))
+    bias = dense.bias.data() if dense.bias is not None else mx.nd.zeros(w.shape[0], ctx=w.context)
+    _adopt(block, {"weight": w, "bias": bias}, dense.weight.list_ctx())
     return block
+
+
+def _float_dense(qd: QDense) -> nn.Dense:
+    """A ``QDense``'s values in a float ``Dense`` (``quant.quantize_last_layer: false``)."""
+    d = nn.Dense(qd.units, activation="relu" if qd.relu else None, in_units=qd.in_units, flatten=qd.flatten)
+    _adopt(d, {"weight": qd.weight.data(), "bias": qd.bias.data()}, qd.weight.list_ctx())
+    return d
+
+
+def _set_child(parent: gluon.Block, name: str, child: gluon.Block) -> None:
+    """Replace a child in place, in a container or as an attribute (``__setattr__`` refuses a change of type)."""
+    if not isinstance(parent, (nn.HybridSequential, nn.Sequential)):
+        object.__setattr__(parent, name, child)
+    parent._children[name] = child
 
 
 def _convert_children(block: gluon.Block, q: QuantConfig) -> None:
@@ -87,31 +122,36 @@ def _convert_children(block: gluon.Block, q: QuantConfig) -> None:
                 new.append((name, _qconv(child, nxt, q)))
                 i += 2
                 continue
-            if isinstance(child, nn.Dense):
-                child = _qdense(child, q)
-            elif isinstance(child, nn.GlobalAvgPool2D) and q.scheme == "onednn":
-                child = QAvgPool(q, prefix=child.prefix)
-                child.initialize(ctx=block.collect_params().list_ctx())
+            if isinstance(child, nn.GlobalAvgPool2D) and q.scheme == "onednn":
+                child = QAvgPool(q.spec(), prefix=child.prefix)
+                child.initialize(mx.init.Zero(), ctx=block.collect_params().list_ctx())
             new.append((name, child))
             i += 1
         block._children.clear()
         for name, child in new:
             block._children[name] = child
-    else:
-        for name, child in items:
-            if isinstance(child, nn.Dense):  # Block.__setattr__ refuses a change of type
-                new = _qdense(child, q)
-                object.__setattr__(block, name, new)
-                block._children[name] = new
     for name, child in list(block._children.items()):
-        if not isinstance(child, (QConv2DBN, QDense)):
+        if isinstance(child, Conv2DBN) and not isinstance(child, QConv2DBN):
+            _set_child(block, name, _qconv2dbn(child, q))
+        elif isinstance(child, nn.Dense):
+            _set_child(block, name, _qdense(child, q))
+        elif not isinstance(child, (QConv2DBN, QDense)):
             _convert_children(child, q)
         if type(child).__name__ in RESIDUAL_V1 and hasattr(child, "body") and hasattr(child, "downsample"):
-            new = QResidual(child.body, child.downsample, QAdd(q))
-            new.add.initialize(ctx=child.body.collect_params().list_ctx())
-            if not isinstance(block, (nn.HybridSequential, nn.Sequential)):
-                object.__setattr__(block, name, new)
-            block._children[name] = new
+            new = QResidual(child.body, child.downsample, QAdd(q.spec()))
+            new.add.initialize(mx.init.Zero(), ctx=child.body.collect_params().list_ctx())
+            _set_child(block, name, new)
+
+
+def _keep_last_float(net: gluon.Block) -> None:
+    """``quant.quantize_last_layer: false``: the last quantized layer, a ``QDense``, back to float."""
+    path, last = quantized_layers(net, weights_only=True)[-1]
+    if isinstance(last, QDense):
+        parent = net
+        *parents, name = path.split(".")
+        for p in parents:
+            parent = parent._children[p]
+        _set_child(parent, name, _float_dense(last))
 
 
 UINT8, INT8, INT8_NONNEG = "uint8", "int8", "int8 >= 0"  # how a tensor reaches its readers (onednn scheme)
@@ -146,45 +186,55 @@ def _mark_signs(block: gluon.Block, state: str) -> str:
 
 
 def convert(net: gluon.HybridBlock, q: QuantConfig) -> gluon.HybridBlock:
-    """Replace Conv2D+BatchNorm pairs and Dense layers of ``net`` by quantized blocks (in place)."""
+    """Replace ``net``'s convolution+BatchNorm pairs and Dense layers by quantized blocks (in place),
+    give each its spec and input signedness; returns ``net``."""
     try:
         for p in net.collect_params().values():
             p.data()
     except (RuntimeError, mx.base.MXNetError) as exc:
-        raise UserError("convert(): initialize the network and run one forward pass first "
-                        f"(parameters without data: {str(exc).splitlines()[0]})") from None
+        raise UserError("convert(): initialize the network (or load a checkpoint) and run one forward pass "
+                        f"first (parameters without data: {str(exc).splitlines()[0]})") from None
     _convert_children(net, q)
-    if not quantized_layers(net):
+    if not quantized_layers(net, weights_only=True):
         raise UserError("convert(): no Conv2D+BatchNorm pair or Dense layer found to quantize")
+    if not q.quantize_last_layer:
+        _keep_last_float(net)
     set_layer_widths(net, q)
     _mark_signs(net, INT8)
     return net
 
 
 def copy_to_float(qnet: gluon.HybridBlock, fnet: gluon.HybridBlock) -> gluon.HybridBlock:
-    """The inverse move: copy a converted network's (QAT) values into ``fnet``, the float model it was
-    converted from (same structure, e.g. freshly built): each ``QConv2DBN`` into its Conv2D and the
-    BatchNorm after it (a conv bias becomes 0, already folded into the mean), each ``QDense`` into its
-    Dense. For oneDNN, which takes the float graph and quantizes it itself. Returns ``fnet``."""
+    """The inverse of ``convert``: copy a converted network's (QAT) values into ``fnet``, the float model it
+    was converted from (same structure, e.g. freshly built): each ``QConv2DBN`` into its ``Conv2DBN``, or
+    into its Conv2D and the BatchNorm after it (a conv bias becomes 0, already folded into the mean), each
+    ``QDense`` into its Dense; range states are dropped. For oneDNN, which takes the float graph and
+    quantizes it itself. Returns ``fnet``."""
+    def copy(src: gluon.Block, dst: gluon.Block, names: tuple) -> None:
+        own = dst._collect_params_with_prefix()
+        for k in names:
+            own[k].set_data(src._collect_params_with_prefix()[k].data())
+
     def walk(qb: gluon.Block, fb: gluon.Block) -> None:
         names = list(fb._children)
         for name, qc in qb._children.items():
             if isinstance(qc, QAdd):
                 continue
             fc = fb._children[name]
-            if isinstance(qc, QConv2DBN):
-                bn = fb._children[names[names.index(name) + 1]]
-                fc.weight.set_data(qc.weight.data())
+            if isinstance(qc, QConv2DBN) and isinstance(fc, Conv2DBN):
+                copy(qc, fc, ("weight", "gamma", "beta", "running_mean", "running_var"))
+            elif isinstance(qc, QConv2DBN):
+                copy(qc, fc, ("weight",))
                 if fc.bias is not None:
                     fc.bias.set_data(mx.nd.zeros_like(fc.bias.data()))
-                for attr in ("gamma", "beta", "running_mean", "running_var"):
-                    getattr(bn, attr).set_data(getattr(qc, attr).data())
-            elif isinstance(qc, QDense):
-                fc.weight.set_data(qc.weight.data())
-                if fc.bias is not None:
-                    fc.bias.set_data(qc.bias.data())
+                copy(qc, fb._children[names[names.index(name) + 1]], ("gamma", "beta", "running_mean", "running_var"))
+            elif isinstance(qc, (QDense, nn.Dense)):
+                copy(qc, fc, ("weight", "bias") if fc.bias is not None else ("weight",))
             else:
                 walk(qc, fc)
 
+    for p in fnet.collect_params().values():
+        if p._data is None:
+            p.initialize(mx.init.Zero(), ctx=qnet.collect_params().list_ctx())
     walk(qnet, fnet)
     return fnet

@@ -21,7 +21,6 @@ training, stored ones in evaluation).
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 from typing import Any, Optional
 
 import mxnet as mx
@@ -30,7 +29,7 @@ from mxnet.base import _LIB, c_str, check_call
 from mxnet.gluon import nn
 
 from . import quant
-from .config import QuantConfig
+from .config import QuantConfig, QuantSpec
 from .errors import UserError
 
 BN_EPS = 1e-5
@@ -100,7 +99,7 @@ def update_range(F: Any, xs: tuple, state: Any, momentum: float, spatial: bool) 
     return assign_state(F, state, F.where(train_flag(F, state), new, state))
 
 
-def use_fused(q: QuantConfig) -> bool:
+def use_fused(q: QuantSpec) -> bool:
     """Whether blocks built now use the compiled quantizer (a static, per-block choice)."""
     if q.kernel == "stock":
         return False
@@ -111,40 +110,46 @@ def use_fused(q: QuantConfig) -> bool:
     return fused.available()
 
 
-def quantize_input(F: Any, x: Any, state: Any, q: QuantConfig, ndim: int, fused: bool = False,
-                   signed: bool = True) -> tuple:
-    """Update the range state (training only) and fake-quantize ``x`` with it.
+def quantize_input(F: Any, block: gluon.HybridBlock, x: Any, state: Any, ndim: int) -> tuple:
+    """Update ``block``'s range state (training only) and fake-quantize ``x`` with it.
 
-    Returns ``(x_q, s_a)``, ``s_a`` of shape (1,). With ``q.enabled`` False: ``(x, None)``.
-    ``fused``: one compiled op does the same arithmetic (``csrc/tq_ops.cc``). ``signed``: whether
-    ``x`` can be negative (only the ``onednn`` scheme uses it: uint8 for ReLU outputs).
+    Returns ``(x_q, s_a)``, ``s_a`` of shape (1,); ``(x, None)`` while ``block.quant_enabled`` is
+    False. ``block.fused``: one compiled op does the same arithmetic (``csrc/tq_ops.cc``).
+    ``block.input_signed``: whether ``x`` can be negative (the ``onednn`` scheme reads ReLU outputs
+    as uint8). ``block.ranges_frozen``: the EMA keeps its value (momentum 1).
     """
-    if not q.enabled:
+    if not block.quant_enabled:
         return x, None
-    qmin, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, signed)
-    if fused:
-        out = _positional_op(F, "tq_act_quant", [x, state, train_flag(F, state)], momentum=q.momentum,
+    q = block.spec
+    qmin, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, block.input_signed)
+    momentum = 1.0 if block.ranges_frozen else q.momentum
+    if block.fused:
+        out = _positional_op(F, "tq_act_quant", [x, state, train_flag(F, state)], momentum=momentum,
                              qmin=qmin, qmax=qmax, divisor=divisor, ste=q.ste)
         return out[0], F.BlockGrad(out[1])
-    amax = update_range(F, (x,), state, q.momentum, spatial=ndim == 4)
+    amax = update_range(F, (x,), state, momentum, spatial=ndim == 4)
     scale = F.where(amax > 0, amax, F.ones_like(amax)) / divisor
     return quant.fake_quant(F, x, F.reshape(scale, (1,) * ndim), qmin, qmax, q.ste), scale
 
 
-def add_range_state(block: gluon.HybridBlock, qcfg: QuantConfig) -> None:
-    """Give ``block`` what a quantized input needs: the range state ``input_max`` (a parameter,
-    saved with the checkpoint, no gradient), the quantizer choice and ``input_signed`` (True
-    until a model builder or ``convert`` marks the input as a ReLU output)."""
-    block.fused = use_fused(qcfg)
+def add_range_state(block: gluon.HybridBlock, spec: QuantSpec) -> None:
+    """Give ``block`` what a quantized input needs: its ``spec``, the range state ``input_max`` (a
+    parameter, saved with the checkpoint, no gradient), the quantizer choice, ``input_signed`` (True
+    until ``convert`` marks the input as a ReLU output) and the runtime switches ``quant_enabled``
+    (False: float with the BN fold, a quantization delay) and ``ranges_frozen`` (``set_quant_state``)."""
+    block.spec = spec
+    block.fused = use_fused(spec)
     block.input_signed = True
+    block.quant_enabled, block.ranges_frozen = True, False
     block.input_max = block.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
                                        differentiable=False)
 
 
-def quantize_weights(F: Any, w_f: Any, b_f: Any, s_a: Any, q: QuantConfig, ndim: int) -> tuple:
+def quantize_weights(F: Any, block: gluon.HybridBlock, w_f: Any, b_f: Any, s_a: Any, ndim: int) -> tuple:
     """Fake-quantized ``(w_q, b_q)``: narrow symmetric weights, bias on the int32 grid."""
-    if not q.enabled:
+    if not block.quant_enabled:
         return w_f, b_f
+    q = block.spec
     qmin, qmax, divisor = quant.weight_grid(q.weight_bits, q.scheme)
     s_w = quant.weight_scale(F, w_f, divisor, q.per_channel, ndim)
     return (quant.fake_quant(F, w_f, s_w, qmin, qmax, q.ste),
@@ -203,13 +208,12 @@ class QConv2DBN(Conv2DBN):
     statistics keep updating. Evaluation, and training after ``freeze_bn()``, use ``c + fq_b(b_f)``.
     """
 
-    def __init__(self, channels: int, in_channels: int, qcfg: QuantConfig, kernel: int = 3,
+    def __init__(self, channels: int, in_channels: int, spec: QuantSpec, kernel: int = 3,
                  padding: int = 1, relu: bool = True, stride: int = 1, **kwargs: Any):
         super().__init__(channels, in_channels, kernel, padding, relu, stride, **kwargs)
-        self.q = qcfg
-        self.bn_frozen = qcfg.bn_mode == "frozen"
-        add_range_state(self, qcfg)
-        if self.bn_frozen and not qcfg.train_bn_affine:
+        self.bn_frozen = spec.bn_mode == "frozen"
+        add_range_state(self, spec)
+        if self.bn_frozen and not spec.train_bn_affine:
             self.gamma.grad_req = self.beta.grad_req = "null"
 
     def freeze_bn(self) -> None:
@@ -218,10 +222,9 @@ class QConv2DBN(Conv2DBN):
 
     def hybrid_forward(self, F: Any, x: Any, weight: Any, gamma: Any, beta: Any, running_mean: Any,
                        running_var: Any, input_max: Any) -> Any:
-        q = self.q
-        xq, s_a = quantize_input(F, x, input_max, q, ndim=4, fused=self.fused, signed=self.input_signed)
+        xq, s_a = quantize_input(F, self, x, input_max, ndim=4)
         w_f, b_f = quant.fold_bn(F, weight, None, gamma, beta, running_mean, running_var, BN_EPS)
-        w_q, b_q = quantize_weights(F, w_f, b_f, s_a, q, 4)
+        w_q, b_q = quantize_weights(F, self, w_f, b_f, s_a, 4)
         if self.bn_frozen:
             y = self._conv(F, xq, w_q, b_q)
         else:
@@ -243,20 +246,19 @@ class QDense(gluon.HybridBlock):
     ``gluon.nn.Dense`` plus the range state ``input_max``.
     """
 
-    def __init__(self, units: int, in_units: int, qcfg: QuantConfig, relu: bool = False, flatten: bool = False,
+    def __init__(self, units: int, in_units: int, spec: QuantSpec, relu: bool = False, flatten: bool = False,
                  **kwargs: Any):
         super().__init__(**kwargs)
-        self.units, self.in_units, self.q, self.relu, self.flatten = units, in_units, qcfg, relu, flatten
+        self.units, self.in_units, self.relu, self.flatten = units, in_units, relu, flatten
         self.weight = self.params.get("weight", shape=(units, in_units), init=None)
         self.bias = self.params.get("bias", shape=(units,), init="zeros")
-        add_range_state(self, qcfg)
+        add_range_state(self, spec)
 
     def hybrid_forward(self, F: Any, x: Any, weight: Any, bias: Any, input_max: Any) -> Any:
-        q = self.q
         if self.flatten:
             x = F.flatten(x)
-        xq, s_a = quantize_input(F, x, input_max, q, ndim=2, fused=self.fused, signed=self.input_signed)
-        w_q, b_q = quantize_weights(F, weight, bias, s_a, q, 2)
+        xq, s_a = quantize_input(F, self, x, input_max, ndim=2)
+        w_q, b_q = quantize_weights(F, self, weight, bias, s_a, 2)
         y = F.FullyConnected(xq, w_q, b_q, num_hidden=self.units, flatten=False)
         return F.Activation(y, act_type="relu") if self.relu else y
 
@@ -285,18 +287,19 @@ class QAdd(gluon.HybridBlock):
     (``int8/engine.py``); the next layers requantize the sum to their own input scales.
     """
 
-    def __init__(self, qcfg: QuantConfig, relu: bool = True, **kwargs: Any):
+    def __init__(self, spec: QuantSpec, relu: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
-        self.q, self.relu = qcfg, relu
-        add_range_state(self, qcfg)  # onednn: input_signed False when the shortcut is a ReLU output
+        self.relu = relu
+        add_range_state(self, spec)  # onednn: input_signed False when the shortcut is a ReLU output
 
     def hybrid_forward(self, F: Any, a: Any, b: Any, input_max: Any) -> Any:
-        q = self.q
-        if q.enabled and q.scheme == "onednn":
-            b, _ = quantize_input(F, b, input_max, q, ndim=4, fused=self.fused, signed=self.input_signed)
-        elif q.enabled:
+        q = self.spec
+        if self.quant_enabled and q.scheme == "onednn":
+            b, _ = quantize_input(F, self, b, input_max, ndim=4)
+        elif self.quant_enabled:
             qmin, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, True)
-            amax = update_range(F, (a, b), input_max, q.momentum, spatial=True)
+            momentum = 1.0 if self.ranges_frozen else q.momentum
+            amax = update_range(F, (a, b), input_max, momentum, spatial=True)
             scale = F.reshape(F.where(amax > 0, amax, F.ones_like(amax)) / divisor, (1, 1, 1, 1))
             a = quant.fake_quant(F, a, scale, qmin, qmax, q.ste)
             b = quant.fake_quant(F, b, scale, qmin, qmax, q.ste)
@@ -313,13 +316,12 @@ class QAvgPool(gluon.HybridBlock):
     range. This block learns that range, so the graph computes what the int8 network computes.
     """
 
-    def __init__(self, qcfg: QuantConfig, **kwargs: Any):
+    def __init__(self, spec: QuantSpec, **kwargs: Any):
         super().__init__(**kwargs)
-        self.q = qcfg
-        add_range_state(self, qcfg)
+        add_range_state(self, spec)
 
     def hybrid_forward(self, F: Any, x: Any, input_max: Any) -> Any:
-        xq, _ = quantize_input(F, x, input_max, self.q, ndim=4, fused=self.fused, signed=self.input_signed)
+        xq, _ = quantize_input(F, self, x, input_max, ndim=4)
         return F.Pooling(xq, kernel=(1, 1), global_pool=True, pool_type="avg")
 
 
@@ -362,7 +364,7 @@ def quantized_layers(net: gluon.Block, weights_only: bool = False) -> list:
 def range_input(block: gluon.Block, inputs: tuple) -> Any:
     """The values a layer's range covers: its input, or both inputs of a ``QAdd`` (flattened; the
     ``onednn`` scheme's add covers its shortcut only)."""
-    if isinstance(block, QAdd) and block.q.scheme == "onednn":
+    if isinstance(block, QAdd) and block.spec.scheme == "onednn":
         return inputs[1]
     if isinstance(block, QAdd):
         return mx.nd.concat(inputs[0].reshape((-1,)), inputs[1].reshape((-1,)), dim=0)
@@ -390,7 +392,7 @@ def visit_layer_inputs(net: gluon.HybridBlock, loader: gluon.data.DataLoader, no
 
 
 def set_layer_widths(net: gluon.Block, q: QuantConfig) -> None:
-    """Give each quantized layer its own bit widths.
+    """Give each quantized layer its spec (``q.spec`` at the layer's widths).
 
     Order of precedence: ``q.layer_bits[path]``, then ``q.first_last_bits`` for the first and
     the last quantized layer (the network input's and the logits' layers), then the global
@@ -409,14 +411,14 @@ def set_layer_widths(net: gluon.Block, q: QuantConfig) -> None:
         if q.first_last_bits and path in ends:
             wb = ab = q.first_last_bits
         wb, ab = q.layer_bits.get(path, (wb, ab))
-        block.q = dataclasses.replace(q, weight_bits=wb, act_bits=ab)
+        block.spec = q.spec(wb, ab)
 
 
 def set_quant_state(net: gluon.Block, enabled: Optional[bool] = None, freeze_ranges: Optional[bool] = None) -> None:
-    """Switch fake quantization on/off (quantization delay) or stop the range EMA (momentum 1:
-    ``input_max`` keeps its value) in every quantized layer. Call ``hybridize()`` after."""
+    """Switch fake quantization on/off (quantization delay) or stop the range EMA in every quantized
+    layer (block state, not config). Call ``hybridize()`` after."""
     for _, block in quantized_layers(net):
         if enabled is not None:
-            block.q = dataclasses.replace(block.q, enabled=enabled)
-        if freeze_ranges:
-            block.q = dataclasses.replace(block.q, momentum=1.0)
+            block.quant_enabled = enabled
+        if freeze_ranges is not None:
+            block.ranges_frozen = freeze_ranges

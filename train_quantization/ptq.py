@@ -13,7 +13,6 @@ The network then runs exactly as after QAT (same graph, same engines, same artif
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import mxnet as mx
@@ -33,7 +32,7 @@ def collect_inputs(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: 
     rng = np.random.default_rng(seed)
     layers = quantized_layers(net)
     seen: dict = {name: [0.0, []] for name, _ in layers}
-    enabled = {name: block.q.enabled for name, block in layers}
+    enabled = {name: block.quant_enabled for name, block in layers}
 
     def record(name: str, block: Any, x: Any) -> None:
         x = x.asnumpy().ravel()
@@ -45,7 +44,7 @@ def collect_inputs(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: 
         visit_layer_inputs(net, loader, norm, ctx, batches, record)
     finally:
         for name, block in layers:
-            block.q = dataclasses.replace(block.q, enabled=enabled[name])
+            block.quant_enabled = enabled[name]
         net.hybridize(static_alloc=True)
     return {name: (m, np.concatenate(xs)) for name, (m, xs) in seen.items()}
 
@@ -62,7 +61,7 @@ def calibrate_ranges(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm
         if method == "max":
             t = top
         else:
-            qmin, qmax, divisor = quant.act_grid(block.q.act_bits, block.q.scheme, block.input_signed)
+            qmin, qmax, divisor = quant.act_grid(block.spec.act_bits, block.spec.scheme, block.input_signed)
             t = quant.mse_threshold_np(x, qmin, qmax, divisor)
         block.input_max.set_data(mx.nd.array([t]))
         ranges[name] = t
@@ -84,8 +83,8 @@ def clip_weights_mse(net: gluon.HybridBlock) -> dict:
         else:
             k = np.ones(w.shape[0], np.float32)
         w_f = w * k.reshape((-1,) + (1,) * (w.ndim - 1))
-        qmin, qmax, divisor = quant.weight_grid(block.q.weight_bits, block.q.scheme)
-        rows = w_f.reshape(w.shape[0], -1) if block.q.per_channel else w_f.reshape(1, -1)
+        qmin, qmax, divisor = quant.weight_grid(block.spec.weight_bits, block.spec.scheme)
+        rows = w_f.reshape(w.shape[0], -1) if block.spec.per_channel else w_f.reshape(1, -1)
         t = np.array([quant.mse_threshold_np(r, qmin, qmax, divisor) for r in rows], np.float32)
         t_c = np.broadcast_to(t, (w.shape[0],)) if t.size == 1 else t
         with np.errstate(divide="ignore"):

@@ -27,7 +27,7 @@ from mxnet import autograd, gluon
 from tqdm import tqdm
 
 from . import data as data_mod
-from .config import Config, dump_config
+from .config import Config, OptimConfig, dump_config
 from .errors import UserError
 from .layers import QConv2DBN, quantized_layers, set_quant_state, visit_layer_inputs
 
@@ -127,8 +127,16 @@ def setup_logging() -> None:
 
 
 # ----------------------------------------------------------------------------- pieces
-def make_trainer(net: gluon.Block, cfg: Config, steps_per_epoch: int) -> gluon.Trainer:
-    o = cfg.optim
+def schedule_of(cfg: Config, qat: bool) -> OptimConfig:
+    """The optimizer settings of a run: ``optim``, with QAT's epochs and peak rate (cosine to 0, no
+    warm-up) from the ``qat`` recipe."""
+    if not qat:
+        return cfg.optim
+    return dataclasses.replace(cfg.optim, epochs=cfg.qat.epochs, lr=cfg.qat.lr, warmup_epochs=0.0, schedule="cosine")
+
+
+def make_trainer(net: gluon.Block, cfg: Config, steps_per_epoch: int, qat: bool = False) -> gluon.Trainer:
+    o = schedule_of(cfg, qat)
     total = max(1, o.epochs * steps_per_epoch)
     warm = int(o.warmup_epochs * steps_per_epoch)
     if o.schedule == "cosine":
@@ -314,7 +322,8 @@ def smoothed_loss(eps: float, classes: int) -> Any:
 
 def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ctxs: list,
         qat: bool = False, resume: bool = False) -> tuple:
-    """Train ``net`` for ``cfg.optim.epochs`` epochs; returns the best and the last epoch's metrics.
+    """Train ``net`` for ``cfg.optim.epochs`` epochs (QAT: ``cfg.qat``'s schedule, see ``schedule_of``);
+    returns the best and the last epoch's metrics.
 
     Each epoch reseeds Python, NumPy and MXNet from ``(seed, epoch)``, so a run resumed after
     its last completed epoch (``resume=True``: trainer state, schedule position and metrics
@@ -335,7 +344,8 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
     mean, std = ds.mean_std()
     norm = data_mod.normalizer(mean, std)
     steps_per_epoch = len(train_loader)
-    trainer = make_trainer(net, cfg, steps_per_epoch)
+    trainer = make_trainer(net, cfg, steps_per_epoch, qat)
+    epochs = schedule_of(cfg, qat).epochs
     loss_fn = smoothed_loss(cfg.optim.label_smoothing, ds.num_classes)
     metrics_path = run / "metrics.jsonl"
     best: dict = {"test_acc": -1.0}
@@ -347,13 +357,13 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
         log.info("resuming %s after epoch %d (step %d)", run, start, step)
     phase = qat_phase(net, cfg, step, None) if qat else None
     steps_log = open(run / "steps.jsonl", "a")  # loss, lr (and ranges) every LOG_EVERY steps, for report.py
-    for epoch in range(start, cfg.optim.epochs):
+    for epoch in range(start, epochs):
         seed_all(cfg.seed * 100003 + epoch)
         if isinstance(train_loader._batchify_fn, data_mod.CropFlip):
             train_loader._batchify_fn.reseed(cfg.seed * 100003 + epoch)
         t0 = time.time()
         loss_sum = correct = seen = 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False,
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                    dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
         for x, y in bar:
             if qat:
@@ -407,7 +417,7 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
             f.write(json.dumps(rec) + "\n")
         atomic_write_text(run / "state.json", json.dumps({"epoch": epoch + 1, "step": step}))
         log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f  test_acc %.4f  %.0f img/s  %.1f s",
-                 epoch + 1, cfg.optim.epochs, rec["train_loss"], rec["train_acc"], ev["acc"],
+                 epoch + 1, epochs, rec["train_loss"], rec["train_acc"], ev["acc"],
                  rec["images_per_s"], train_time)
         steps_log.flush()
     steps_log.close()
@@ -417,19 +427,19 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
 def qat_phase(net: gluon.HybridBlock, cfg: Config, step: int, current: Optional[tuple]) -> tuple:
     """Bring the QAT schedule to ``step`` and return its phase ``(quantizing, ranges_frozen, bn_frozen)``.
 
-    ``quant.delay_steps``: fake quantization off (float with the BN fold) before that step;
-    ``quant.freeze_ranges_step``: the range EMA stops from that step on; ``quant.bn_freeze_step``
+    ``qat.delay_steps``: fake quantization off (float with the BN fold) before that step;
+    ``qat.freeze_ranges_step``: the range EMA stops from that step on; ``qat.bn_freeze_step``
     (paper BN mode): running statistics from that step on. The graph is rebuilt when the phase
     changes, so a resumed run lands in the same phase.
     """
-    q = cfg.quant
-    phase = (q.enabled and step >= q.delay_steps,
-             0 <= q.freeze_ranges_step <= step,
-             q.bn_mode == "frozen" or step >= q.bn_freeze_step)
+    r = cfg.qat
+    phase = (step >= r.delay_steps,
+             0 <= r.freeze_ranges_step <= step,
+             cfg.quant.bn_mode == "frozen" or step >= r.bn_freeze_step)
     if phase == current:
         return phase
     set_quant_state(net, enabled=phase[0], freeze_ranges=phase[1])
-    if phase[2] and q.bn_mode == "paper":
+    if phase[2] and cfg.quant.bn_mode == "paper":
         for _, layer in quantized_layers(net):
             if isinstance(layer, QConv2DBN):
                 layer.freeze_bn()
@@ -449,7 +459,7 @@ def clip_shares(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: Any
     counts = {name: [0, 0] for name, _ in quantized_layers(net)}
 
     def count(name: str, block: Any, x: Any) -> None:
-        lo, hi, divisor = act_grid(block.q.act_bits, block.q.scheme, block.input_signed)
+        lo, hi, divisor = act_grid(block.spec.act_bits, block.spec.scheme, block.input_signed)
         s = max(float(block.input_max.data(x.context).asscalar()), 1e-12) / divisor
         u = (x / s).asnumpy()
         counts[name][0] += int(((u > hi + 0.5) | (u < lo - 0.5)).sum())
@@ -457,3 +467,30 @@ def clip_shares(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: Any
 
     visit_layer_inputs(net, loader, norm, ctx, batches, count)
     return {name: c[0] / max(c[1], 1) for name, c in counts.items()}
+
+
+def train_float(cfg: Config, resume: Optional[Path] = None, ds: Optional[data_mod.Dataset] = None,
+                stem: str = "fp32") -> dict:
+    """Train the float network of ``cfg`` (or continue the run folder ``resume``); returns
+    ``result.json``'s content plus ``run`` and ``net``."""
+    from . import cli
+
+    setup_logging()
+    ctxs = parse_ctx(cfg.ctx)
+    ds = ds or data_mod.dataset_from_config(cfg.data)
+    seed_all(cfg.seed)
+    net = cli.build_for(cfg, ds, quant=False)
+    if resume:
+        run = Path(resume)
+        cli.load_weights(net, run / "last.params", ctxs, expect_ranges=False)
+        log_to(run)
+    else:
+        cli.init_net(net, ctxs)
+        run = make_run_dir(cfg, "fp32", stem)
+    net.hybridize(static_alloc=True)
+    log.info("run folder %s; %d train / %d test images %s, %d classes", run, len(ds.train_x), len(ds.test_x),
+             ds.image_shape, ds.num_classes)
+    best, _ = fit(net, cfg, ds, run, ctxs, resume=resume is not None)
+    result = {"kind": "fp32", "best_test_acc": best["test_acc"], "best_epoch": best["epoch"], "classes": ds.classes}
+    cli.write_json(run / "result.json", result)
+    return dict(result, run=run, net=net)

@@ -60,7 +60,7 @@ def _graph(block: gluon.Block, src: int, layers: list, path: str = "") -> int:
         short = src if block.downsample is None else _graph(block.downsample, src, layers, f"{path}.downsample")
         add = block.add
         return emit({"type": "add", "relu": bool(add.relu), **_act_fields(add),
-                     "shortcut_only": add.q.scheme == "onednn"}, [body, short], f"{path}.add")
+                     "shortcut_only": add.spec.scheme == "onednn"}, [body, short], f"{path}.add")
     if isinstance(block, (nn.HybridSequential, nn.Sequential)) or type(block).__name__ in SEQUENTIAL_CUSTOM:
         for name, child in block._children.items():
             src = _graph(child, src, layers, f"{path}.{name}" if path else name)
@@ -72,21 +72,21 @@ def _graph(block: gluon.Block, src: int, layers: list, path: str = "") -> int:
 
 def _act_scale(block: gluon.Block) -> nd.NDArray:
     """``s_a`` of a block's input, shape (1,), float32 as in the training graph (unset range: 1)."""
-    q = block.q
+    q = block.spec
     amax = block.input_max.data()
     return nd.where(amax > 0, amax, nd.ones_like(amax)) / quant.act_grid(q.act_bits, q.scheme, block.input_signed)[2]
 
 
 def _act_fields(block: gluon.Block, s_a: Optional[nd.NDArray] = None) -> dict:
     """A layer's input grid for the artifact: ``in_scale`` (``s_a``), ``in_qmin``/``in_qmax``, ``act_bits``."""
-    q = block.q
+    q = block.spec
     lo, hi, _ = quant.act_grid(q.act_bits, q.scheme, block.input_signed)
     s_a = _act_scale(block) if s_a is None else s_a
     return {"in_scale": float(s_a.asscalar()), "in_qmin": lo, "in_qmax": hi, "act_bits": q.act_bits}
 
 
 def _qlayer(block: gluon.Block, name: str) -> dict:
-    q = block.q
+    q = block.spec
     qmin, qmax, w_div = quant.weight_grid(q.weight_bits, q.scheme)
     w = block.weight.data()
     if isinstance(block, QConv2DBN):
@@ -119,6 +119,6 @@ def export(net: gluon.Block, mean: tuple, std: tuple, input_shape: tuple, classe
     layers: list = []
     if _graph(net, -1, layers) != len(layers) - 1:
         raise UserError("the model's output is not its last layer; it cannot be exported")
-    schemes = {b.q.scheme for _, b in quantized_layers(net)}
+    schemes = {b.spec.scheme for _, b in quantized_layers(net)}
     return Int8Model(layers, tuple(mean), tuple(std), tuple(input_shape), list(classes),
                      scheme=schemes.pop() if len(schemes) == 1 else "mixed")
