@@ -151,10 +151,10 @@ def test_resnet20_engines_follow_the_fake_quant_graph(scheme):
         assert ranges["features.4.2.add"] == ranges["features.4.2.body.0"]
     fq = net(x).asnumpy()
     m = export(net, (0.0,) * 3, (1.0,) * 3, (3, 32, 32), [str(i) for i in range(10)])
-    kinds = [la["type"] for la in m.layers]
+    kinds = [op.type for op in m.layers]
     assert kinds.count("add") == 9 and kinds.count("conv") == 21 and kinds[-2:] == ["avgpool", "dense"]
-    assert m.layers[12]["name"].endswith("downsample.0") and m.layers[13]["inputs"] == [11, 12]
-    assert all(bool(la.get("shortcut_only")) == (scheme == "onednn") for la in m.layers if la["type"] == "add")
+    assert m.layers[12].name.endswith("downsample.0") and m.layers[13].inputs == [11, 12]
+    assert all(op.shortcut_only == (scheme == "onednn") for op in m.layers if op.type == "add")
     xs = x.asnumpy()
     sim, integer = engine.simulate(m, xs), engine.run_integer(m, xs)
     spread = np.abs(fq).max()

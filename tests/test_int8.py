@@ -1,6 +1,7 @@
 """Int8 export, the float-simulated and integer-only engines, and the artifact."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import mxnet as mx
@@ -103,13 +104,18 @@ def test_engines_match_fake_quant_on_the_synthetic_set(int8, qat_run, tiny_ds):
 def test_artifact_roundtrip_size_and_errors(int8, tiny_ds, tmp_path):
     path = int8_model.save(int8, tmp_path / "m.npz")
     back = int8_model.load(path)
-    assert [la["name"] for la in back.layers] == [la["name"] for la in int8.layers]
+    assert [op.name for op in back.layers] == [op.name for op in int8.layers]
     for a, b in zip(int8.layers, back.layers):
-        for k in a.get("arrays", {}):
-            assert np.array_equal(a["arrays"][k], b["arrays"][k]) and a["arrays"][k].dtype == b["arrays"][k].dtype
+        assert type(a) is type(b)
+        for f in dataclasses.fields(a):
+            va, vb = getattr(a, f.name), getattr(b, f.name)
+            if isinstance(va, np.ndarray):
+                assert np.array_equal(va, vb) and va.dtype == vb.dtype
+            else:
+                assert va == vb, f.name
     x = engine.normalize(int8, tiny_ds.test_x[:20])
     assert np.array_equal(engine.run_integer(int8, x), engine.run_integer(back, x))
-    assert back.layers[0]["arrays"]["w"].dtype == np.int8 and back.layers[0]["arrays"]["b"].dtype == np.int32
+    assert back.layers[0].w.dtype == np.int8 and back.layers[0].b.dtype == np.int32
     # truncated file
     raw = path.read_bytes()
     bad = tmp_path / "cut.npz"
@@ -124,6 +130,17 @@ def test_artifact_roundtrip_size_and_errors(int8, tiny_ds, tmp_path):
     np.savez(tmp_path / "v99.npz", **arrays)
     with pytest.raises(UserError, match="version 99"):
         int8_model.load(tmp_path / "v99.npz")
+    # earlier format versions keep loading: 3 (the same layer dicts) and 1 (a sequential list, no inputs)
+    for version in (3, 1):
+        old = json.loads(bytes(np.load(path)["header"]).decode())
+        old["version"] = version
+        for layer in old["layers"] if version == 1 else []:
+            del layer["inputs"]
+        arrays["header"] = np.frombuffer(json.dumps(old).encode(), np.uint8)
+        np.savez(tmp_path / f"v{version}.npz", **arrays)
+        back = int8_model.load(tmp_path / f"v{version}.npz")
+        assert [op.inputs for op in back.layers] == [op.inputs for op in int8.layers]
+        assert np.array_equal(engine.run_integer(back, x), engine.run_integer(int8, x))
     np.savez(tmp_path / "foreign.npz", a=np.zeros(3))
     with pytest.raises(UserError, match="not an int8 artifact"):
         int8_model.load(tmp_path / "foreign.npz")

@@ -76,7 +76,7 @@ def test_engines_agree_at_low_bits(float_run, tiny_ds, bits):
     net, norm = _ptq_net(float_run, tiny_ds, bits)
     m = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
     wmax, amin, amax = 2 ** (bits - 1) - 1, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    assert all(np.abs(la["arrays"]["w"]).max() == wmax for la in m.quantized())  # max|w| lands on qmax
+    assert all(np.abs(op.w).max() == wmax for op in m.quantized())  # max|w| lands on qmax
     x = engine.normalize(m, tiny_ds.test_x)
     ref, got = layerwise_codes(m, x, engine.simulate, engine.run_integer)
     for name, codes in ref.items():
@@ -161,7 +161,7 @@ def test_mixed_widths_reach_the_artifact_and_engines(w3a3, tiny_ds):
     net.hybridize(static_alloc=True)
     try:
         m = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
-        wmax = {la["name"]: int(np.abs(la["arrays"]["w"]).max()) for la in m.quantized()}
+        wmax = {op.name: int(np.abs(op.w).max()) for op in m.quantized()}
         assert wmax["features.0"] == 127 and wmax["classifier.3"] == 127
         assert wmax["features.7"] == 31 and wmax["features.1"] == 3
         x = engine.normalize(m, tiny_ds.test_x)

@@ -63,10 +63,10 @@ def test_onednn_scheme_grids_and_deployment(float_run, tiny_ds, tmp_path):
     m = export(qnet, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
     assert m.scheme == "onednn"
     first, second = m.quantized()[:2]
-    assert (first["in_qmin"], first["in_qmax"]) == (-128, 127) and (second["in_qmin"], second["in_qmax"]) == (0, 255)
+    assert (first.act.qmin, first.act.qmax) == (-128, 127) and (second.act.qmin, second.act.qmax) == (0, 255)
     r0 = float(qnet.features[0].input_max.data().asscalar())
-    assert first["in_scale"] == pytest.approx(r0 / 127.5, rel=1e-6)
-    assert second["arrays"]["w"].max() == 127 and second["arrays"]["w"].min() >= -128
+    assert first.act.scale == pytest.approx(r0 / 127.5, rel=1e-6)
+    assert second.w.max() == 127 and second.w.min() >= -128
     x = engine.normalize(m, tiny_ds.test_x)
     rec = {}
     sim = engine.simulate(m, x, rec)

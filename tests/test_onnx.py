@@ -79,7 +79,7 @@ def test_qdq_on_onnxruntime_equals_simulation(qat_run, tiny_ds, tmp_path, per_ch
 
 def test_low_bit_activations_are_refused(qat_run, tiny_ds):
     m = export(qat_run["net"], *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
-    m.quantized()[3]["act_bits"] = 4
+    m.quantized()[3].act = dataclasses.replace(m.quantized()[3].act, bits=4)
     with pytest.raises(UserError, match="8-bit activations only.*features.4"):
         onnx_export.build_qdq(m)
 

@@ -22,11 +22,24 @@ of up to 127 * 128, beyond float32's 2**24 integer range; float64 holds 2**53.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from .model import Int8Model, quantize_multiplier, requantize
+from .model import (
+    Add,
+    AvgPool,
+    Conv,
+    Dense,
+    DenseFloat,
+    Flatten,
+    InGrid,
+    Int8Model,
+    MaxPool,
+    quantize_multiplier,
+    requantize,
+)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -65,22 +78,17 @@ def maxpool(x: np.ndarray, size: int, stride: int, ceil: bool) -> np.ndarray:
     return win.max(axis=(4, 5))
 
 
-def _accumulate(layer: dict, codes: np.ndarray) -> np.ndarray:
-    a = layer["arrays"]
-    if layer["type"] == "conv":
-        acc = conv2d_int(codes, a["w"], layer["pad"], layer.get("stride", 1))
-        return acc + a["b"].astype(np.float64).reshape(1, -1, 1, 1)
-    return dense_int(codes, a["w"]) + a["b"].astype(np.float64)
+def _accumulate(op: Conv | Dense, codes: np.ndarray) -> np.ndarray:
+    if isinstance(op, Conv):
+        acc = conv2d_int(codes, op.w, op.pad, op.stride)
+        return acc + op.b.astype(np.float64).reshape(1, -1, 1, 1)
+    return dense_int(codes, op.w) + op.b.astype(np.float64)
 
 
-def _channel_shape(layer: dict) -> tuple:
-    return (1, -1, 1, 1) if layer["type"] == "conv" else (1, -1)
-
-
-def input_codes(layer: dict, x: np.ndarray) -> np.ndarray:
+def input_codes(grid: InGrid, x: np.ndarray) -> np.ndarray:
     """``clip(round(x / s_a), qmin, qmax)`` in float32 (bit-identical to the training graph)."""
     x = np.asarray(x, np.float32)
-    return np.clip(np.rint(x / np.float32(layer["in_scale"])), layer["in_qmin"], layer["in_qmax"])
+    return np.clip(np.rint(x / np.float32(grid.scale)), grid.qmin, grid.qmax)
 
 
 def normalize(model: Int8Model, images_nhwc_uint8: np.ndarray) -> np.ndarray:
@@ -92,8 +100,10 @@ def normalize(model: Int8Model, images_nhwc_uint8: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- engines
+# A value is ``(array, scale)``: ``scale`` None for float data, else the float64 scale (broadcastable,
+# per channel after a conv) of an integer array (int64 accumulators or summed codes; integer engine only).
 def _flatten(v: tuple) -> tuple:
-    """Flatten a value ``(array, scale)``; a per-channel scale is repeated over each channel's positions."""
+    """Flatten a value; a per-channel scale is repeated over each channel's positions."""
     arr, scale = v
     flat = arr.reshape(arr.shape[0], -1)
     if scale is None:
@@ -106,106 +116,120 @@ def _dequantize(v: tuple) -> np.ndarray:
     return np.asarray(arr, np.float64) if scale is None else arr * scale
 
 
-def _run(model: Int8Model, x: np.ndarray, integer: bool, record: Optional[dict],
-         force: Optional[dict] = None) -> np.ndarray:
-    """Both engines over the layer graph. A value is ``(array, scale)``: ``scale`` None for float
-    data, else the float64 scale (broadcastable, per channel after a conv) of an integer array
-    (int64 accumulators or summed codes; integer engine only). ``record`` receives each quantized
-    layer's input codes; ``force`` (layer name -> codes) replaces them after recording, so two
+def _codes(grid: InGrid, v: tuple) -> np.ndarray:
+    """The input codes of a quantized op: float data is quantized (``input_codes``); integer data at
+    scale ``s`` is requantized by the fixed-point multiplier of ``s / s_a``."""
+    arr, scale = v
+    if scale is None:
+        return input_codes(grid, arr)
+    m0, shift = quantize_multiplier(np.ravel(scale / np.float64(grid.scale)))
+    return requantize(arr, m0, shift, grid.qmin, grid.qmax)
+
+
+@dataclass
+class _Run:
+    """One pass of an engine: ``integer`` (integer-only) or float-simulated; ``record`` receives each
+    quantized layer's input codes, ``force`` (name -> codes) replaces them after recording, so two
     engines can be compared layer by layer on identical inputs."""
-    inputs = model.inputs()
-    last = {j: readers[-1] for j, readers in model.readers().items()}  # values are freed after it
-    vals = {-1: (np.asarray(x, np.float32), None)}
-    for i, layer in enumerate(model.layers):
-        t, a = layer["type"], layer.get("arrays", {})
-        ins = [vals[j] for j in inputs[i]]
-        if t in ("conv", "dense"):
-            v = _flatten(ins[0]) if t == "dense" and ins[0][0].ndim > 2 else ins[0]
-            codes = _codes(layer, v, integer)
-            if record is not None:
-                record[layer["name"]] = codes.astype(np.int32)
-            if force is not None and layer["name"] in force:
-                codes = force[layer["name"]]
-            acc = _accumulate(layer, codes)
-            scale = (a["w_scale"].astype(np.float64) * np.float64(layer["in_scale"])).reshape(_channel_shape(layer))
-            if integer:
-                out = (np.rint(acc).astype(np.int64), scale)
-            else:
-                out = (acc * scale, None)
-        elif t == "add" and layer.get("shortcut_only"):  # onednn: body unrequantized + shortcut codes
-            out = _add_shortcut(layer, ins[0], _codes(layer, ins[1], integer), integer)
-        elif t == "add":  # both branches on the add's grid, codes summed (layers.QAdd)
-            codes = [_codes(layer, v, integer) for v in ins]
-            s = np.float64(layer["in_scale"])
-            out = ((codes[0] + codes[1]).astype(np.int64), np.reshape(s, (1, 1, 1, 1))) if integer else \
-                ((codes[0] + codes[1]) * s, None)
-        elif t == "avgpool":  # integer: the sum of the codes at scale s / (H * W)
-            arr, scale = ins[0]
-            if "in_scale" in layer:  # the onednn scheme pools codes (layers.QAvgPool)
-                arr = _codes(layer, ins[0], integer)
-                scale = np.reshape(np.float64(layer["in_scale"]), (1, 1, 1, 1))
-                arr, scale = (arr.astype(np.int64), scale) if integer else (arr * scale, None)
-            hw = arr.shape[2] * arr.shape[3]
-            out = (arr.mean(axis=(2, 3), keepdims=True), None) if scale is None else \
-                (arr.sum(axis=(2, 3), keepdims=True), scale / hw)
-        elif t == "flatten":
-            out = _flatten(ins[0])
-        elif t == "maxpool":  # on codes too: requantization is monotone per channel
-            arr, scale = ins[0]
-            out = (maxpool(arr, layer["size"], layer["stride"], layer["ceil"]), scale)
-        elif t == "dense_float":
-            v = ins[0] if ins[0][0].ndim == 2 else _flatten(ins[0])
-            y = _dequantize(v) @ a["w"].astype(np.float64).T + a["b"]
-            out = (y, None)
-        else:
-            raise ValueError(f"unknown layer type {t!r}")
-        if layer.get("relu"):
-            out = (np.maximum(out[0], 0), out[1])
-        vals[i] = out
-        for j in inputs[i]:
-            if last[j] == i and j != -1:
-                del vals[j]
-    return _dequantize(vals[len(model.layers) - 1])
+
+    integer: bool
+    record: Optional[dict] = None
+    force: Optional[dict] = None
+
+
+def _quantized(r: _Run, op: Conv | Dense, ins: list) -> tuple:
+    v = _flatten(ins[0]) if isinstance(op, Dense) and ins[0][0].ndim > 2 else ins[0]
+    codes = _codes(op.act, v)
+    if r.record is not None:
+        r.record[op.name] = codes.astype(np.int32)
+    if r.force is not None and op.name in r.force:
+        codes = r.force[op.name]
+    acc = _accumulate(op, codes)
+    scale = (op.w_scale.astype(np.float64) * np.float64(op.act.scale)).reshape(
+        (1, -1, 1, 1) if isinstance(op, Conv) else (1, -1))
+    return (np.rint(acc).astype(np.int64), scale) if r.integer else (acc * scale, None)
 
 
 ADD_FRAC_BITS = 20  # sums stay below 2**28, so the next requantization (times m0 < 2**31) fits int64
 
 
-def _add_shortcut(layer: dict, body: tuple, codes: np.ndarray, integer: bool) -> tuple:
-    """The ``onednn`` scheme's add ``a + codes * s`` (``layers.QAdd``). Integer engine: the body's
-    accumulators are requantized onto the shortcut's grid refined by ``2**ADD_FRAC_BITS`` (one
-    rounding there, and a second at the next layer, which differs from the simulation's single
-    rounding only for values within ``2**-21`` codes of a rounding boundary), then the codes are added."""
-    s = np.float64(layer["in_scale"])
-    if not integer:
-        return _dequantize(body) + codes * s, None
-    acc, scale = body
+def _add(r: _Run, op: Add, ins: list) -> tuple:
+    """Both branches on the add's grid, codes summed (``layers.QAdd``); ``shortcut_only`` (the onednn
+    scheme): ``a + codes * s``. There the integer engine requantizes the body's accumulators onto the
+    shortcut's grid refined by ``2**ADD_FRAC_BITS`` (one rounding there, and a second at the next layer,
+    which differs from the simulation's single rounding only for values within ``2**-21`` codes of a
+    rounding boundary), then adds the codes."""
+    s = np.float64(op.act.scale)
+    if not op.shortcut_only:
+        codes = [_codes(op.act, v) for v in ins]
+        total = codes[0] + codes[1]
+        return (total.astype(np.int64), np.reshape(s, (1, 1, 1, 1))) if r.integer else (total * s, None)
+    codes = _codes(op.act, ins[1])
+    if not r.integer:
+        return _dequantize(ins[0]) + codes * s, None
+    acc, scale = ins[0]
     fine = s / 2.0**ADD_FRAC_BITS
     m0, shift = quantize_multiplier(np.ravel(scale / fine))
     wide = requantize(acc, m0, shift, -2**62, 2**62)
     return wide + codes.astype(np.int64) * 2**ADD_FRAC_BITS, np.reshape(fine, (1, 1, 1, 1))
 
 
-def _codes(layer: dict, v: tuple, integer: bool) -> np.ndarray:
-    """The input codes of a quantized layer or add: float data is quantized (``input_codes``);
-    integer data at scale ``s`` is requantized by the fixed-point multiplier of ``s / s_a``."""
-    arr, scale = v
+def _avgpool(r: _Run, op: AvgPool, ins: list) -> tuple:
+    """Global average pooling; integer: the sum of the codes at scale ``s / (H * W)``. With ``act`` (the
+    onednn scheme, ``layers.QAvgPool``) it pools its input's codes."""
+    arr, scale = ins[0]
+    if op.act is not None:
+        arr = _codes(op.act, ins[0])
+        scale = np.reshape(np.float64(op.act.scale), (1, 1, 1, 1))
+        arr, scale = (arr.astype(np.int64), scale) if r.integer else (arr * scale, None)
+    hw = arr.shape[2] * arr.shape[3]
     if scale is None:
-        return input_codes(layer, arr)
-    m0, shift = quantize_multiplier(np.ravel(scale / np.float64(layer["in_scale"])))
-    return requantize(arr, m0, shift, layer["in_qmin"], layer["in_qmax"])
+        return arr.mean(axis=(2, 3), keepdims=True), None
+    return arr.sum(axis=(2, 3), keepdims=True), scale / hw
+
+
+def _maxpool(r: _Run, op: MaxPool, ins: list) -> tuple:
+    arr, scale = ins[0]  # on codes too: requantization is monotone per channel
+    return maxpool(arr, op.size, op.stride, op.ceil), scale
+
+
+def _dense_float(r: _Run, op: DenseFloat, ins: list) -> tuple:
+    v = ins[0] if ins[0][0].ndim == 2 else _flatten(ins[0])
+    return _dequantize(v) @ op.w.astype(np.float64).T + op.b, None
+
+
+RUN = {Conv: _quantized, Dense: _quantized, Add: _add, AvgPool: _avgpool, MaxPool: _maxpool,
+       Flatten: lambda r, op, ins: _flatten(ins[0]), DenseFloat: _dense_float}
+
+
+def _run(model: Int8Model, x: np.ndarray, r: _Run) -> np.ndarray:
+    """An engine over the op graph; values are freed after their last reader."""
+    last = {j: readers[-1] for j, readers in model.readers().items()}
+    vals = {-1: (np.asarray(x, np.float32), None)}
+    for i, op in enumerate(model.layers):
+        handler = RUN.get(type(op))
+        if handler is None:
+            raise ValueError(f"the numpy engines cannot run op type {op.type!r}")
+        out = handler(r, op, [vals[j] for j in op.inputs])
+        if getattr(op, "relu", False):
+            out = (np.maximum(out[0], 0), out[1])
+        vals[i] = out
+        for j in op.inputs:
+            if last[j] == i and j != -1:
+                del vals[j]
+    return _dequantize(vals[len(model.layers) - 1])
 
 
 def simulate(model: Int8Model, x: np.ndarray, record: Optional[dict] = None,
              force: Optional[dict] = None) -> np.ndarray:
     """Float-simulated integer inference on normalized float NCHW input; returns logits."""
-    return _run(model, x, integer=False, record=record, force=force)
+    return _run(model, x, _Run(False, record, force))
 
 
 def run_integer(model: Int8Model, x: np.ndarray, record: Optional[dict] = None,
                 force: Optional[dict] = None) -> np.ndarray:
     """Integer-only inference on normalized float NCHW input; returns float64 logits."""
-    return _run(model, x, integer=True, record=record, force=force)
+    return _run(model, x, _Run(True, record, force))
 
 
 def predict(model: Int8Model, images: np.ndarray, engine: str = "sim", batch: int = 200,

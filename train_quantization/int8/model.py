@@ -1,49 +1,172 @@
-"""The int8 model: an ordered layer list with integer tensors, and its artifact file.
+"""The int8 model: a graph of typed ops with integer tensors, and its artifact file.
 
-An ``Int8Model`` is what the engines run and what ``save``/``load`` write and read: a JSON
-header (format version, layers, input normalization, class names) plus numpy arrays.
-Each quantized layer (``conv`` or ``dense``) holds
+An ``Int8Model`` is what the engines run and what ``save``/``load`` write and read: a JSON header
+(format version, ops, input normalization, class names) plus numpy arrays. One small dataclass
+per op; each engine (``engine.py``: simulated and integer-only, ``onnx_export.py``, the oneDNN
+range table) keeps one handler per op type, so a new op is one dataclass here plus one handler
+per engine. Every op names its ``inputs`` (indices of earlier ops, -1 for the network input), so
+the list is a graph in forward order.
 
-* ``w``: int8 weight codes (narrow symmetric, any width 2-8 in an int8 container),
-* ``w_scale``: float64 per output channel (per-tensor scales are repeated),
-* ``in_scale``: the input activation scale ``s_a`` (float64), input codes in
-  ``[in_qmin, in_qmax]``,
-* ``b``: int32 bias ``round(b_f / (s_w * s_a))`` (half to even),
-* ``b_float``: the float32 folded bias (for reference and the float-simulation engine).
+* ``Conv`` / ``Dense``: a quantized layer. Its input is read on ``act`` (``InGrid``: scale
+  ``s_a``, codes in ``[qmin, qmax]``, width); ``w``: int8 weight codes (narrow symmetric, any
+  width 2-8 in an int8 container), ``w_scale``: float64 per output channel (per-tensor scales
+  repeated), ``b``: int32 bias ``round(b_f / (s_w * s_a))`` (half to even), ``b_float``: the
+  float32 folded bias (reference).
+* ``Add``: a residual add of two inputs on ``act`` (``layers.QAdd``; ``shortcut_only``: the
+  onednn scheme's add, the first input joins unrequantized).
+* ``MaxPool``, ``Flatten``, ``AvgPool`` (global; with ``act`` it pools its input's codes,
+  ``layers.QAvgPool``), ``DenseFloat`` (a layer left in float: ``w``, ``b`` float32).
 
-Other layers: ``add`` (a residual add: ``in_scale``, ``in_qmin``/``in_qmax``, ``relu``; see
-``layers.QAdd``; ``shortcut_only``: the onednn scheme's add), ``maxpool`` (size, stride, ceil),
-``avgpool`` (global; with ``in_scale``/``in_qmin``/``in_qmax`` it pools its input's codes,
-``layers.QAvgPool``), ``flatten``,
-``dense_float`` (a layer left in float: ``w``, ``b`` float32). Dropout is the identity at
-inference and is not stored. Every layer names its ``inputs`` (indices of earlier layers,
--1 for the network input; absent: the previous layer), so the list is a graph in forward order.
-
-Requantization between layers is derived, not stored: a consumer with input scale ``s_a``
-reading integer data at scale ``s`` (``s_w * s_a'`` per channel after a conv, the add's scale
-after an add) multiplies by ``M = s / s_a ~= m0 * 2**(shift - 31)`` (``quantize_multiplier``).
-The file is a ``.npz`` (no pickle) and needs only numpy to read.
+Dropout is the identity at inference and is not stored. Requantization between layers is
+derived, not stored: a consumer with input scale ``s_a`` reading integer data at scale ``s``
+(``s_w * s_a'`` per channel after a conv, the add's scale after an add) multiplies by
+``M = s / s_a ~= m0 * 2**(shift - 31)`` (``quantize_multiplier``). The file is a ``.npz`` (no
+pickle) and needs only numpy to read; files of format versions 1-3 load too.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 
 from ..errors import UserError
 
 FORMAT = "train-quantization-int8"
-VERSION = 3
-READS = (1, 2, 3)  # 1: a sequential list with stored multipliers (ignored now); 3: onednn-scheme adds and pooling
+VERSION = 4
+READS = (1, 2, 3, 4)  # 1: a sequential list (stored multipliers ignored); 3: onednn-scheme adds and pooling
+
+
+@dataclass(frozen=True)
+class InGrid:
+    """How an op reads its input: codes ``clip(round(x / scale), qmin, qmax)`` of ``bits`` bits."""
+
+    scale: float
+    qmin: int
+    qmax: int
+    bits: int = 8
+
+
+@dataclass
+class Conv:
+    type: ClassVar[str] = "conv"
+    name: str
+    inputs: list
+    act: InGrid
+    w: np.ndarray  # int8 (O, C, k, k)
+    w_scale: np.ndarray  # float64 (O,)
+    b: np.ndarray  # int32 (O,)
+    b_float: np.ndarray  # float32 (O,)
+    kernel: int = 3
+    pad: int = 1
+    stride: int = 1
+    relu: bool = False
+    weight_bits: int = 8
+    per_channel: bool = False
+
+
+@dataclass
+class Dense:
+    type: ClassVar[str] = "dense"
+    name: str
+    inputs: list
+    act: InGrid
+    w: np.ndarray  # int8 (O, I)
+    w_scale: np.ndarray
+    b: np.ndarray
+    b_float: np.ndarray
+    relu: bool = False
+    weight_bits: int = 8
+    per_channel: bool = False
+
+
+@dataclass
+class Add:
+    type: ClassVar[str] = "add"
+    name: str
+    inputs: list  # [body, shortcut]
+    act: InGrid
+    relu: bool = True
+    shortcut_only: bool = False
+
+
+@dataclass
+class MaxPool:
+    type: ClassVar[str] = "maxpool"
+    name: str
+    inputs: list
+    size: int = 2
+    stride: int = 2
+    ceil: bool = False
+
+
+@dataclass
+class AvgPool:
+    type: ClassVar[str] = "avgpool"
+    name: str
+    inputs: list
+    act: Optional[InGrid] = None
+
+
+@dataclass
+class Flatten:
+    type: ClassVar[str] = "flatten"
+    name: str
+    inputs: list
+
+
+@dataclass
+class DenseFloat:
+    type: ClassVar[str] = "dense_float"
+    name: str
+    inputs: list
+    w: np.ndarray  # float32 (O, I)
+    b: np.ndarray
+    relu: bool = False
+
+
+OPS = {cls.type: cls for cls in (Conv, Dense, Add, MaxPool, AvgPool, Flatten, DenseFloat)}
+QUANTIZED = (Conv, Dense)
+_GRID_KEYS = ("in_scale", "in_qmin", "in_qmax", "act_bits")  # InGrid in the file, flat as in format 1-3
+
+
+def op_to_dict(op: Any) -> tuple:
+    """``(JSON attributes, arrays)`` of an op, as the artifact stores it."""
+    meta, arrays = {"type": op.type}, {}
+    for f in dataclasses.fields(op):
+        v = getattr(op, f.name)
+        if isinstance(v, np.ndarray):
+            arrays[f.name] = v
+        elif isinstance(v, InGrid):
+            meta.update(zip(_GRID_KEYS, (v.scale, v.qmin, v.qmax, v.bits)))
+        elif v is not None:
+            meta[f.name] = v
+    return meta, arrays
+
+
+def op_from_dict(meta: dict, arrays: dict, index: int) -> Any:
+    """An op from its stored attributes (any format version) and arrays."""
+    cls = OPS.get(meta["type"])
+    if cls is None:
+        raise UserError(f"the int8 artifact holds an op of type {meta['type']!r} that this version cannot run")
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in meta.items() if k in names}
+    kw.update({k: v for k, v in arrays.items() if k in names})
+    kw.setdefault("inputs", [index - 1])  # format 1: a sequential list
+    if "in_scale" in meta and "act" in names:
+        kw["act"] = InGrid(float(meta["in_scale"]), int(meta["in_qmin"]), int(meta["in_qmax"]),
+                           int(meta.get("act_bits", 8)))
+    return cls(**kw)
 
 
 @dataclass
 class Int8Model:
-    layers: list  # dicts: {"type": ..., "name": ..., attributes..., arrays under "arrays"}
+    layers: list  # ops in forward order
     input_mean: tuple = (0.0, 0.0, 0.0)
     input_std: tuple = (1.0, 1.0, 1.0)
     input_shape: tuple = (3, 32, 32)  # C, H, W
@@ -51,27 +174,60 @@ class Int8Model:
     scheme: str = "original"
 
     def quantized(self) -> list:
-        return [layer for layer in self.layers if layer["type"] in ("conv", "dense")]
+        return [op for op in self.layers if isinstance(op, QUANTIZED)]
 
     def inputs(self) -> list:
-        """Each layer's input indices (-1: the network input; absent in a file: the previous layer)."""
-        return [layer.get("inputs", [i - 1]) for i, layer in enumerate(self.layers)]
+        """Each op's input indices (-1: the network input)."""
+        return [op.inputs for op in self.layers]
 
     def nonneg(self) -> dict:
-        """Layer index (and -1, the network input) -> whether its output is a ReLU output (max and
+        """Op index (and -1, the network input) -> whether its output is a ReLU output (max and
         average pooling and flatten keep that)."""
         out = {-1: False}
-        for i, (layer, ins) in enumerate(zip(self.layers, self.inputs())):
-            out[i] = bool(layer.get("relu")) or (layer["type"] in ("maxpool", "flatten", "avgpool") and out[ins[0]])
+        for i, op in enumerate(self.layers):
+            out[i] = bool(getattr(op, "relu", False)) or (isinstance(op, (MaxPool, Flatten, AvgPool))
+                                                          and out[op.inputs[0]])
         return out
 
     def readers(self) -> dict:
-        """Layer index (or -1) -> the indices of the layers that read its output, in order."""
+        """Op index (or -1) -> the indices of the ops that read its output, in order."""
         out: dict = {}
-        for i, ins in enumerate(self.inputs()):
-            for j in ins:
+        for i, op in enumerate(self.layers):
+            for j in op.inputs:
                 out.setdefault(j, []).append(i)
         return out
+
+    # the engines, as methods (numpy only, no MXNet)
+    def simulate(self, x: np.ndarray, record: Optional[dict] = None) -> np.ndarray:
+        """Float-simulated integer inference on normalized float32 NCHW ``x``; logits."""
+        from .engine import simulate
+
+        return simulate(self, x, record)
+
+    def run_integer(self, x: np.ndarray, record: Optional[dict] = None) -> np.ndarray:
+        """Integer-only inference on normalized float32 NCHW ``x``; logits (float64)."""
+        from .engine import run_integer
+
+        return run_integer(self, x, record)
+
+    def predict(self, images: np.ndarray, engine: str = "sim") -> np.ndarray:
+        """Logits for uint8 NHWC images (``sim``, ``integer`` or ``onnx``), normalized as in training."""
+        from .engine import predict
+
+        return predict(self, images, engine)
+
+    def to_onnx(self, path: Optional[str | Path] = None, target: str = "auto") -> Any:
+        """The QDQ ONNX model for ONNX Runtime's int8 kernels (``onnx_export``); written to ``path`` if given."""
+        from . import onnx_export
+
+        return onnx_export.save_qdq(self, path, target) if path else onnx_export.build_qdq(self, target)
+
+    def save(self, path: str | Path) -> Path:
+        return save(self, path)
+
+    @staticmethod
+    def load(path: str | Path) -> "Int8Model":
+        return load(path)
 
 
 def quantize_multiplier(m: np.ndarray) -> tuple:
@@ -126,13 +282,10 @@ def save(model: Int8Model, path: str | Path) -> Path:
     """Write one self-describing ``.npz`` (atomically: temporary file, then rename)."""
     path = Path(path)
     arrays, layers = {}, []
-    for i, layer in enumerate(model.layers):
-        meta = {k: v for k, v in layer.items() if k != "arrays"}
-        names = {}
-        for key, arr in layer.get("arrays", {}).items():
-            names[key] = f"l{i}_{key}"
-            arrays[names[key]] = np.asarray(arr)
-        meta["arrays"] = names
+    for i, op in enumerate(model.layers):
+        meta, arrs = op_to_dict(op)
+        meta["arrays"] = {key: f"l{i}_{key}" for key in arrs}
+        arrays.update({f"l{i}_{key}": np.asarray(a) for key, a in arrs.items()})
         layers.append(meta)
     header = {"format": FORMAT, "version": VERSION, "scheme": model.scheme, "layers": layers,
               "input": {"mean": list(model.input_mean), "std": list(model.input_std),
@@ -164,11 +317,8 @@ def load(path: str | Path) -> Int8Model:
     if header.get("version") not in READS:
         raise UserError(f"{path} has format version {header.get('version')}, this code reads version {VERSION}; "
                         "export it again with this version")
-    layers = []
-    for meta in header["layers"]:
-        layer = {k: v for k, v in meta.items() if k != "arrays"}
-        layer["arrays"] = {key: data[name] for key, name in meta["arrays"].items()}
-        layers.append(layer)
+    layers = [op_from_dict(meta, {key: data[name] for key, name in meta["arrays"].items()}, i)
+              for i, meta in enumerate(header["layers"])]
     inp = header["input"]
     return Int8Model(layers, tuple(inp["mean"]), tuple(inp["std"]), tuple(inp["shape"]), header["classes"],
                      header.get("scheme", "original"))

@@ -37,6 +37,7 @@ from mxnet import gluon
 from mxnet.contrib import quantization as mxq
 
 from ..layers import quantized_layers
+from .model import Add, AvgPool, Conv, Dense, Flatten, MaxPool
 
 log = logging.getLogger(__name__)
 INT8_DIV, UINT8_DIV = 127.5, 255.5  # oneDNN's quantization divisors (quant.act_grid, scheme onednn)
@@ -120,24 +121,24 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
     from .export import export
 
     model = export(qat_net, (0.0,) * 3, (1.0,) * 3, input_shape, [])
-    graph, inputs, readers, nonneg = model.layers, model.inputs(), model.readers(), model.nonneg()
+    graph, readers, nonneg = model.layers, model.readers(), model.nonneg()
     ranges = {name: float(b.input_max.data().asscalar()) for name, b in quantized_layers(qat_net)}
-    index = {la["name"]: i for i, la in enumerate(graph)}
+    index = {op.name: i for i, op in enumerate(graph)}
     path_of = {p.name: path.rsplit(".", 1)[0] for path, p in float_net._collect_params_with_prefix().items()}
     nodes = json.loads(qsym.tojson())["nodes"]
 
     def reach(v: int) -> float:
         cons = readers.get(v, [])
-        for kinds in (("conv", "dense", "avgpool"), ("add",)):
+        for kinds in ((Conv, Dense, AvgPool), (Add,)):
             for i in cons:
-                if graph[i]["type"] in kinds and graph[i]["name"] in ranges:
-                    return ranges[graph[i]["name"]]
+                if isinstance(graph[i], kinds) and graph[i].name in ranges:
+                    return ranges[graph[i].name]
         for i in cons:
-            if graph[i]["type"] in ("maxpool", "flatten"):
+            if isinstance(graph[i], (MaxPool, Flatten)):
                 return reach(i)
-        if v >= 0 and graph[v]["type"] == "add":
-            return ranges[graph[v]["name"]]
-        raise ValueError(f"no learned range for the output of {graph[v]['name']}")
+        if v >= 0 and isinstance(graph[v], Add):
+            return ranges[graph[v].name]
+        raise ValueError(f"no learned range for the output of {graph[v].name}")
 
     r_in = reach(-1)
     table = {"data": (-r_in, r_in)}
@@ -150,17 +151,17 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
             raise ValueError(f"cannot map oneDNN's {out} (weight of {layer!r}) onto the learned ranges")
         v = index[layer]
         if n.get("attrs", {}).get("with_sum") == "true":  # conv + residual add (+ ReLU) fused: the add's output
-            v = next(i for i in readers[v] if graph[i]["type"] == "add")
+            v = next(i for i in readers[v] if isinstance(graph[i], Add))
         if v == len(graph) - 1:
             table[out] = (-logits, logits)
             continue
         r = reach(v)
-        if graph[v]["type"] == "add" and not nonneg[inputs[v][1]]:
+        if isinstance(graph[v], Add) and not nonneg[graph[v].inputs[1]]:
             # conv + sum writes into the shortcut's buffer: after an int8 shortcut the uint8-typed
             # output holds codes 0..127 only, so the range doubles (onednn scheme: 255.5/r' = 127.5/r)
             r *= UINT8_DIV / INT8_DIV
         table[out] = (0.0 if nonneg[v] else -r, r)
-    pools = [i for i, la in enumerate(graph) if la["type"] == "avgpool"]
+    pools = [i for i, op in enumerate(graph) if isinstance(op, AvgPool)]
     for n in _global_avg_pools(qsym):  # left in float: the next layer's input range
         if f"{n}_output" in names and len(pools) == 1:
             r = reach(pools[0])

@@ -43,14 +43,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..errors import UserError
-from .model import Int8Model
+from .model import Add, AvgPool, Conv, Dense, DenseFloat, Flatten, Int8Model, MaxPool
 
 OPSET = 13
 TARGETS = ("auto", "avx2", "vnni")
 INSTALL = ("pip install onnx==1.14.1 && pip install --no-deps onnxruntime==1.17.3 coloredlogs flatbuffers "
            "sympy packaging")
-PASS_CODES = ("maxpool", "flatten")  # run on uint8 codes unchanged
-QUANTIZED = ("conv", "dense")
+PASS_CODES = (MaxPool, Flatten)  # run on uint8 codes unchanged
 
 
 def available() -> bool:
@@ -103,7 +102,7 @@ class _Builder:
     out: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.inputs, self.readers, self.nonneg = self.m.inputs(), self.m.readers(), self.m.nonneg()
+        self.readers, self.nonneg = self.m.readers(), self.m.nonneg()
         self.out[-1] = ("x", None)
 
     def const(self, name: str, arr: np.ndarray) -> str:
@@ -120,21 +119,22 @@ class _Builder:
 
     def grid(self, reader: int, source: int) -> Optional[Grid]:
         """The codes ``reader`` reads from ``source``'s output (None: it reads float)."""
-        la = self.m.layers[reader]
-        if la["type"] == "add" and la.get("shortcut_only") and source != self.inputs[reader][1]:
+        op = self.m.layers[reader]
+        if isinstance(op, Add) and op.shortcut_only and source != op.inputs[1]:
             return None  # the onednn scheme's add reads the body unrequantized
-        if "in_scale" not in la:
+        act = getattr(op, "act", None)
+        if act is None:
             return None
         if self.nonneg[source]:
-            return Grid(float(np.float32(la["in_scale"])), 0, int(la["in_qmax"]))
-        return Grid(float(np.float32(la["in_scale"])), 128, 255)
+            return Grid(float(np.float32(act.scale)), 0, int(act.qmax))
+        return Grid(float(np.float32(act.scale)), 128, 255)
 
     def reader_grid(self, i: int) -> Optional[Grid]:
         """The grid of the one quantizing reader of ``i``'s output (through max pooling and flatten)."""
         v = i
         while len(self.readers.get(v, [])) == 1:
             r = self.readers[v][0]
-            if self.m.layers[r]["type"] not in PASS_CODES:
+            if not isinstance(self.m.layers[r], PASS_CODES):
                 return self.grid(r, i)
             v = r
         return None
@@ -166,83 +166,80 @@ class _Builder:
 
     def finish(self, i: int, tensor: str) -> None:
         """Store layer ``i``'s float output: its ReLU, then the quantization its only reader needs."""
-        la, n = self.m.layers[i], f"l{i}"
-        if la.get("relu"):
+        op, n = self.m.layers[i], f"l{i}"
+        if getattr(op, "relu", False):
             tensor = self.node("Relu", [tensor], f"{n}.relu")
         g = self.reader_grid(i)
         self.out[i] = (tensor, None) if g is None else (self.quantize(f"{n}.out", tensor, g), g)
 
 
-def _weights(b: _Builder, n: str, la: dict, g: Grid) -> tuple:
+def _weights(b: _Builder, n: str, op: Conv | Dense, g: Grid) -> tuple:
     """Weight and bias DequantizeLinear outputs; uint8 weights (zero point 128) where inputs reach 255
     on the ``avx2`` target."""
-    a = la["arrays"]
-    s_w = a["w_scale"].astype(np.float32)
-    if b.target == "avx2" and g.zp + la["in_qmax"] > 127:
-        w, zp = (a["w"].astype(np.int16) + 128).astype(np.uint8), np.full(len(s_w), 128, np.uint8)
+    s_w = op.w_scale.astype(np.float32)
+    if b.target == "avx2" and g.zp + op.act.qmax > 127:
+        w, zp = (op.w.astype(np.int16) + 128).astype(np.uint8), np.full(len(s_w), 128, np.uint8)
     else:
-        w, zp = a["w"].astype(np.int8), np.zeros(len(s_w), np.int8)
+        w, zp = op.w.astype(np.int8), np.zeros(len(s_w), np.int8)
     wdq = b.node("DequantizeLinear", [b.const(f"{n}.w", w), b.const(f"{n}.s_w", s_w), b.const(f"{n}.w_zp", zp)],
                  f"{n}.wdq", axis=0)
-    s_b = (s_w * np.float32(la["in_scale"])).astype(np.float32)
-    bdq = b.node("DequantizeLinear", [b.const(f"{n}.b", a["b"].astype(np.int32)), b.const(f"{n}.s_b", s_b),
+    s_b = (s_w * np.float32(op.act.scale)).astype(np.float32)
+    bdq = b.node("DequantizeLinear", [b.const(f"{n}.b", op.b.astype(np.int32)), b.const(f"{n}.s_b", s_b),
                                       b.const(f"{n}.b_zp", np.zeros(len(s_w), np.int32))], f"{n}.bdq", axis=0)
     return wdq, bdq
 
 
-def _conv_dense(b: _Builder, i: int, la: dict) -> None:
-    n, src = f"l{i}", b.inputs[i][0]
+def _conv_dense(b: _Builder, i: int, op: Conv | Dense) -> None:
+    n, src = f"l{i}", op.inputs[0]
     g = b.grid(i, src)
     x = b.as_grid(f"{n}.in", src, g)
-    if la["type"] == "dense" and b.m.layers[src]["type"] == "avgpool":  # Gemm takes 2-D input
+    if isinstance(op, Dense) and isinstance(b.m.layers[src], AvgPool):  # Gemm takes 2-D input
         x = b.node("Flatten", [x], f"{n}.flat", axis=1)
-    wdq, bdq = _weights(b, n, la, g)
-    if la["type"] == "conv":
-        k, p = int(la["kernel"]), int(la["pad"])
-        y = b.node("Conv", [x, wdq, bdq], f"{n}.y", kernel_shape=[k, k], pads=[p] * 4,
-                   strides=[int(la.get("stride", 1))] * 2)
+    wdq, bdq = _weights(b, n, op, g)
+    if isinstance(op, Conv):
+        y = b.node("Conv", [x, wdq, bdq], f"{n}.y", kernel_shape=[int(op.kernel)] * 2, pads=[int(op.pad)] * 4,
+                   strides=[int(op.stride)] * 2)
     else:
         y = b.node("Gemm", [x, wdq, bdq], f"{n}.y", transB=1)
     b.finish(i, y)
 
 
-def _add(b: _Builder, i: int, la: dict) -> None:
-    n, (src_a, src_b) = f"l{i}", b.inputs[i]
+def _add(b: _Builder, i: int, op: Add) -> None:
+    n, (src_a, src_b) = f"l{i}", op.inputs
     ga = b.grid(i, src_a)
     a = b.as_float(f"{n}.a", src_a) if ga is None else b.as_grid(f"{n}.a", src_a, ga)
     b.finish(i, b.node("Add", [a, b.as_grid(f"{n}.b", src_b, b.grid(i, src_b))], f"{n}.y"))
 
 
-def _pass_codes(op: str, **attrs: Callable) -> Callable:
+def _pass_codes(onnx_op: str, **attrs: Callable) -> Callable:
     """Max pooling and flatten: on the codes when the input holds codes (the grid passes through)."""
-    def emit(b: _Builder, i: int, la: dict) -> None:
-        tensor, g = b.out[b.inputs[i][0]]
-        b.out[i] = (b.node(op, [tensor], f"l{i}.y", **{k: f(la) for k, f in attrs.items()}), g)
+    def emit(b: _Builder, i: int, op: MaxPool | Flatten) -> None:
+        tensor, g = b.out[op.inputs[0]]
+        b.out[i] = (b.node(onnx_op, [tensor], f"l{i}.y", **{k: f(op) for k, f in attrs.items()}), g)
     return emit
 
 
-def _avgpool(b: _Builder, i: int, la: dict) -> None:
-    src = b.inputs[i][0]
-    x = b.as_grid(f"l{i}.in", src, b.grid(i, src)) if "in_scale" in la else b.as_float(f"l{i}.in", src)
+def _avgpool(b: _Builder, i: int, op: AvgPool) -> None:
+    src = op.inputs[0]
+    x = b.as_float(f"l{i}.in", src) if op.act is None else b.as_grid(f"l{i}.in", src, b.grid(i, src))
     b.finish(i, b.node("GlobalAveragePool", [x], f"l{i}.y"))
 
 
-def _dense_float(b: _Builder, i: int, la: dict) -> None:
-    a = la["arrays"]
-    x = b.as_float(f"l{i}.in", b.inputs[i][0])
-    b.finish(i, b.node("Gemm", [x, b.const(f"l{i}.w", a["w"].astype(np.float32)),
-                                b.const(f"l{i}.b", a["b"].astype(np.float32))], f"l{i}.y", transB=1))
+def _dense_float(b: _Builder, i: int, op: DenseFloat) -> None:
+    x = b.as_float(f"l{i}.in", op.inputs[0])
+    b.finish(i, b.node("Gemm", [x, b.const(f"l{i}.w", op.w.astype(np.float32)),
+                                b.const(f"l{i}.b", op.b.astype(np.float32))], f"l{i}.y", transB=1))
 
 
-EMIT = {  # layer type -> how it becomes ONNX nodes
-    "conv": _conv_dense,
-    "dense": _conv_dense,
-    "add": _add,
-    "maxpool": _pass_codes("MaxPool", kernel_shape=lambda la: [int(la["size"])] * 2,
-                           strides=lambda la: [int(la["stride"])] * 2, ceil_mode=lambda la: int(bool(la["ceil"]))),
-    "flatten": _pass_codes("Flatten", axis=lambda la: 1),
-    "avgpool": _avgpool,
-    "dense_float": _dense_float,
+EMIT = {  # op type -> how it becomes ONNX nodes
+    Conv: _conv_dense,
+    Dense: _conv_dense,
+    Add: _add,
+    MaxPool: _pass_codes("MaxPool", kernel_shape=lambda op: [int(op.size)] * 2, strides=lambda op: [int(op.stride)] * 2,
+                         ceil_mode=lambda op: int(bool(op.ceil))),
+    Flatten: _pass_codes("Flatten", axis=lambda op: 1),
+    AvgPool: _avgpool,
+    DenseFloat: _dense_float,
 }
 
 
@@ -252,15 +249,15 @@ def build_qdq(m: Int8Model, target: str = "auto") -> Any:
     onnx = _onnx()
     from onnx import TensorProto, helper
 
-    low = [la["name"] for la in m.layers if la["type"] in ("conv", "dense", "add") and la["act_bits"] < 8]
+    low = [op.name for op in m.layers if getattr(op, "act", None) is not None and op.act.bits < 8]
     if low:
         raise UserError(f"ONNX Runtime runs 8-bit activations only; layers {low} use fewer bits. "
                         "Use sim_int8_infer.py --engine sim|integer for this model")
     b = _Builder(m, resolve_target(target))
-    for i, la in enumerate(m.layers):
-        if la["type"] not in EMIT:
-            raise ValueError(f"layer type {la['type']!r} has no ONNX mapping")
-        EMIT[la["type"]](b, i, la)
+    for i, op in enumerate(m.layers):
+        if type(op) not in EMIT:
+            raise ValueError(f"op type {op.type!r} has no ONNX mapping")
+        EMIT[type(op)](b, i, op)
     b.node("Identity", [b.as_float("logits", len(m.layers) - 1)], "logits")
     c, h, w = m.input_shape
     graph = helper.make_graph(b.nodes, "train_quantization_qdq",
