@@ -191,9 +191,9 @@ def disagreement_matrix(a: np.ndarray, b: np.ndarray, classes: int) -> np.ndarra
 def plot_disagreements(pred_file: Path, classes: list, out: Path, other: str) -> dict | None:
     data = np.load(pred_file)
     variants = [str(v) for v in data["variants"]]
-    if "float (MXNet)" not in variants or other not in variants:
+    if "float" not in variants or other not in variants:
         return None
-    fl, q = data["preds"][variants.index("float (MXNet)")], data["preds"][variants.index(other)]
+    fl, q = data["preds"][variants.index("float")], data["preds"][variants.index(other)]
     labels = data["labels"]
     m = disagreement_matrix(fl, q, len(classes))
     fig, ax = plt.subplots(figsize=(6, 5))
@@ -204,7 +204,8 @@ def plot_disagreements(pred_file: Path, classes: list, out: Path, other: str) ->
                 ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(classes)), classes, rotation=60, fontsize=7)
     ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    ax.set(xlabel=f"{other} prediction", ylabel="float prediction",
+    name = str(data["names"][variants.index(other)]) if "names" in data.files else other
+    ax.set(xlabel=f"{name} prediction", ylabel="float prediction",
            title=f"{int((fl != q).sum())} of {len(fl)} images predicted differently")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
@@ -258,8 +259,7 @@ def write_report(run: Path) -> Path:
                (run / "compare.md").read_text() if (run / "compare.md").is_file() else "", ""]
     if (run / "predictions.npz").is_file():
         classes = result.get("classes") or [str(i) for i in range(10)]
-        d = plot_disagreements(run / "predictions.npz", classes, run / "disagreements.png",
-                               "QAT simulated int8 (numpy)")
+        d = plot_disagreements(run / "predictions.npz", classes, run / "disagreements.png", "sim")
         if d:
             md += ["## Where float and int8 disagree", "", "![disagreements](disagreements.png)", "",
                    f"{d['differ']} of {d['images']} test images get another class from the simulated int8 model "

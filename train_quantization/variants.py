@@ -1,0 +1,152 @@
+"""Every way this project runs a model at inference, in one registry, and one way to time them.
+
+A ``Variant`` has a key (what JSON records and reports use), a display name, and ``build``: from
+the ``Models`` at hand (float network, QAT network, int8 artifact, calibration images) it returns
+``(f, bytes)``: ``f(x) -> logits`` for normalized float32 NCHW batches, and the size of what it
+runs from (None: float32 weights quantized at load). ``compare.py`` runs them on a trained model
+(accuracy, agreement, speed), ``benchmark.py`` on random weights (speed), ``report.py`` reads
+their rows by key. ``speeds`` times any of them in one process, alternating, as medians.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import mxnet as mx
+import numpy as np
+
+from .int8 import model as int8_model
+from .int8 import onednn, onnx_export
+
+
+@dataclass
+class Models:
+    """What the variants are built from; ``qat``-based variants need ``qat_net`` and ``int8``."""
+
+    shape: tuple  # C, H, W
+    float_net: mx.gluon.HybridBlock  # float weights
+    calib: mx.nd.NDArray  # normalized calibration images (PTQ, logit range of oneDNN)
+    float_bytes: Optional[int] = None
+    qat_net: Optional[mx.gluon.HybridBlock] = None
+    qat_float_graph: Optional[mx.gluon.HybridBlock] = None  # the float graph holding the QAT weights (oneDNN)
+    qat_bytes: Optional[int] = None
+    int8: Optional[int8_model.Int8Model] = None
+    ema_net: Optional[mx.gluon.HybridBlock] = None  # our quantizer, EMA ranges, float weights (PTQ)
+    onnx_target: str = "auto"
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tq-variants-")))
+
+
+def _mx(block: mx.gluon.Block) -> Callable:
+    return lambda a: block(mx.nd.array(a)).asnumpy()
+
+
+def _artifact_bytes(m: Models) -> int:
+    return int8_model.artifact_size(int8_model.save(m.int8, m.tmp / "model.int8.npz"))
+
+
+def _onnx(m: Models, quantized: bool) -> tuple:
+    if quantized:
+        path = onnx_export.save_qdq(m.int8, m.tmp / "q.onnx", m.onnx_target)
+    else:
+        path = onnx_export.save_float(m.float_net, m.shape, m.tmp / "f.onnx")
+    return onnx_export.runner(onnx_export.session(path)), path.stat().st_size
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    name: str
+    build: Callable[[Models], tuple]
+    qat: bool = True  # needs the QAT model
+    numpy: bool = False  # a numpy engine: fewer timed batches
+    onnx: bool = False  # needs ONNX Runtime (optional install)
+
+
+VARIANTS = (
+    Variant("float", "float (MXNet)", lambda m: (_mx(m.float_net), m.float_bytes), qat=False),
+    Variant("ptq_naive", "PTQ naive, channel-wise (oneDNN int8)",
+            lambda m: (_mx(onednn.ptq(m.float_net, m.shape, m.calib, "naive")), None), qat=False),
+    Variant("ptq_entropy", "PTQ entropy, channel-wise (oneDNN int8)",
+            lambda m: (_mx(onednn.ptq(m.float_net, m.shape, m.calib, "entropy")), None), qat=False),
+    Variant("ptq_ema", "PTQ EMA ranges, no fine-tuning (ours, fake-quant)", lambda m: (_mx(m.ema_net), None)),
+    Variant("fake_quant", "QAT fake-quant (MXNet)", lambda m: (_mx(m.qat_net), m.qat_bytes)),
+    Variant("sim", "QAT simulated int8 (numpy)", lambda m: (m.int8.simulate, _artifact_bytes(m)), numpy=True),
+    Variant("integer", "QAT integer-only (numpy)", lambda m: (m.int8.run_integer, _artifact_bytes(m)), numpy=True),
+    Variant("onednn", "QAT oneDNN int8, learned ranges",
+            lambda m: (_mx(onednn.with_learned_ranges(m.qat_float_graph, m.qat_net, m.shape, m.calib)), None)),
+    Variant("onnx_float", "float (ONNX Runtime)", lambda m: _onnx(m, False), qat=False, onnx=True),
+    Variant("onnx_int8", "QAT int8 QDQ (ONNX Runtime)", lambda m: _onnx(m, True), onnx=True),
+)
+BY_KEY = {v.key: v for v in VARIANTS}
+
+
+def build(models: Models, keys: Optional[list] = None) -> dict:
+    """``{key: (f, bytes)}`` of the variants named by ``keys`` (default: all that ``models`` can run;
+    the ONNX ones only where ONNX Runtime is installed)."""
+    out = {}
+    for v in VARIANTS:
+        if keys is not None and v.key not in keys:
+            continue
+        if (v.qat and models.qat_net is None) or (v.key == "ptq_ema" and models.ema_net is None):
+            continue
+        if v.onnx and not onnx_export.available():
+            continue
+        out[v.key] = v.build(models)
+    return out
+
+
+def speeds(fns: dict, x: np.ndarray, repeats: int = 5) -> dict:
+    """Median images/s at batch 64 and median latency (ms) at batch 1 of each ``{key: f}``, timed in
+    this process after a warm-up, alternating between the variants ``repeats`` times (a numpy
+    engine runs 1 batch and 2 single images per repeat, the others 5 and 20)."""
+    b64 = np.concatenate([x] * (64 // len(x) + 1))[:64]
+    b1 = x[:1]
+    for f in fns.values():
+        f(b64)
+        f(b1)
+    ips: dict = {k: [] for k in fns}
+    lat: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            n64, n1 = (1, 2) if BY_KEY.get(k, VARIANTS[0]).numpy else (5, 20)
+            t = time.perf_counter()
+            for _ in range(n64):
+                f(b64)
+            ips[k].append(n64 * 64 / (time.perf_counter() - t))
+            t = time.perf_counter()
+            for _ in range(n1):
+                f(b1)
+            lat[k].append(1000 * (time.perf_counter() - t) / n1)
+    return {k: (statistics.median(ips[k]), statistics.median(lat[k])) for k in fns}
+
+
+def int8_over_float(rows: dict) -> dict:
+    """int8 over float throughput at batch 64 within each runtime, from ``{key: {"images_per_s_b64": ...}}``."""
+    pairs = {"oneDNN / MXNet float": ("onednn", "float"), "ONNX Runtime int8 / float": ("onnx_int8", "onnx_float")}
+    return {name: round(rows[a]["images_per_s_b64"] / rows[b]["images_per_s_b64"], 2)
+            for name, (a, b) in pairs.items() if a in rows and b in rows}
+
+
+def table(rows: list, accuracy: bool) -> str:
+    """Markdown table of variant rows (``compare.json``'s ``rows``)."""
+    head = ["variant"] + (["top-1 %", "= simulated %"] if accuracy else []) + \
+        ["images/s (batch 64)", "latency ms (batch 1)", "model bytes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        size = f"{r['model_bytes']:,}" if r.get("model_bytes") else "float32 weights, quantized at load"
+        acc = [f"{100 * r['acc']:.2f}", f"{100 * r['agree_sim']:.2f}"] if accuracy else []
+        lines.append("| " + " | ".join([r["variant"]] + acc + [f"{r['images_per_s_b64']:.0f}",
+                                                                f"{r['latency_ms_b1']:.2f}", size]) + " |")
+    return "\n".join(lines)
+
+
+def bytes_on_disk(block: Any) -> int:
+    """Bytes of a Gluon block's parameters as ``save_parameters`` writes them."""
+    with tempfile.TemporaryDirectory() as d:
+        block.save_parameters(os.path.join(d, "p.params"))
+        return os.path.getsize(os.path.join(d, "p.params"))
