@@ -22,7 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from train_quantization import cli, machine, variants  # noqa: E402
@@ -30,31 +29,6 @@ from train_quantization import data as data_mod  # noqa: E402
 from train_quantization.config import load_config  # noqa: E402
 from train_quantization.errors import UserError, cli_main  # noqa: E402
 from train_quantization.int8 import engine, onnx_export  # noqa: E402
-from train_quantization.int8.export import export  # noqa: E402
-
-
-def models(args: argparse.Namespace, cfg, ds: data_mod.Dataset) -> variants.Models:  # noqa: ANN001
-    """The float run's and QAT run's networks, the int8 artifact and the PTQ calibration images."""
-    ctx = [mx.cpu()]
-    h, w, c = ds.image_shape
-    fnet = cli.build_for(cfg, ds, quant=False)
-    fpath = cli.resolve_params(args.float_run)
-    cli.load_weights(fnet, fpath, ctx, expect_ranges=False)
-    qnet = cli.build_for(cfg, ds, quant=True)
-    qpath = cli.resolve_params(args.qat, "last.params")
-    cli.load_weights(qnet, qpath, ctx, expect_ranges=True)
-    ema, _ = cli.qat_from_float(cfg, ds, fpath, ctx)  # our quantizer, EMA ranges, float weights: PTQ, no QAT
-    qweights = cli.float_with_qat_weights(cfg, ds, qnet)
-    for net in (fnet, qnet, qweights, ema):
-        net.hybridize(static_alloc=True)
-    m = export(qnet, *ds.mean_std(), (c, h, w), ds.classes)
-    pick = np.random.default_rng(cfg.seed).choice(len(ds.train_x), args.calib, replace=False)
-    calib = mx.nd.array(engine.normalize(m, ds.train_x[pick]))
-    with mx.autograd.train_mode():
-        for i in range(0, args.calib, cfg.data.batch_size):
-            ema(calib[i:i + cfg.data.batch_size]).wait_to_read()
-    return variants.Models((c, h, w), fnet, calib, fpath.stat().st_size, qnet, qweights, qpath.stat().st_size, m, ema,
-                           args.onnx_target)
 
 
 @cli_main
@@ -74,17 +48,13 @@ def main() -> None:
         raise UserError(f"{qrun} is not a run folder (no config.yaml)")
     cfg = load_config(qrun / "config.yaml", {"data.source": args.data})
     ds = data_mod.dataset_from_config(cfg.data)
-    m = models(args, cfg, ds)
+    m = variants.from_runs(args.float_run, args.qat, cfg, ds, args.calib, args.onnx_target)
     fns = variants.build(m)
     if not onnx_export.available():
         print(f"ONNX Runtime rows skipped (not installed: {onnx_export.INSTALL})")
     n = args.limit or len(ds.test_x)
     x, labels = engine.normalize(m.int8, ds.test_x[:n]), ds.test_y[:n]
-    preds = {k: np.concatenate([f(x[i:i + 250]) for i in range(0, n, 250)]).argmax(1) for k, (f, _) in fns.items()}
-    speed = variants.speeds({k: f for k, (f, _) in fns.items()}, x, args.batches)
-    rows = [{"key": k, "variant": variants.BY_KEY[k].name, "acc": float((preds[k] == labels).mean()),
-             "agree_sim": float((preds[k] == preds["sim"]).mean()), "images_per_s_b64": round(speed[k][0], 1),
-             "latency_ms_b1": round(speed[k][1], 3), "model_bytes": size} for k, (_, size) in fns.items()]
+    rows, preds = variants.evaluate(fns, x, labels, args.batches)
     out = {"float_run": str(args.float_run), "qat_run": str(qrun), "images": n, "calib_images": args.calib,
            "machine": machine.facts(), "onnx_target": onnx_export.resolve_target(args.onnx_target),
            "int8_over_float_b64": variants.int8_over_float({r["key"]: r for r in rows}),

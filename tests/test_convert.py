@@ -12,7 +12,7 @@ from mxnet.gluon import nn
 
 from conftest import ROOT
 from train_quantization.config import ModelConfig, QuantConfig, QuantSpec
-from train_quantization.convert import convert
+from train_quantization.conversion import convert
 from train_quantization.errors import UserError
 from train_quantization.layers import QAdd, QAvgPool, QConv2DBN, QDense, quantized_layers, set_quant_state
 from train_quantization.models import build_model
@@ -139,7 +139,7 @@ def _trained_resnet(seed: int = 0, **quant):
 
 @pytest.mark.parametrize("scheme", ["original", "onednn"])
 def test_resnet20_engines_follow_the_fake_quant_graph(scheme):
-    from train_quantization.convert import copy_to_float
+    from train_quantization.conversion import copy_to_float
     from train_quantization.int8 import engine, onednn, onnx_export
     from train_quantization.int8.export import export
 
@@ -185,7 +185,7 @@ def test_resnet20_engines_follow_the_fake_quant_graph(scheme):
 
 
 def test_copy_to_float_inverts_convert():
-    from train_quantization.convert import copy_to_float
+    from train_quantization.conversion import copy_to_float
 
     net = build_model(ModelConfig(arch="gluoncv:cifar_resnet20_v1"), 10, 3, 32)
     for p in net.collect_params().values():

@@ -12,8 +12,6 @@ import numpy as np
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "scripts"))
-
 
 def _cluster_processes(port: int) -> list:
     tag = f"DMLC_PS_ROOT_PORT={port}".encode()
@@ -32,7 +30,7 @@ def test_two_workers_identical_weights_and_ranges(float_run, tmp_path):
     """Two workers, one server: identical weights and ranges at the end, and nothing for the
     per-epoch comparison against worker 0 (``train.WorkerCheck``, ``worker_max_diff`` in
     metrics.jsonl) to repair: the workers never drifted apart."""
-    from launch_dist import free_port  # scripts/ is on sys.path below
+    from train_quantization.dist import free_port
 
     port = free_port()
     cmd = [sys.executable, "scripts/launch_dist.py", "-n", "2", "-s", "1", "--port", str(port), "--timeout", "400",

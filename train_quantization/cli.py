@@ -193,7 +193,7 @@ def init_net(net: mx.gluon.HybridBlock, ctxs: list) -> None:
 def qat_from_float(cfg: Config, ds: data_mod.Dataset, weights: Path, ctxs: list) -> tuple:
     """The QAT network holding a float checkpoint's weights; returns ``(net, new parameter names)``:
     the float network loads the checkpoint, then ``convert`` moves the values into quantized blocks."""
-    from .convert import convert
+    from .conversion import convert
 
     fnet = build_for(cfg, ds, quant=False)
     load_weights(fnet, weights, ctxs, expect_ranges=False)
@@ -204,7 +204,7 @@ def qat_from_float(cfg: Config, ds: data_mod.Dataset, weights: Path, ctxs: list)
 
 def float_with_qat_weights(cfg: Config, ds: data_mod.Dataset, qnet: mx.gluon.HybridBlock) -> mx.gluon.HybridBlock:
     """The float graph holding the QAT weights (what oneDNN quantizes with the learned ranges)."""
-    from .convert import copy_to_float
+    from .conversion import copy_to_float
 
     return copy_to_float(qnet, build_for(cfg, ds, quant=False))
 

@@ -5,7 +5,7 @@ VGG16-BN as in the original experiment: 3x3 convolutions with padding 1 in stage
 and ReLU, a 2x2 max pool after each stage; classifier Dense 512, ReLU, Dropout 0.5, Dense.
 ``width`` scales every channel count.
 
-Every network is built in float; ``convert.convert`` turns it into its QAT form (one path for
+Every network is built in float; ``conversion.convert`` turns it into its QAT form (one path for
 all models), keeping parameter names, so checkpoints move between the two by name.
 """
 from __future__ import annotations
@@ -90,6 +90,6 @@ def build_model(m: ModelConfig, num_classes: int, in_channels: int, image_size: 
             net.initialize(mx.init.Xavier(magnitude=2.0))
     if quant is None:
         return net
-    from .convert import convert
+    from .conversion import convert
 
     return convert(net, quant)

@@ -270,3 +270,64 @@ def write_report(run: Path) -> Path:
         md += ["## Bit-width sweep", "", "![sweep](sweep.png)", "", sweep_markdown(sweep["rows"]), ""]
     (run / "report.md").write_text("\n".join(md))
     return run / "report.md"
+
+
+def _summary_row(r: Path) -> tuple:
+    """``(kind, table row, (name, seed, top-1, QAT - float) or None)`` of a finished run folder."""
+    import json
+    import re
+
+    from .errors import UserError
+
+    res, env = load_json(r / "result.json"), load_json(r / "env.json")
+    if not res:
+        raise UserError(f"{r} has no result.json (not a finished run)")
+    rows = [json.loads(ln) for ln in (r / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    minutes = sum(x["epoch_time_s"] for x in rows) / 60
+    date = env.get("date", "?")[:10]
+    group = re.fullmatch(r"(.+)-s(\d+)", r.name)
+    fp32 = res["kind"] == "fp32"
+    seed = None
+    if group:
+        seed = (group.group(1), int(group.group(2)), res["best_test_acc"] if fp32 else res["fq_acc"],
+                None if fp32 else res["fq_acc"] - res["float_acc"])
+    if fp32:
+        return "fp32", f"| {r.name} | {len(rows)} | {pct(res['best_test_acc'])} | {minutes:.1f} | {date} |", seed
+    i8 = load_json(r / "int8_eval.json")
+    return "qat", (f"| {r.name} | {len(rows)} | {pct(res['float_acc'])} | {pct(res['fq_acc_before'])} | "
+                   f"{pct(res['fq_acc'])} | {pct(i8.get('sim_acc'))} | {pct(i8.get('integer_acc'))} | "
+                   f"{pct(i8.get('integer_agree_sim'))} | {i8.get('size_ratio', float('nan')):.3f} | "
+                   f"{minutes:.1f} | {date} |"), seed
+
+
+def summarize(runs: list) -> str:
+    """Markdown tables of finished runs (float, QAT) and, for runs named ``<name>-s<seed>`` with two or
+    more seeds, per name: mean, sample std and range of top-1 (float: best epoch; QAT: after QAT, and
+    its difference to the float model it started from)."""
+    import statistics
+
+    got = [_summary_row(Path(r)) for r in runs]
+    out = []
+    floats, qats = [row for kind, row, _ in got if kind == "fp32"], [row for kind, row, _ in got if kind == "qat"]
+    if floats:
+        out += ["| float run | epochs | test top-1 % | train min | date |\n|---|---|---|---|---|",
+                "\n".join(floats) + "\n"]
+    if qats:
+        out += ["| QAT run | epochs | float % | fake-quant before QAT % | fake-quant after QAT % | "
+                "simulated int8 % | integer-only % | integer = sim top-1 % | artifact / float size | "
+                "train min | date |\n|---|---|---|---|---|---|---|---|---|---|---|", "\n".join(qats) + "\n"]
+    seeds: dict = {}
+    for _, _, entry in got:
+        if entry:
+            seeds.setdefault(entry[0], []).append(entry[1:])
+    groups = {k: v for k, v in seeds.items() if len(v) > 1}
+    if groups:
+        out.append("| runs | seeds | top-1 % mean | std | min - max | QAT - float points, mean (each) |\n"
+                   "|---|---|---|---|---|---|")
+    for name, rows in groups.items():
+        accs = [100 * a for _, a, _ in rows]
+        gains = [g for _, _, g in rows if g is not None]
+        gain = f"{100 * statistics.mean(gains):+.2f} ({', '.join(f'{100 * g:+.2f}' for g in gains)})" if gains else "-"
+        out.append(f"| {name}-s* | {', '.join(str(s) for s, _, _ in rows)} | {statistics.mean(accs):.2f} | "
+                   f"{statistics.stdev(accs):.2f} | {min(accs):.2f} - {max(accs):.2f} | {gain} |")
+    return "\n".join(out)

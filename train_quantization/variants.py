@@ -150,3 +150,45 @@ def bytes_on_disk(block: Any) -> int:
     with tempfile.TemporaryDirectory() as d:
         block.save_parameters(os.path.join(d, "p.params"))
         return os.path.getsize(os.path.join(d, "p.params"))
+
+
+def from_runs(float_run: str, qat_run: str, cfg: Any, ds: Any, calib_images: int, onnx_target: str = "auto") -> Models:
+    """The float run's and QAT run's networks, the int8 artifact and ``calib_images`` PTQ calibration images."""
+    from . import cli
+    from .int8 import engine
+    from .int8.export import export
+
+    ctx = [mx.cpu()]
+    h, w, c = ds.image_shape
+    fnet = cli.build_for(cfg, ds, quant=False)
+    fpath = cli.resolve_params(float_run)
+    cli.load_weights(fnet, fpath, ctx, expect_ranges=False)
+    qnet = cli.build_for(cfg, ds, quant=True)
+    qpath = cli.resolve_params(qat_run, "last.params")
+    cli.load_weights(qnet, qpath, ctx, expect_ranges=True)
+    ema, _ = cli.qat_from_float(cfg, ds, fpath, ctx)  # our quantizer, EMA ranges, float weights: PTQ, no QAT
+    qweights = cli.float_with_qat_weights(cfg, ds, qnet)
+    for net in (fnet, qnet, qweights, ema):
+        net.hybridize(static_alloc=True)
+    m = export(qnet, *ds.mean_std(), (c, h, w), ds.classes)
+    pick = np.random.default_rng(cfg.seed).choice(len(ds.train_x), calib_images, replace=False)
+    calib = mx.nd.array(engine.normalize(m, ds.train_x[pick]))
+    with mx.autograd.train_mode():
+        for i in range(0, calib_images, cfg.data.batch_size):
+            ema(calib[i:i + cfg.data.batch_size]).wait_to_read()
+    return Models((c, h, w), fnet, calib, fpath.stat().st_size, qnet, qweights, qpath.stat().st_size, m, ema,
+                           onnx_target)
+
+
+
+
+def evaluate(fns: dict, x: np.ndarray, labels: np.ndarray, repeats: int) -> tuple:
+    """``(rows, top-1 predictions)`` of the variants ``{key: (f, bytes)}`` on normalized images ``x``:
+    accuracy, agreement with the simulated engine, speed (``speeds``), model bytes."""
+    n = len(x)
+    preds = {k: np.concatenate([f(x[i:i + 250]) for i in range(0, n, 250)]).argmax(1) for k, (f, _) in fns.items()}
+    speed = speeds({k: f for k, (f, _) in fns.items()}, x, repeats)
+    rows = [{"key": k, "variant": BY_KEY[k].name, "acc": float((preds[k] == labels).mean()),
+             "agree_sim": float((preds[k] == preds["sim"]).mean()), "images_per_s_b64": round(speed[k][0], 1),
+             "latency_ms_b1": round(speed[k][1], 3), "model_bytes": size} for k, (_, size) in fns.items()]
+    return rows, preds

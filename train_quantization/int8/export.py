@@ -19,7 +19,7 @@ from mxnet import gluon, nd
 from mxnet.gluon import nn
 
 from .. import quant
-from ..convert import SEQUENTIAL_CUSTOM
+from ..conversion import SEQUENTIAL_CUSTOM
 from ..errors import UserError
 from ..layers import BN_EPS, QAvgPool, QConv2DBN, QDense, QResidual, quantized_layers
 from .model import Add, AvgPool, Conv, Dense, DenseFloat, Flatten, InGrid, Int8Model, MaxPool

@@ -210,6 +210,12 @@ class Int8Model:
 
         return run_integer(self, x, record)
 
+    def normalize(self, images: np.ndarray) -> np.ndarray:
+        """uint8 NHWC images -> the normalized float32 NCHW input the engines take."""
+        from .engine import normalize
+
+        return normalize(self, images)
+
     def predict(self, images: np.ndarray, engine: str = "sim") -> np.ndarray:
         """Logits for uint8 NHWC images (``sim``, ``integer`` or ``onnx``), normalized as in training."""
         from .engine import predict

@@ -1,0 +1,105 @@
+"""Evaluate an int8 model: the simulated, integer-only and ONNX Runtime engines against the labels and
+the fake-quant network (``sim_int8_infer.py``)."""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .errors import UserError
+from .int8 import engine
+from .int8 import model as int8_model
+
+
+def fake_quant_logits(run: Path, data: str | None, ckpt: str) -> tuple:
+    """The QAT run's int8 model, dataset, fake-quant logits on the test set and float checkpoint path."""
+    from . import cli, train
+    from . import data as data_mod
+    from .config import load_config
+    from .int8.export import export
+
+    cfg = load_config(run / "config.yaml", {"data.source": data})
+    ctxs = train.parse_ctx("cpu")
+    ds = data_mod.dataset_from_config(cfg.data)
+    net = cli.build_for(cfg, ds, quant=True)
+    cli.load_weights(net, cli.resolve_params(str(run), ckpt), ctxs, expect_ranges=True)
+    net.hybridize(static_alloc=True)
+    _, test_loader = data_mod.make_loaders(ds, cfg.data.batch_size, cfg.data.eval_batch_size, False, cfg.seed)
+    mean, std = ds.mean_std()
+    ev = train.evaluate(net, test_loader, data_mod.normalizer(mean, std), ctxs, return_outputs=True)
+    h, w, c = ds.image_shape
+    m = export(net, mean, std, (c, h, w), ds.classes)
+    pretrained = None
+    res = run / "result.json"
+    if res.is_file():
+        pretrained = json.loads(res.read_text()).get("pretrained")
+    return m, ds, ev["logits"], pretrained
+
+
+
+
+def load_model(qat: Optional[str], artifact: Optional[str], data: Optional[str], checkpoint: str,
+               export_to: Optional[str]) -> tuple:
+    """``(int8 model, dataset, fake-quant logits or None, report)`` from a QAT run folder (exported, and
+    written to ``export_to``) or an artifact file with a dataset."""
+    report: dict = {}
+    if bool(qat) == bool(artifact):
+        raise UserError("pass exactly one of --qat RUN_DIR or --artifact FILE")
+    if qat:
+        run = Path(qat)
+        if not (run / "config.yaml").is_file():
+            raise UserError(f"{run} is not a run folder (no config.yaml); pass the folder train_qat.py printed")
+        model, ds, fq_logits, pretrained = fake_quant_logits(run, data, checkpoint)
+        path = Path(export_to) if export_to else Path(tempfile.mkdtemp()) / "model.int8.npz"
+        int8_model.save(model, path)
+        report.update(artifact=str(path) if export_to else None, artifact_bytes=int8_model.artifact_size(path))
+        if pretrained and Path(pretrained).is_file():
+            report["float_params_bytes"] = Path(pretrained).stat().st_size
+            report["size_ratio"] = report["artifact_bytes"] / report["float_params_bytes"]
+        return int8_model.load(path), ds, fq_logits, report  # evaluate what the file holds
+    from . import data as data_mod
+    from .config import DataConfig
+
+    model = int8_model.load(artifact)
+    if not data:
+        raise UserError("--artifact needs --data (the dataset to evaluate on)")
+    ds = data_mod.dataset_from_config(DataConfig(source=data))
+    h, w, c = ds.image_shape
+    if (c, h, w) != tuple(model.input_shape):
+        raise UserError(f"the artifact expects {tuple(model.input_shape)} (C, H, W) inputs, the data has "
+                        f"{(c, h, w)}; pass the dataset it was trained on")
+    report.update(artifact=artifact, artifact_bytes=int8_model.artifact_size(artifact))
+    return model, ds, None, report
+
+
+def evaluate(model: int8_model.Int8Model, images: np.ndarray, labels: np.ndarray, engines: list,
+             fq_logits: Optional[np.ndarray] = None, onnx_target: str = "auto") -> dict:
+    """Accuracy and time of each engine, top-1 agreement with the fake-quant network and between engines."""
+    report, preds = {}, {}
+    if fq_logits is not None:
+        preds["fake_quant"] = fq_logits.argmax(1)
+        report["fake_quant_acc"] = float((preds["fake_quant"] == labels).mean())
+    for name in engines:
+        t0 = time.time()
+        logits = engine.predict(model, images, name, progress=True, onnx_target=onnx_target)
+        preds[name] = logits.argmax(1)
+        report[f"{name}_acc"] = float((preds[name] == labels).mean())
+        report[f"{name}_seconds"] = round(time.time() - t0, 2)
+        if fq_logits is not None:
+            report[f"{name}_agree_fake_quant"] = float((preds[name] == preds["fake_quant"]).mean())
+            report[f"{name}_max_logit_diff_fake_quant"] = float(np.abs(logits - fq_logits).max())
+    for other in ("integer", "onnx"):
+        if "sim" in preds and other in preds:
+            report[f"{other}_agree_sim"] = float((preds[other] == preds["sim"]).mean())
+    return report
+
+
+def write(report: dict, path: Optional[str]) -> None:
+    if path:
+        from .train import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(report, indent=2))
