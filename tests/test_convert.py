@@ -11,7 +11,7 @@ import pytest
 from mxnet.gluon import nn
 
 from conftest import ROOT
-from train_quantization.config import ModelConfig, QuantConfig, QuantSpec
+from train_quantization.config import ModelConfig, QuantConfig, QuantSpec, load_config
 from train_quantization.conversion import convert
 from train_quantization.errors import UserError
 from train_quantization.layers import QAdd, QAvgPool, QConv2DBN, QDense, quantized_layers, set_quant_state
@@ -208,9 +208,11 @@ def test_resnet20_through_the_clis(tmp_path):
     m = ["--model", "gluoncv:cifar_resnet20_v1"]
     run("scripts/train_fp32.py", "--config", "configs/synthetic_tiny.yaml", "--out", str(tmp_path), "--name", "f",
         "--epochs", "3", "--lr", "0.1", *m)
-    run("scripts/train_qat.py", "--config", "configs/synthetic_tiny.yaml", "--pretrained", str(tmp_path / "f"),
-        "--out", str(tmp_path), "--name", "q", "--epochs", "1", *m)
+    # the float run folder knows its model and data: neither --model nor --config is repeated
+    run("scripts/train_qat.py", "--pretrained", str(tmp_path / "f"), "--out", str(tmp_path), "--name", "q",
+        "--epochs", "1")
     res = json.loads((tmp_path / "q" / "result.json").read_text())
+    assert load_config(tmp_path / "q" / "config.yaml").model.arch == "gluoncv:cifar_resnet20_v1"
     assert len(res["new_parameters"]) == 31 and res["fq_acc"] >= res["float_acc"] - 0.05, res  # 22 layers, 9 adds
     assert res["float_acc"] >= 0.4  # learned something in 3 epochs on the 10-class set
     layers = json.loads((tmp_path / "q" / "layers.json").read_text())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import ClassVar
 
 import mxnet as mx
 import numpy as np
@@ -164,3 +165,54 @@ def test_artifact_is_at_most_026_of_float_params(tmp_path):
     size = int8_model.artifact_size(int8_model.save(m, tmp_path / "m.npz"))
     ratio = size / (tmp_path / "f.params").stat().st_size
     assert 0.15 < ratio <= 0.26
+
+
+def test_a_new_op_is_one_dataclass_and_one_handler_per_engine(qat_run, tiny_ds, tmp_path, monkeypatch):
+    """A toy op (a Gluon block that halves its input, placed before the classifier): its dataclass, one
+    export handler, one numpy-engine handler, one ONNX handler; then it saves, loads and runs everywhere."""
+    from dataclasses import dataclass
+
+    import mxnet as mx
+    from mxnet.gluon import nn
+
+    from train_quantization.int8 import export as export_mod
+    from train_quantization.int8 import onnx_export
+
+    @dataclass
+    class Half:
+        type: ClassVar[str] = "half"
+        name: str
+        inputs: list
+
+    class HalfBlock(nn.HybridBlock):
+        def hybrid_forward(self, F, x):  # noqa: ANN001
+            return x * 0.5
+
+    monkeypatch.setitem(int8_model.OPS, "half", Half)
+    monkeypatch.setattr(export_mod, "EXPORT", [((HalfBlock,), lambda g, b, src, path: g.emit(Half(path, [src])))]
+                        + export_mod.EXPORT)
+    monkeypatch.setitem(engine.RUN, Half, lambda r, op, ins: (_half(ins[0][0]), ins[0][1]))
+    monkeypatch.setitem(onnx_export.EMIT, Half, lambda b, i, op: b.finish(i, b.node(
+        "Mul", [b.as_float(f"l{i}.in", op.inputs[0]), b.const(f"l{i}.k", np.array(0.5, np.float32))], f"l{i}.y")))
+
+    def _half(a: np.ndarray) -> np.ndarray:
+        assert a.dtype.kind == "f"  # float data after the last max pool (a float op between quantized layers)
+        return a * 0.5
+
+    net = qat_run["net"]
+    net.classifier._children["0"] = nn.HybridSequential()
+    net.classifier._children["0"].add(HalfBlock(), nn.Flatten())
+    net.hybridize(static_alloc=True)
+    try:
+        m = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
+        fq = net(mx.nd.array(engine.normalize(m, tiny_ds.test_x[:100]))).asnumpy()
+    finally:
+        net.classifier._children["0"] = nn.Flatten()
+        net.hybridize(static_alloc=True)
+    assert [op.type for op in m.layers].count("half") == 1
+    back = int8_model.load(int8_model.save(m, tmp_path / "h.npz"))
+    x = engine.normalize(m, tiny_ds.test_x[:100])
+    sim = back.simulate(x)
+    assert top1_agreement(sim, fq) >= 0.99 and not np.allclose(sim, qat_run["logits"][:100], atol=1e-3)
+    ort = onnx_export.runner(onnx_export.session(back.to_onnx(target="avx2")))(x)
+    assert top1_agreement(sim, ort) >= 0.99

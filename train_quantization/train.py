@@ -18,6 +18,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -320,6 +321,90 @@ def smoothed_loss(eps: float, classes: int) -> Any:
     return lambda out, y: dense(out, mx.nd.one_hot(y, classes) * (1.0 - eps) + eps / classes)
 
 
+@dataclass
+class _Loop:
+    """One training run's moving parts and its position (``step``, QAT ``phase``)."""
+
+    net: gluon.HybridBlock
+    cfg: Config
+    run: Path
+    ctxs: list
+    qat: bool
+    trainer: gluon.Trainer
+    norm: Any
+    loss_fn: Any
+    workers: int
+    worker_ranges: Optional[WorkerRanges]
+    steps_log: Any
+    step: int = 0
+    phase: Optional[tuple] = None
+
+    def train_step(self, x: Any, y: Any, epoch: int) -> tuple:
+        """One optimizer step; returns ``(summed loss, correct predictions)`` of the batch."""
+        net, qat = self.net, self.qat
+        if qat:
+            self.phase = qat_phase(net, self.cfg, self.step, self.phase)
+        xs, ys = split(x, self.ctxs), split(y, self.ctxs)
+        with autograd.record():
+            outs = [net(self.norm(a)) for a in xs]
+            losses = [self.loss_fn(o, b) for o, b in zip(outs, ys)]
+        autograd.backward(losses)
+        self.trainer.step(x.shape[0] * self.workers)
+        if qat:
+            sync_ranges(net)
+            if self.worker_ranges:
+                self.worker_ranges.sync()
+        self.step += 1
+        batch_loss = sum(float(v.sum().asscalar()) for v in losses)
+        if not math.isfinite(batch_loss):
+            last = self.run / "last.params"
+            raise UserError(f"loss is {batch_loss} at step {self.step} (epoch {epoch + 1}); stopped. "
+                            f"Last good checkpoint: {last if last.exists() else 'none'}; lower optim.lr")
+        if self.step % LOG_EVERY == 0 or self.step == 1:
+            row = {"step": self.step, "loss": batch_loss / x.shape[0], "lr": self.trainer.learning_rate}
+            if qat:
+                row["ranges"] = range_summary(net)
+            self.steps_log.write(json.dumps(row) + "\n")
+        correct = sum(int((o.argmax(axis=1).astype("int32") == b.astype("int32")).sum().asscalar())
+                      for o, b in zip(outs, ys))
+        return batch_loss, correct
+
+    def train_epoch(self, epoch: int, epochs: int, loader: Any) -> dict:
+        """One pass over ``loader`` (reseeded from ``(seed, epoch)``); the epoch's training metrics."""
+        seed_all(self.cfg.seed * 100003 + epoch)
+        if isinstance(loader._batchify_fn, data_mod.CropFlip):
+            loader._batchify_fn.reseed(self.cfg.seed * 100003 + epoch)
+        t0 = time.time()
+        loss_sum = correct = seen = 0.0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True, mininterval=1.0,
+                   file=sys.stderr)
+        for x, y in bar:
+            batch_loss, ok = self.train_step(x, y, epoch)
+            loss_sum, correct, seen = loss_sum + batch_loss, correct + ok, seen + x.shape[0]
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.time() - t0):.0f}",
+                            lr=f"{self.trainer.learning_rate:.4f}", refresh=False)
+        train_time = time.time() - t0
+        return {"epoch": epoch + 1, "step": self.step, "lr": self.trainer.learning_rate,
+                "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+                "epoch_time_s": round(train_time, 2), "images_per_s": round(seen / train_time, 1)}
+
+    def checkpoint(self, rec: dict, best: dict) -> dict:
+        """Write the epoch's checkpoint, trainer state, metrics row and position; returns the best record."""
+        run = self.run
+        save_params(self.net, run / "last.params")
+        tmp = run / "last.states.tmp"
+        self.trainer.save_states(str(tmp))
+        os.replace(tmp, run / "last.states")
+        if rec["test_acc"] > best["test_acc"]:
+            save_params(self.net, run / "best.params")
+            best = dict(rec)
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        atomic_write_text(run / "state.json", json.dumps({"epoch": rec["epoch"], "step": self.step}))
+        self.steps_log.flush()
+        return best
+
+
 def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ctxs: list,
         qat: bool = False, resume: bool = False) -> tuple:
     """Train ``net`` for ``cfg.optim.epochs`` epochs (QAT: ``cfg.qat``'s schedule, see ``schedule_of``);
@@ -341,86 +426,32 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
     if worker_ranges:
         worker_ranges.sync()  # calibration ran on each worker's own shard
     worker_check = WorkerCheck(net, kv, rank) if workers > 1 else None
-    mean, std = ds.mean_std()
-    norm = data_mod.normalizer(mean, std)
-    steps_per_epoch = len(train_loader)
-    trainer = make_trainer(net, cfg, steps_per_epoch, qat)
+    norm = data_mod.normalizer(*ds.mean_std())
+    trainer = make_trainer(net, cfg, len(train_loader), qat)
     epochs = schedule_of(cfg, qat).epochs
-    loss_fn = smoothed_loss(cfg.optim.label_smoothing, ds.num_classes)
-    metrics_path = run / "metrics.jsonl"
+    loop = _Loop(net, cfg, run, ctxs, qat, trainer, norm, smoothed_loss(cfg.optim.label_smoothing, ds.num_classes),
+                 workers, worker_ranges, open(run / "steps.jsonl", "a"))  # steps.jsonl: loss, lr (and ranges)
     best: dict = {"test_acc": -1.0}
-    step = start = 0
-    rec = best
+    start, rec = 0, best
     if resume:
-        start, step, best, rec = resume_point(run)
+        start, loop.step, best, rec = resume_point(run)
         trainer.load_states(str(run / "last.states"))
-        log.info("resuming %s after epoch %d (step %d)", run, start, step)
-    phase = qat_phase(net, cfg, step, None) if qat else None
-    steps_log = open(run / "steps.jsonl", "a")  # loss, lr (and ranges) every LOG_EVERY steps, for report.py
+        log.info("resuming %s after epoch %d (step %d)", run, start, loop.step)
+    loop.phase = qat_phase(net, cfg, loop.step, None) if qat else None
     for epoch in range(start, epochs):
-        seed_all(cfg.seed * 100003 + epoch)
-        if isinstance(train_loader._batchify_fn, data_mod.CropFlip):
-            train_loader._batchify_fn.reseed(cfg.seed * 100003 + epoch)
-        t0 = time.time()
-        loss_sum = correct = seen = 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                   dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-        for x, y in bar:
-            if qat:
-                phase = qat_phase(net, cfg, step, phase)
-            xs, ys = split(x, ctxs), split(y, ctxs)
-            with autograd.record():
-                outs = [net(norm(a)) for a in xs]
-                losses = [loss_fn(o, b) for o, b in zip(outs, ys)]
-            autograd.backward(losses)
-            trainer.step(x.shape[0] * workers)
-            if qat:
-                sync_ranges(net)
-                if worker_ranges:
-                    worker_ranges.sync()
-            step += 1
-            batch_loss = sum(float(v.sum().asscalar()) for v in losses)
-            if not math.isfinite(batch_loss):
-                last = run / "last.params"
-                raise UserError(f"loss is {batch_loss} at step {step} (epoch {epoch + 1}); stopped. "
-                                f"Last good checkpoint: {last if last.exists() else 'none'}; lower optim.lr")
-            loss_sum += batch_loss
-            if step % LOG_EVERY == 0 or step == 1:
-                row = {"step": step, "loss": batch_loss / x.shape[0], "lr": trainer.learning_rate}
-                if qat:
-                    row["ranges"] = range_summary(net)
-                steps_log.write(json.dumps(row) + "\n")
-            correct += sum(int((o.argmax(axis=1).astype("int32") == b.astype("int32")).sum().asscalar())
-                           for o, b in zip(outs, ys))
-            seen += x.shape[0]
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.time() - t0):.0f}",
-                            lr=f"{trainer.learning_rate:.4f}", refresh=False)
-        train_time = time.time() - t0
+        rec = loop.train_epoch(epoch, epochs, train_loader)
         worker_diff = worker_check.run(epoch + 1) if worker_check else None
         ev = evaluate(net, test_loader, norm, ctxs)
-        rec = {"epoch": epoch + 1, "step": step, "lr": trainer.learning_rate,
-               "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-               "test_loss": ev["loss"], "test_acc": ev["acc"], "epoch_time_s": round(train_time, 2),
-               "images_per_s": round(seen / train_time, 1)}
+        rec = {**{k: rec[k] for k in ("epoch", "step", "lr", "train_loss", "train_acc")}, "test_loss": ev["loss"],
+               "test_acc": ev["acc"], "epoch_time_s": rec["epoch_time_s"], "images_per_s": rec["images_per_s"]}
         if qat:
             rec["ranges"] = range_summary(net)
         if worker_diff is not None:
             rec["worker_max_diff"] = worker_diff
-        save_params(net, run / "last.params")
-        tmp = run / "last.states.tmp"
-        trainer.save_states(str(tmp))
-        os.replace(tmp, run / "last.states")
-        if ev["acc"] > best["test_acc"]:
-            save_params(net, run / "best.params")
-            best = dict(rec)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        atomic_write_text(run / "state.json", json.dumps({"epoch": epoch + 1, "step": step}))
-        log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f  test_acc %.4f  %.0f img/s  %.1f s",
-                 epoch + 1, epochs, rec["train_loss"], rec["train_acc"], ev["acc"],
-                 rec["images_per_s"], train_time)
-        steps_log.flush()
-    steps_log.close()
+        best = loop.checkpoint(rec, best)
+        log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f  test_acc %.4f  %.0f img/s  %.1f s", epoch + 1, epochs,
+                 rec["train_loss"], rec["train_acc"], ev["acc"], rec["images_per_s"], rec["epoch_time_s"])
+    loop.steps_log.close()
     return best, rec
 
 

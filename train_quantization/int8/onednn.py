@@ -162,10 +162,8 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
             r *= UINT8_DIV / INT8_DIV
         table[out] = (0.0 if nonneg[v] else -r, r)
     pools = [i for i, op in enumerate(graph) if isinstance(op, AvgPool)]
-    for n in _global_avg_pools(qsym):  # left in float: the next layer's input range
-        if f"{n}_output" in names and len(pools) == 1:
-            r = reach(pools[0])
-            table[f"{n}_output"] = (0.0 if nonneg[pools[0]] else -r, r)
+    table.update({f"{n}_output": (0.0 if nonneg[pools[0]] else -reach(pools[0]), reach(pools[0]))
+                  for n in _global_avg_pools(qsym) if f"{n}_output" in names and len(pools) == 1})
     missing = [n for n in names if n not in table]
     if missing:
         raise ValueError(f"cannot map learned ranges onto oneDNN's layers {missing}")
