@@ -54,7 +54,7 @@ def test_training_beats_bound_and_checkpoint_roundtrip(float_run, tiny_ds, tmp_p
     from train_quantization import cli, train
     from train_quantization import data as data_mod
 
-    assert float_run["best"]["test_acc"] >= 0.9  # chance is 0.1; measured 0.982-1.0 over seeds and CPUs
+    assert float_run["best"]["test_acc"] >= 0.9  # chance is 0.1; measured 0.998-1.0 over seeds and CPUs
     rows = [json.loads(line) for line in (float_run["run"] / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 7))
     for f in ("config.yaml", "env.json", "best.params", "last.params", "last.states", "train.log"):

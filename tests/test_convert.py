@@ -46,7 +46,7 @@ def test_rules_on_a_custom_block():
             self.pre = nn.BatchNorm()  # no conv before it: stays float
             self.body = nn.HybridSequential()
             self.body.add(nn.Conv2D(4, 3, padding=1, use_bias=True), nn.BatchNorm(), nn.Activation("relu"),
-                          nn.Conv2D(4, 1))  # a conv without BatchNorm: stays float
+                          nn.Conv2D(4, 1))  # a conv without BatchNorm: a QConv2D (weights and its bias)
             self.head = nn.Dense(3, activation="relu")
 
         def hybrid_forward(self, F, x):  # noqa: ANN001
@@ -64,7 +64,7 @@ def test_rules_on_a_custom_block():
     set_quant_state(q, enabled=False)
     assert isinstance(q.pre, nn.BatchNorm) and isinstance(q.head, QDense) and q.head.relu
     kinds = [type(c).__name__ for c in q.body._children.values()]
-    assert kinds == ["QConv2DBN", "Activation", "Conv2D"]
+    assert kinds == ["QConv2DBN", "Activation", "QConv2D"] and q.body[2].use_bias
     np.testing.assert_allclose(q(x).asnumpy(), ref, rtol=1e-5, atol=1e-5)  # conv bias folded exactly
     fresh = Net()
     with pytest.raises(UserError, match="run one forward pass first"):

@@ -51,7 +51,8 @@ RUN_FLAGS = (
     Flag("--name", "name", help="run folder name (default: <config>-<kind>-<time>)"),
     Flag("--batch-size", "data.batch_size", int, "images per step"),
     Flag("--width", "model.width", float, "VGG channel multiplier"),
-    Flag("--model", "model.arch", help="vgg11|vgg13|vgg16|vgg19|gluoncv:<name> (e.g. gluoncv:cifar_resnet20_v1)"),
+    Flag("--model", "model.arch", help="vgg11|vgg13|vgg16|vgg19|mobilenetv2_cifar|gluoncv:<name> "
+                                       "(e.g. gluoncv:cifar_resnet20_v1)"),
     Flag("--augment", "data.augment", _bool01, "random crop + flip, 0/1"),
     Flag("--seed", "seed", int),
     Flag("--ctx", "ctx", help="devices: cpu, cpu:0,cpu:1 or gpu:N"),

@@ -36,8 +36,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "vgg16"  # vgg11 | vgg13 | vgg16 | vgg19 | gluoncv:<model zoo name> (width/dropout unused)
-    width: float = 1.0  # channel multiplier on [64, 128, 256, 512, 512] and Dense 512
+    arch: str = "vgg16"  # vgg11|vgg13|vgg16|vgg19 | mobilenetv2_cifar | gluoncv:<model zoo name>
+    width: float = 1.0  # channel multiplier (VGG: [64, 128, 256, 512, 512], Dense 512; MobileNetV2); gluoncv: unused
     dropout: float = 0.5  # classifier dropout probability
 
 
@@ -77,7 +77,7 @@ class QuantConfig:
 
     weight_bits: int = 8  # default weight width, 2-8
     act_bits: int = 8  # default activation width, 2-8
-    per_channel: Optional[bool] = None  # None: per channel in the onednn scheme, per tensor otherwise
+    per_channel: Optional[bool] = None  # None: per channel in the onednn scheme and for grouped convolutions
     scheme: str = "original"  # original (Jacob et al.) | onednn (MXNet/oneDNN int8 arithmetic; 8 bits, per channel)
     momentum: float = 0.95  # EMA: moving_max = m * moving_max + (1 - m) * max|x|
     ste: str = "plain"  # plain: identity gradient; clipped: zero outside the range
@@ -88,9 +88,12 @@ class QuantConfig:
     layer_bits: dict = field(default_factory=dict)  # per layer [weight_bits, act_bits], e.g. {classifier.3: [8, 8]}
     quantize_last_layer: bool = True  # False keeps the network's last Dense in float
 
-    def spec(self, weight_bits: Optional[int] = None, act_bits: Optional[int] = None) -> QuantSpec:
-        """The frozen per-layer spec, at these widths (default: the section's)."""
-        per_channel = self.scheme == "onednn" if self.per_channel is None else self.per_channel
+    def spec(self, weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
+             grouped: bool = False) -> QuantSpec:
+        """The frozen per-layer spec, at these widths (default: the section's). Per-channel weights by
+        default in the onednn scheme and for grouped/depthwise convolutions (``grouped``), whose channels'
+        ranges differ by orders of magnitude."""
+        per_channel = (self.scheme == "onednn" or grouped) if self.per_channel is None else self.per_channel
         return QuantSpec(weight_bits or self.weight_bits, act_bits or self.act_bits, per_channel, self.scheme,
                          self.momentum, self.ste, self.bn_mode, self.train_bn_affine, self.kernel)
 
@@ -142,10 +145,13 @@ def parse_arch(arch: str) -> tuple:
     """``model.arch`` -> ``(kind, name)``: ``("vgg", "vgg16")`` or ``("gluoncv", "<model zoo name>")``."""
     if arch in VGG_ARCHS:
         return "vgg", arch
+    if arch == "mobilenetv2_cifar":
+        return arch, arch
     kind, _, name = arch.partition(":")
     if kind == "gluoncv" and name:
         return kind, name
-    raise UserError(f"config key 'model.arch' must be one of {VGG_ARCHS} or gluoncv:<model name>, got {arch!r}")
+    raise UserError(f"config key 'model.arch' must be one of {VGG_ARCHS + ('mobilenetv2_cifar',)} or "
+                    f"gluoncv:<model name>, got {arch!r}")
 
 
 def _check_type(key: str, value: Any, typ: Any) -> Any:

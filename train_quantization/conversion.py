@@ -34,12 +34,27 @@ import mxnet as mx
 from mxnet import gluon
 from mxnet.gluon import nn
 
+from . import quant
 from .config import QuantConfig
 from .errors import UserError
-from .layers import Conv2DBN, QAdd, QAvgPool, QConv2DBN, QDense, QResidual, quantized_layers, set_layer_widths
+from .layers import (
+    Conv2DBN,
+    QAdd,
+    QAvgPool,
+    QConv2D,
+    QConv2DBN,
+    QDense,
+    QResidual,
+    quantized_layers,
+    set_layer_widths,
+)
 
 RESIDUAL_V1 = ("CIFARBasicBlockV1", "BasicBlockV1", "BottleneckV1")  # relu(body(x) + downsample(x) or x)
-SEQUENTIAL_CUSTOM = ("VGG", "CIFARResNetV1", "ResNetV1")  # custom blocks whose forward runs the children in order
+LINEAR_BOTTLENECK = "LinearBottleneck"  # gluoncv MobileNetV2: out(x) (+ x when use_shortcut), no ReLU after
+RELU6 = "ReLU6"  # gluoncv's clip(x, 0, 6) block
+# custom blocks whose forward runs the children in order
+SEQUENTIAL_CUSTOM = ("VGG", "CIFARResNetV1", "ResNetV1", "MobileNet", "MobileNetV2", "CIFARMobileNetV2",
+                     LINEAR_BOTTLENECK)
 PASS_SIGN = (nn.MaxPool2D, nn.AvgPool2D, nn.GlobalAvgPool2D, nn.GlobalMaxPool2D, nn.Flatten, nn.Dropout)
 
 
@@ -61,16 +76,22 @@ def _adopt(block: gluon.Block, values: dict, ctx: list) -> None:
             p.initialize(mx.init.Zero(), ctx=ctx)
 
 
-def _qconv(conv: nn.Conv2D, bn: nn.BatchNorm, q: QuantConfig) -> QConv2DBN:
+def _conv_geometry(conv: nn.Conv2D) -> dict:
+    """A Conv2D's channels, kernel, padding, stride and groups (square, not dilated: refused otherwise)."""
     kw = conv._kwargs
-    if kw.get("num_group", 1) != 1 or _square(kw.get("dilate", (1, 1)), "dilations") != 1:
-        raise UserError("convert(): grouped or dilated convolutions are not supported")
+    if _square(kw.get("dilate", (1, 1)), "dilations") != 1:
+        raise UserError(f"convert(): {conv.name}: dilated convolutions are not supported")
+    w = conv.weight.data()
+    groups = int(kw.get("num_group", 1))
+    return {"channels": w.shape[0], "in_channels": w.shape[1] * groups, "kernel": w.shape[2],
+            "padding": _square(kw["pad"], "paddings"), "stride": _square(kw["stride"], "strides"), "groups": groups}
+
+
+def _qconv(conv: nn.Conv2D, bn: nn.BatchNorm, q: QuantConfig) -> QConv2DBN:
     if bn._kwargs.get("fix_gamma"):
         raise UserError("convert(): BatchNorm with fix_gamma=True is not supported (gamma must be a parameter)")
     w = conv.weight.data()
-    out_c, in_c, k, _ = w.shape
-    block = QConv2DBN(out_c, in_c, q.spec(), kernel=k, padding=_square(kw["pad"], "paddings"), relu=False,
-                      stride=_square(kw["stride"], "strides"))
+    block = QConv2DBN(spec=q.spec(), relu=False, **_conv_geometry(conv))
     mean = bn.running_mean.data()
     if conv.bias is not None:  # fold a conv bias into the mean: BN(conv + b) = BN'(conv), mean' = mean - b
         mean = mean - conv.bias.data()
@@ -79,9 +100,20 @@ def _qconv(conv: nn.Conv2D, bn: nn.BatchNorm, q: QuantConfig) -> QConv2DBN:
     return block
 
 
+def _qconv_plain(conv: nn.Conv2D, q: QuantConfig) -> QConv2D:
+    """A Conv2D without a BatchNorm after it (a classifier head)."""
+    act = conv.act._act_type if conv.act is not None else None
+    if act not in (None, "relu"):
+        raise UserError(f"convert(): {conv.name}: Conv2D with activation {act!r} is not supported (relu or none)")
+    block = QConv2D(spec=q.spec(), use_bias=conv.bias is not None, relu=act == "relu", **_conv_geometry(conv))
+    values = {"weight": conv.weight.data(), **({"bias": conv.bias.data()} if conv.bias is not None else {})}
+    _adopt(block, values, conv.weight.list_ctx())
+    return block
+
+
 def _qconv2dbn(conv: Conv2DBN, q: QuantConfig) -> QConv2DBN:
     block = QConv2DBN(conv.channels, conv.in_channels, q.spec(), kernel=conv.kernel, padding=conv.padding,
-                      relu=conv.relu, stride=conv.stride)
+                      relu=conv.relu, stride=conv.stride, groups=conv.groups)
     _adopt(block, {k: p.data() for k, p in conv._collect_params_with_prefix().items()}, conv.weight.list_ctx())
     return block
 
@@ -122,7 +154,12 @@ def _convert_children(block: gluon.Block, q: QuantConfig) -> None:
                 new.append((name, _qconv(child, nxt, q)))
                 i += 2
                 continue
-            if isinstance(child, nn.GlobalAvgPool2D) and q.scheme == "onednn":
+            if isinstance(child, nn.Conv2D):
+                child = _qconv_plain(child, q)
+            elif isinstance(child, nn.GlobalAvgPool2D) and (q.scheme == "onednn" or
+                                                            (new and type(new[-1][1]).__name__ == RELU6)):
+                # onednn: the pooling reads codes; after a ReLU6 the pooling must see the clamp, which the
+                # int8 graph applies as saturation of the pooling's own (fixed) range
                 child = QAvgPool(q.spec(), prefix=child.prefix)
                 child.initialize(mx.init.Zero(), ctx=block.collect_params().list_ctx())
             new.append((name, child))
@@ -137,10 +174,15 @@ def _convert_children(block: gluon.Block, q: QuantConfig) -> None:
             _set_child(block, name, _qdense(child, q))
         elif not isinstance(child, (QConv2DBN, QDense)):
             _convert_children(child, q)
-        if type(child).__name__ in RESIDUAL_V1 and hasattr(child, "body") and hasattr(child, "downsample"):
+        kind = type(child).__name__
+        if kind in RESIDUAL_V1 and hasattr(child, "body") and hasattr(child, "downsample"):
             new = QResidual(child.body, child.downsample, QAdd(q.spec()))
-            new.add.initialize(mx.init.Zero(), ctx=child.body.collect_params().list_ctx())
-            _set_child(block, name, new)
+        elif kind == LINEAR_BOTTLENECK and getattr(child, "use_shortcut", False):
+            new = QResidual(child.out, None, QAdd(q.spec(), relu=False), body_name="out")
+        else:
+            continue
+        new.add.initialize(mx.init.Zero(), ctx=new.body.collect_params().list_ctx())
+        _set_child(block, name, new)
 
 
 def _keep_last_float(net: gluon.Block) -> None:
@@ -155,24 +197,44 @@ def _keep_last_float(net: gluon.Block) -> None:
 
 
 UINT8, INT8, INT8_NONNEG = "uint8", "int8", "int8 >= 0"  # how a tensor reaches its readers (onednn scheme)
+RELU6_OUT = "relu6"  # a ReLU6 output: uint8, and at most 6
+
+
+def _read(block: gluon.Block, state: str) -> None:
+    """A quantized block reads a tensor in ``state``: its sign and, after a ReLU6, its fixed range.
+
+    A ReLU6 output's range is fixed at ``6 * divisor / qmax`` (``quant.act_grid``; ``6 * 128/127``
+    at 8 bits in the original scheme), so that 6 is exactly the grid's largest code: the clamp at 6
+    is the grid's own saturation, and the int8 graph runs the ReLU6 as a ReLU."""
+    block.input_signed = state not in (UINT8, RELU6_OUT)
+    block.range_fixed = state == RELU6_OUT
+    if block.range_fixed:
+        q = block.spec
+        _, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, block.input_signed)
+        block.input_max.set_data(mx.nd.full((1,), 6.0 * divisor / qmax))
 
 
 def _mark_signs(block: gluon.Block, state: str) -> str:
-    """Set ``input_signed`` of every quantized layer from how its input arrives (``state``: a ReLU
-    output is read as ``UINT8``) and return the state of the block's output. The ``onednn`` scheme
-    uses it; a custom block whose call order is unknown gets signed inputs (always safe)."""
-    if isinstance(block, (QConv2DBN, QDense)):
-        block.input_signed = state != UINT8
+    """Mark how every quantized layer's input arrives (``state``: a ReLU output is read as ``UINT8``, a
+    ReLU6 output also at a fixed range, ``_read``) and return the state of the block's output. The
+    ``onednn`` scheme uses the signs; a custom block whose call order is unknown gets signed inputs."""
+    if isinstance(block, (QConv2DBN, QConv2D, QDense)):
+        _read(block, state)
         return UINT8 if block.relu else INT8
     if isinstance(block, QAvgPool):  # pools in float: the next layer quantizes afresh
-        block.input_signed = state != UINT8
+        _read(block, state)
         return INT8 if state == INT8 else UINT8
+    if type(block).__name__ == RELU6:
+        return RELU6_OUT
     if isinstance(block, nn.Activation):
         return UINT8 if block._act_type == "relu" else INT8
     if isinstance(block, PASS_SIGN):
         return state
     if isinstance(block, QResidual):
         _mark_signs(block.body, state)
+        if not block.add.relu:  # a linear bottleneck: the add's output is signed
+            block.add.input_signed = state not in (UINT8, RELU6_OUT)
+            return INT8
         short = state if block.downsample is None else _mark_signs(block.downsample, state)
         block.add.input_signed = short != UINT8
         # oneDNN writes the fused conv + sum into the shortcut's buffer: after a shortcut of type int8
@@ -228,7 +290,7 @@ def copy_to_float(qnet: gluon.HybridBlock, fnet: gluon.HybridBlock) -> gluon.Hyb
                 if fc.bias is not None:
                     fc.bias.set_data(mx.nd.zeros_like(fc.bias.data()))
                 copy(qc, fb._children[names[names.index(name) + 1]], ("gamma", "beta", "running_mean", "running_var"))
-            elif isinstance(qc, (QDense, nn.Dense)):
+            elif isinstance(qc, (QDense, nn.Dense, QConv2D)):
                 copy(qc, fc, ("weight", "bias") if fc.bias is not None else ("weight",))
             else:
                 walk(qc, fc)

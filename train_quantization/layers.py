@@ -122,7 +122,7 @@ def quantize_input(F: Any, block: gluon.HybridBlock, x: Any, state: Any, ndim: i
         return x, None
     q = block.spec
     qmin, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, block.input_signed)
-    momentum = 1.0 if block.ranges_frozen else q.momentum
+    momentum = 1.0 if block.ranges_frozen or block.range_fixed else q.momentum
     if block.fused:
         out = _positional_op(F, "tq_act_quant", [x, state, train_flag(F, state)], momentum=momentum,
                              qmin=qmin, qmax=qmax, divisor=divisor, ste=q.ste)
@@ -136,11 +136,12 @@ def add_range_state(block: gluon.HybridBlock, spec: QuantSpec) -> None:
     """Give ``block`` what a quantized input needs: its ``spec``, the range state ``input_max`` (a
     parameter, saved with the checkpoint, no gradient), the quantizer choice, ``input_signed`` (True
     until ``convert`` marks the input as a ReLU output) and the runtime switches ``quant_enabled``
-    (False: float with the BN fold, a quantization delay) and ``ranges_frozen`` (``set_quant_state``)."""
+    (False: float with the BN fold, a quantization delay) and ``ranges_frozen`` (``set_quant_state``);
+    ``range_fixed``: the range never learns (the input of a ReLU6 output, set by ``convert``)."""
     block.spec = spec
     block.fused = use_fused(spec)
     block.input_signed = True
-    block.quant_enabled, block.ranges_frozen = True, False
+    block.quant_enabled, block.ranges_frozen, block.range_fixed = True, False, False
     block.input_max = block.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
                                        differentiable=False)
 
@@ -157,14 +158,16 @@ def quantize_weights(F: Any, block: gluon.HybridBlock, w_f: Any, b_f: Any, s_a: 
 
 
 class Conv2DBN(gluon.HybridBlock):
-    """Float 3x3 convolution (no bias), BatchNorm, optional ReLU."""
+    """Float convolution (no bias; ``groups`` > 1: grouped, ``groups == channels``: depthwise),
+    BatchNorm, optional ReLU."""
 
     def __init__(self, channels: int, in_channels: int, kernel: int = 3, padding: int = 1,
-                 relu: bool = True, stride: int = 1, **kwargs: Any):
+                 relu: bool = True, stride: int = 1, groups: int = 1, **kwargs: Any):
         super().__init__(**kwargs)
         self.channels, self.in_channels, self.kernel, self.padding, self.relu, self.stride = (
             channels, in_channels, kernel, padding, relu, stride)
-        self.weight = self.params.get("weight", shape=(channels, in_channels, kernel, kernel),
+        self.groups = groups
+        self.weight = self.params.get("weight", shape=(channels, in_channels // groups, kernel, kernel),
                                       init=mx.init.Xavier(magnitude=2.0))
         self.gamma = self.params.get("gamma", shape=(channels,), init="ones")
         self.beta = self.params.get("beta", shape=(channels,), init="zeros")
@@ -175,7 +178,7 @@ class Conv2DBN(gluon.HybridBlock):
 
     def _conv(self, F: Any, x: Any, w: Any, b: Optional[Any] = None) -> Any:
         return F.Convolution(x, w, b, kernel=(self.kernel,) * 2, pad=(self.padding,) * 2, stride=(self.stride,) * 2,
-                             num_filter=self.channels, no_bias=b is None)
+                             num_filter=self.channels, num_group=self.groups, no_bias=b is None)
 
     def hybrid_forward(self, F: Any, x: Any, weight: Any, gamma: Any, beta: Any,
                        running_mean: Any, running_var: Any) -> Any:
@@ -209,8 +212,8 @@ class QConv2DBN(Conv2DBN):
     """
 
     def __init__(self, channels: int, in_channels: int, spec: QuantSpec, kernel: int = 3,
-                 padding: int = 1, relu: bool = True, stride: int = 1, **kwargs: Any):
-        super().__init__(channels, in_channels, kernel, padding, relu, stride, **kwargs)
+                 padding: int = 1, relu: bool = True, stride: int = 1, groups: int = 1, **kwargs: Any):
+        super().__init__(channels, in_channels, kernel, padding, relu, stride, groups, **kwargs)
         self.bn_frozen = spec.bn_mode == "frozen"
         add_range_state(self, spec)
         if self.bn_frozen and not spec.train_bn_affine:
@@ -263,6 +266,31 @@ class QDense(gluon.HybridBlock):
         return F.Activation(y, act_type="relu") if self.relu else y
 
 
+class QConv2D(gluon.HybridBlock):
+    """Convolution without a BatchNorm after it (e.g. a classifier head), fake-quantized like ``QDense``:
+    ``y = conv(fq_a(x), fq_w(W)) + fq_b(b)`` (then ReLU if ``relu``). Same parameter names as
+    ``gluon.nn.Conv2D`` (``weight``, ``bias`` when it has one) plus the range state ``input_max``."""
+
+    def __init__(self, channels: int, in_channels: int, spec: QuantSpec, kernel: int = 1, padding: int = 0,
+                 stride: int = 1, groups: int = 1, use_bias: bool = False, relu: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.channels, self.in_channels, self.kernel, self.padding, self.stride, self.groups = (
+            channels, in_channels, kernel, padding, stride, groups)
+        self.relu, self.use_bias = relu, use_bias
+        self.weight = self.params.get("weight", shape=(channels, in_channels // groups, kernel, kernel), init=None)
+        if use_bias:
+            self.bias = self.params.get("bias", shape=(channels,), init="zeros")
+        add_range_state(self, spec)
+
+    def hybrid_forward(self, F: Any, x: Any, weight: Any, input_max: Any, bias: Optional[Any] = None) -> Any:
+        xq, s_a = quantize_input(F, self, x, input_max, ndim=4)
+        b = bias if bias is not None else F.sum(F.zeros_like(weight), axis=(1, 2, 3))
+        w_q, b_q = quantize_weights(F, self, weight, b, s_a, 4)
+        y = F.Convolution(xq, w_q, b_q, kernel=(self.kernel,) * 2, pad=(self.padding,) * 2, stride=(self.stride,) * 2,
+                          num_filter=self.channels, num_group=self.groups)
+        return F.Activation(y, act_type="relu") if self.relu else y
+
+
 class QAdd(gluon.HybridBlock):
     r"""Quantized residual add (ResNet v1: then ReLU), defined per scheme.
 
@@ -298,7 +326,7 @@ class QAdd(gluon.HybridBlock):
             b, _ = quantize_input(F, self, b, input_max, ndim=4)
         elif self.quant_enabled:
             qmin, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, True)
-            momentum = 1.0 if self.ranges_frozen else q.momentum
+            momentum = 1.0 if self.ranges_frozen or self.range_fixed else q.momentum
             amax = update_range(F, (a, b), input_max, momentum, spatial=True)
             scale = F.reshape(F.where(amax > 0, amax, F.ones_like(amax)) / divisor, (1, 1, 1, 1))
             a = quant.fake_quant(F, a, scale, qmin, qmax, q.ste)
@@ -326,14 +354,21 @@ class QAvgPool(gluon.HybridBlock):
 
 
 class QResidual(gluon.HybridBlock):
-    """A ResNet v1 block (gluoncv's ``CIFARBasicBlockV1``, ``BasicBlockV1``, ``BottleneckV1``)
-    with a quantized add: ``QAdd(body(x), downsample(x) or x)``. ``body`` and ``downsample``
-    keep their child names, so parameter paths stay those of the float block."""
+    """A residual block with a quantized add: ``QAdd(body(x), downsample(x) or x)``: a ResNet v1 block
+    (gluoncv's ``CIFARBasicBlockV1``, ``BasicBlockV1``, ``BottleneckV1``: ReLU after the add) or a
+    MobileNetV2 linear bottleneck (no ReLU). The body keeps its child name (``body_name``: ``body``,
+    or ``out`` in gluoncv's ``LinearBottleneck``), so parameter paths stay those of the float block."""
 
     def __init__(self, body: gluon.HybridBlock, downsample: Optional[gluon.HybridBlock], add: QAdd,
-                 **kwargs: Any):
+                 body_name: str = "body", **kwargs: Any):
         super().__init__(**kwargs)
-        self.body, self.downsample, self.add = body, downsample, add
+        self.body_name = body_name
+        self.register_child(body, body_name)
+        self.downsample, self.add = downsample, add
+
+    @property
+    def body(self) -> gluon.HybridBlock:
+        return self._children[self.body_name]
 
     def hybrid_forward(self, F: Any, x: Any) -> Any:
         return self.add(self.body(x), self.downsample(x) if self.downsample is not None else x)
@@ -345,9 +380,9 @@ def dense(units: int, in_units: int, relu: bool) -> nn.Dense:
 
 
 def quantized_layers(net: gluon.Block, weights_only: bool = False) -> list:
-    """All blocks of ``net`` with an activation range (``QConv2DBN``, ``QDense``, ``QAdd``,
-    ``QAvgPool``) in registration order, with their structural names; ``weights_only``: the first two."""
-    kinds = (QConv2DBN, QDense) if weights_only else (QConv2DBN, QDense, QAdd, QAvgPool)
+    """All blocks of ``net`` with an activation range (``QConv2DBN``, ``QConv2D``, ``QDense``, ``QAdd``,
+    ``QAvgPool``) in registration order, with their structural names; ``weights_only``: the first three."""
+    kinds = (QConv2DBN, QConv2D, QDense) if weights_only else (QConv2DBN, QConv2D, QDense, QAdd, QAvgPool)
     out = []
 
     def walk(block: gluon.Block, prefix: str) -> None:
@@ -411,7 +446,7 @@ def set_layer_widths(net: gluon.Block, q: QuantConfig) -> None:
         if q.first_last_bits and path in ends:
             wb = ab = q.first_last_bits
         wb, ab = q.layer_bits.get(path, (wb, ab))
-        block.spec = q.spec(wb, ab)
+        block.spec = q.spec(wb, ab, grouped=getattr(block, "groups", 1) > 1)
 
 
 def set_quant_state(net: gluon.Block, enabled: Optional[bool] = None, freeze_ranges: Optional[bool] = None) -> None:

@@ -10,7 +10,7 @@ all models), keeping parameter names, so checkpoints move between the two by nam
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from mxnet import gluon
 from mxnet.gluon import nn
@@ -50,6 +50,41 @@ class VGG(gluon.HybridBlock):
         return self.classifier(self.features(x))
 
 
+# (expansion t, channels c, blocks n, stride s) of MobileNetV2; on 32x32 inputs the stem and the
+# second stage keep stride 1 (the usual CIFAR variant), so the last stage works at 4x4
+MOBILENETV2_CIFAR = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                     (6, 320, 1, 1)]
+
+
+class CIFARMobileNetV2(gluon.HybridBlock):
+    """MobileNetV2 (Sandler et al. 2018) for small images, from gluoncv's blocks: a 3x3 stem at stride 1,
+    linear bottlenecks (depthwise 3x3, ReLU6, linear projection, residual add where shapes allow) with
+    the CIFAR strides of ``MOBILENETV2_CIFAR``, a 1x1 conv to 1280 channels, global average pooling and
+    a 1x1 conv classifier; ``width`` scales every channel count but the last 1280 (as gluoncv)."""
+
+    def __init__(self, width: float = 1.0, num_classes: int = 10, **kwargs: Any):
+        super().__init__(**kwargs)
+        from gluoncv.model_zoo.mobilenet import LinearBottleneck, _add_conv
+
+        with self.name_scope():
+            self.features = nn.HybridSequential(prefix="features_")
+            with self.features.name_scope():
+                ch = int(32 * width)
+                _add_conv(self.features, ch, kernel=3, stride=1, pad=1, relu6=True)
+                for t, c, n, stride in MOBILENETV2_CIFAR:
+                    for i in range(n):
+                        self.features.add(LinearBottleneck(ch, int(c * width), t, stride if i == 0 else 1))
+                        ch = int(c * width)
+                _add_conv(self.features, int(1280 * width) if width > 1.0 else 1280, relu6=True)
+                self.features.add(nn.GlobalAvgPool2D())
+            self.output = nn.HybridSequential(prefix="output_")
+            with self.output.name_scope():
+                self.output.add(nn.Conv2D(num_classes, 1, use_bias=False, prefix="pred_"), nn.Flatten())
+
+    def hybrid_forward(self, F, x):  # noqa: ANN001
+        return self.output(self.features(x))
+
+
 def gluoncv_model(name: str, num_classes: int, in_channels: int, image_size: int) -> gluon.HybridBlock:
     """A gluoncv model zoo network, initialized, shapes known."""
     import mxnet as mx
@@ -84,6 +119,10 @@ def build_model(m: ModelConfig, num_classes: int, in_channels: int, image_size: 
     kind, name = parse_arch(m.arch)
     if kind == "gluoncv":
         net = gluoncv_model(name, num_classes, in_channels, image_size)
+    elif kind == "mobilenetv2_cifar":
+        net = CIFARMobileNetV2(m.width, num_classes)
+        net.initialize(mx.init.Xavier(magnitude=2.0))
+        net(mx.nd.zeros((1, in_channels, image_size, image_size)))
     else:
         net = vgg(m, num_classes, in_channels, image_size)
         if quant is not None:

@@ -57,6 +57,9 @@ def calibrate_ranges(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm
     stats = collect_inputs(net, loader, norm, ctx, batches)
     ranges = {}
     for name, block in quantized_layers(net):
+        if block.range_fixed:  # a ReLU6 output's range (conversion._read) stays
+            ranges[name] = float(block.input_max.data().asscalar())
+            continue
         top, x = stats[name]
         if method == "max":
             t = top

@@ -43,19 +43,21 @@ from .model import (
 
 
 # ----------------------------------------------------------------------------- kernels
-def conv2d_int(x: np.ndarray, w: np.ndarray, pad: int, stride: int = 1) -> np.ndarray:
-    """Exact integer convolution of integer-valued arrays via float64 im2col + GEMM.
+def conv2d_int(x: np.ndarray, w: np.ndarray, pad: int, stride: int = 1, groups: int = 1) -> np.ndarray:
+    """Exact integer convolution of integer-valued arrays via float64 im2col + GEMM (per group).
 
-    ``x``: (N, C, H, W), ``w``: (O, C, kh, kw) -> (N, O, H', W') float64 with integral values.
+    ``x``: (N, C, H, W), ``w``: (O, C / groups, kh, kw) -> (N, O, H', W') float64 with integral values.
     """
     n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
+    o, cg, kh, kw = w.shape
     xp = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
     s = xp.strides
     cols = np.lib.stride_tricks.as_strided(
-        xp, (n, ho, wo, c, kh, kw), (s[0], s[2] * stride, s[3] * stride, s[1], s[2], s[3]), writeable=False)
-    out = cols.reshape(n * ho * wo, c * kh * kw) @ np.asarray(w, np.float64).reshape(o, -1).T
+        xp, (n, ho, wo, groups, cg, kh, kw), (s[0], s[2] * stride, s[3] * stride, s[1] * cg, s[1], s[2], s[3]),
+        writeable=False).reshape(n * ho * wo, groups, cg * kh * kw)
+    wg = np.asarray(w, np.float64).reshape(groups, o // groups, cg * kh * kw)
+    out = np.einsum("pgk,gok->pgo", cols, wg) if groups > 1 else cols[:, 0] @ wg[0].T
     return out.reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
 
 
@@ -80,7 +82,7 @@ def maxpool(x: np.ndarray, size: int, stride: int, ceil: bool) -> np.ndarray:
 
 def _accumulate(op: Conv | Dense, codes: np.ndarray) -> np.ndarray:
     if isinstance(op, Conv):
-        acc = conv2d_int(codes, op.w, op.pad, op.stride)
+        acc = conv2d_int(codes, op.w, op.pad, op.stride, op.groups)
         return acc + op.b.astype(np.float64).reshape(1, -1, 1, 1)
     return dense_int(codes, op.w) + op.b.astype(np.float64)
 

@@ -19,9 +19,9 @@ from mxnet import gluon, nd
 from mxnet.gluon import nn
 
 from .. import quant
-from ..conversion import SEQUENTIAL_CUSTOM
+from ..conversion import RELU6, SEQUENTIAL_CUSTOM
 from ..errors import UserError
-from ..layers import BN_EPS, QAvgPool, QConv2DBN, QDense, QResidual, quantized_layers
+from ..layers import BN_EPS, QAvgPool, QConv2D, QConv2DBN, QDense, QResidual, quantized_layers
 from .model import Add, AvgPool, Conv, Dense, DenseFloat, Flatten, InGrid, Int8Model, MaxPool
 
 
@@ -44,12 +44,12 @@ def _quantized(block: gluon.Block, name: str, inputs: list) -> Conv | Dense:
     q = block.spec
     qmin, qmax, w_div = quant.weight_grid(q.weight_bits, q.scheme)
     w = block.weight.data()
-    conv = isinstance(block, QConv2DBN)
-    if conv:
+    conv = isinstance(block, (QConv2DBN, QConv2D))
+    if isinstance(block, QConv2DBN):
         w_f, b_f = quant.fold_bn(nd, w, None, block.gamma.data(), block.beta.data(),
                                  block.running_mean.data(), block.running_var.data(), BN_EPS)
-    else:
-        w_f, b_f = w, block.bias.data()
+    else:  # QDense, QConv2D: no BatchNorm, a bias or none
+        w_f, b_f = w, block.bias.data() if getattr(block, "bias", None) is not None else nd.zeros(w.shape[0])
     ndim = 4 if conv else 2
     s_w = quant.weight_scale(nd, w_f, w_div, q.per_channel, ndim)
     codes = nd.clip(quant.round_half_even(nd, nd.broadcast_div(w_f, s_w)), qmin, qmax)
@@ -63,7 +63,7 @@ def _quantized(block: gluon.Block, name: str, inputs: list) -> Conv | Dense:
                   b=np.broadcast_to(b_q.asnumpy(), (n_out,)).astype(np.int32), b_float=b_f.asnumpy().astype(np.float32),
                   weight_bits=q.weight_bits, per_channel=bool(q.per_channel))
     if conv:
-        return Conv(kernel=block.kernel, pad=block.padding, stride=block.stride, **common)
+        return Conv(kernel=block.kernel, pad=block.padding, stride=block.stride, groups=block.groups, **common)
     return Dense(**common)
 
 
@@ -72,6 +72,7 @@ class _Graph:
 
     def __init__(self) -> None:
         self.ops: list = []
+        self.relu6: list = []  # ops whose ReLU6 became a ReLU: every reader must saturate at 6
 
     def emit(self, op: Any) -> int:
         self.ops.append(op)
@@ -88,18 +89,23 @@ class _Graph:
                         "Evaluate it as fake-quant (train_qat.py) instead")
 
 
-def _relu(g: _Graph, block: nn.Activation, src: int, path: str) -> int:
+def _relu(g: _Graph, block: gluon.Block, src: int, path: str) -> int:
+    """A ReLU folds into the quantized layer before it (its only consumer). So does a ReLU6, whose clamp
+    at 6 is the saturation of its readers' fixed range (``conversion._read``; checked in ``export``)."""
     prev = g.ops[src] if src == len(g.ops) - 1 and src >= 0 else None
-    if block._act_type != "relu":
+    relu6 = type(block).__name__ == RELU6
+    if not relu6 and block._act_type != "relu":
         raise UserError(f"{path}: the int8 engines cannot run a {block._act_type} activation")
     if not isinstance(prev, (Conv, Dense, Add)):
         raise UserError(f"{path}: a ReLU that does not directly follow a quantized layer cannot be exported")
-    prev.relu = True  # fold it: the producer's only consumer is this ReLU
+    prev.relu = True
+    if relu6:
+        g.relu6.append(src)
     return src
 
 
 def _residual(g: _Graph, block: QResidual, src: int, path: str) -> int:
-    body = g.walk(block.body, src, f"{path}.body")
+    body = g.walk(block.body, src, f"{path}.{block.body_name}")
     short = src if block.downsample is None else g.walk(block.downsample, src, f"{path}.downsample")
     add = block.add
     return g.emit(Add(f"{path}.add", [body, short], _grid(add), relu=bool(add.relu),
@@ -125,14 +131,14 @@ def _dense_float(g: _Graph, block: nn.Dense, src: int, path: str) -> int:
 
 Handler = Callable[[_Graph, Any, int, str], int]
 EXPORT: list[tuple[tuple, Handler]] = [  # (block types or class names, handler), first match wins
-    ((QConv2DBN, QDense), lambda g, b, src, path: g.emit(_quantized(b, path, [src]))),
+    ((QConv2DBN, QConv2D, QDense), lambda g, b, src, path: g.emit(_quantized(b, path, [src]))),
     ((nn.Dropout,), lambda g, b, src, path: src),  # the identity at inference
     ((nn.MaxPool2D,), _maxpool),
     ((QAvgPool,), lambda g, b, src, path: g.emit(AvgPool(path, [src], _grid(b)))),
     ((nn.GlobalAvgPool2D,), lambda g, b, src, path: g.emit(AvgPool(path, [src]))),
     ((nn.Flatten,), lambda g, b, src, path: g.emit(Flatten(path, [src]))),
     ((nn.Dense,), _dense_float),
-    ((nn.Activation,), _relu),
+    ((nn.Activation, RELU6), _relu),
     ((QResidual,), _residual),
     ((nn.HybridSequential, nn.Sequential) + SEQUENTIAL_CUSTOM, _sequence),
 ]
@@ -143,6 +149,14 @@ def export(net: gluon.Block, mean: tuple, std: tuple, input_shape: tuple, classe
     g = _Graph()
     if g.walk(net, -1, "") != len(g.ops) - 1:
         raise UserError("the model's output is not its last layer; it cannot be exported")
+    readers = Int8Model(g.ops).readers()
+    for i in g.relu6:
+        for r in readers.get(i, []):
+            act = getattr(g.ops[r], "act", None)
+            if act is None or abs(act.scale * act.qmax - 6.0) > 1e-5:
+                raise UserError(f"{g.ops[i].name}: its ReLU6 output is read by {g.ops[r].name}, which does not "
+                                "saturate at 6; the int8 engines cannot run it (convert() fixes the range of every "
+                                "quantized reader of a ReLU6)")
     schemes = {b.spec.scheme for _, b in quantized_layers(net)}
     return Int8Model(g.ops, tuple(mean), tuple(std), tuple(input_shape), list(classes),
                      scheme=schemes.pop() if len(schemes) == 1 else "mixed")

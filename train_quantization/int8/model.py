@@ -7,11 +7,12 @@ range table) keeps one handler per op type, so a new op is one dataclass here pl
 per engine. Every op names its ``inputs`` (indices of earlier ops, -1 for the network input), so
 the list is a graph in forward order.
 
-* ``Conv`` / ``Dense``: a quantized layer. Its input is read on ``act`` (``InGrid``: scale
-  ``s_a``, codes in ``[qmin, qmax]``, width); ``w``: int8 weight codes (narrow symmetric, any
-  width 2-8 in an int8 container), ``w_scale``: float64 per output channel (per-tensor scales
-  repeated), ``b``: int32 bias ``round(b_f / (s_w * s_a))`` (half to even), ``b_float``: the
-  float32 folded bias (reference).
+* ``Conv`` / ``Dense``: a quantized layer (a ``Conv`` may be grouped or depthwise; a ReLU6 runs
+  as its ``relu``, the clamp at 6 being the reader's saturation, see ``conversion._read``). Its
+  input is read on ``act`` (``InGrid``: scale ``s_a``, codes in ``[qmin, qmax]``, width); ``w``:
+  int8 weight codes (narrow symmetric, any width 2-8 in an int8 container), ``w_scale``: float64
+  per output channel (per-tensor scales repeated), ``b``: int32 bias ``round(b_f / (s_w * s_a))``
+  (half to even), ``b_float``: the float32 folded bias (reference).
 * ``Add``: a residual add of two inputs on ``act`` (``layers.QAdd``; ``shortcut_only``: the
   onednn scheme's add, the first input joins unrequantized).
 * ``MaxPool``, ``Flatten``, ``AvgPool`` (global; with ``act`` it pools its input's codes,
@@ -68,6 +69,7 @@ class Conv:
     relu: bool = False
     weight_bits: int = 8
     per_channel: bool = False
+    groups: int = 1  # grouped convolution; groups == channels: depthwise (w is (O, C / groups, k, k))
 
 
 @dataclass

@@ -152,6 +152,8 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
         v = index[layer]
         if n.get("attrs", {}).get("with_sum") == "true":  # conv + residual add (+ ReLU) fused: the add's output
             v = next(i for i in readers[v] if isinstance(graph[i], Add))
+        while len(readers.get(v, [])) == 1 and isinstance(graph[readers[v][0]], Flatten):
+            v = readers[v][0]  # a classifier conv's output is flattened into the logits
         if v == len(graph) - 1:
             table[out] = (-logits, logits)
             continue

@@ -108,7 +108,7 @@ class _Builder:
     def const(self, name: str, arr: np.ndarray) -> str:
         from onnx import numpy_helper
 
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        self.inits.append(numpy_helper.from_array(np.array(arr, order="C"), name))  # keeps 0-d scalars 0-d
         return name
 
     def node(self, op: str, ins: list, out: str, **attrs: Any) -> str:
@@ -198,7 +198,7 @@ def _conv_dense(b: _Builder, i: int, op: Conv | Dense) -> None:
     wdq, bdq = _weights(b, n, op, g)
     if isinstance(op, Conv):
         y = b.node("Conv", [x, wdq, bdq], f"{n}.y", kernel_shape=[int(op.kernel)] * 2, pads=[int(op.pad)] * 4,
-                   strides=[int(op.stride)] * 2)
+                   strides=[int(op.stride)] * 2, group=int(op.groups))
     else:
         y = b.node("Gemm", [x, wdq, bdq], f"{n}.y", transB=1)
     b.finish(i, y)
