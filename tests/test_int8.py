@@ -216,3 +216,26 @@ def test_a_new_op_is_one_dataclass_and_one_handler_per_engine(qat_run, tiny_ds, 
     assert top1_agreement(sim, fq) >= 0.99 and not np.allclose(sim, qat_run["logits"][:100], atol=1e-3)
     ort = onnx_export.runner(onnx_export.session(back.to_onnx(target="avx2")))(x)
     assert top1_agreement(sim, ort) >= 0.99
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fast_kernels_equal_the_reference_code_for_code(float_run, tiny_ds, bits):
+    """float32 GEMMs over exact chunks (the default) vs float64 GEMMs: identical codes at every layer and
+    identical logits, in both engines, at 8 and 4 bits (per-channel weights: per-channel maxima differ)."""
+    from conftest import tiny_config
+    from train_quantization import cli
+
+    cfg = tiny_config(float_run["run"].parent, weight_bits=bits, act_bits=bits, per_channel=True)
+    net, _ = cli.qat_from_float(cfg, tiny_ds, float_run["run"] / "best.params", [mx.cpu()])
+    net.hybridize(static_alloc=True)
+    x = engine.normalize(export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes), tiny_ds.test_x[:200])
+    with mx.autograd.train_mode():
+        net(mx.nd.array(x))  # ranges from one batch
+    m = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
+    for run in (engine.simulate, engine.run_integer):
+        fast, ref = {}, {}
+        lf, lr = run(m, x, fast, kernel="fast"), run(m, x, ref, kernel="reference")
+        assert all(np.array_equal(fast[n], ref[n]) for n in ref) and np.array_equal(lf, lr)
+    big = np.full((1, 512, 3, 3), 127.0)  # one output sums 4,608 products: five float32 chunks
+    w = np.full((1, 512, 3, 3), -128.0)
+    assert engine.conv2d_int(big, w, 0, kernel="fast")[0, 0, 0, 0] == -127 * 128 * 4608

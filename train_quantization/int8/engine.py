@@ -3,22 +3,24 @@
 ``simulate`` — float-simulated integer inference, as the original experiment did it::
 
     x_q = clip(round(x / s_a), qmin, qmax)            (float32 division, half to even)
-    acc = conv(x_q, w_q) + b_q                          (float64: exact for |acc| < 2**53)
+    acc = conv(x_q, w_q) + b_q                          (exact integers, see below)
     y   = acc * (s_w * s_a)                             dequantized, then ReLU / pool in float
 
     add: y = (clip(round(a / s)) + clip(round(b / s))) * s   both branches on the add's scale
          y = a + clip(round(b / s)) * s                       the onednn scheme: shortcut only
 
 ``run_integer`` — integer-only inference (Jacob et al. 2018): the input is quantized once,
-then integers flow between layers; int32 accumulators (computed by float64 BLAS, exact
-below 2**53, cast to int64), int32 biases, requantization of each layer's input by the
-fixed-point multiplier ``m0 * 2**(shift - 31)`` with half-to-even rounding, ReLU as a clamp
-at 0, max pooling on integers, a residual add as the sum of both branches' codes on its
-grid, global average pooling as a sum (the division goes into the next multiplier), and
-logits dequantized at the end only.
+then integers flow between layers; int32 accumulators (exact, cast to int64), int32 biases,
+requantization of each layer's input by the fixed-point multiplier ``m0 * 2**(shift - 31)``
+with half-to-even rounding, ReLU as a clamp at 0, max pooling on integers, a residual add as
+the sum of both branches' codes on its grid, global average pooling as a sum (the division
+goes into the next multiplier), and logits dequantized at the end only.
 
-Float32 accumulation would not be exact: a 3x3 conv over 512 channels sums 4,608 products
-of up to 127 * 128, beyond float32's 2**24 integer range; float64 holds 2**53.
+The accumulators are exact integers either way (``kernel``): ``reference`` runs float64 BLAS (exact
+below 2**53); ``fast`` (the default) runs float32 BLAS on chunks of the reduction short enough that
+every partial sum stays below 2**24 (``exact_gemm``): a 3x3 conv over 512 channels sums 4,608 products
+of up to 127 * 128, beyond float32's integer range in one GEMM, so it takes five. Both give the same
+codes; the tests compare them code for code.
 """
 from __future__ import annotations
 
@@ -41,28 +43,59 @@ from .model import (
     requantize,
 )
 
-
 # ----------------------------------------------------------------------------- kernels
-def conv2d_int(x: np.ndarray, w: np.ndarray, pad: int, stride: int = 1, groups: int = 1) -> np.ndarray:
-    """Exact integer convolution of integer-valued arrays via float64 im2col + GEMM (per group).
+KERNELS = ("fast", "reference")
+F32_EXACT = 2**24  # float32 holds every integer up to 2**24
+
+
+def exact_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` of integer-valued float32 matrices, exactly, in float32 BLAS: the reduction is cut into
+    chunks of ``k`` terms with ``k * max|a| * max|b| <= 2**24``, so every partial sum a GEMM can form in
+    any order is an integer float32 holds exactly; the chunks are added in float64 (exact below 2**53).
+
+    >>> a = np.full((1, 4608), 127, np.float32); b = np.full((4608, 1), 127, np.float32); b[0] = 126
+    >>> int(exact_gemm(a, b)[0, 0]) == 127 * 127 * 4607 + 127 * 126
+    True
+    """
+    top = float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0))
+    k_all = a.shape[1]
+    k = k_all if top == 0 else max(1, int(F32_EXACT // top))
+    if k >= k_all:
+        return (a @ b).astype(np.float64)
+    out = np.zeros((a.shape[0], b.shape[1]), np.float64)
+    for i in range(0, k_all, k):
+        out += a[:, i:i + k] @ b[i:i + k]
+    return out
+
+
+def conv2d_int(x: np.ndarray, w: np.ndarray, pad: int, stride: int = 1, groups: int = 1,
+               kernel: str = "reference") -> np.ndarray:
+    """Exact integer convolution of integer-valued arrays via im2col + GEMM (per group): ``reference``
+    in float64, ``fast`` in float32 with ``exact_gemm`` (the same integers).
 
     ``x``: (N, C, H, W), ``w``: (O, C / groups, kh, kw) -> (N, O, H', W') float64 with integral values.
     """
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
-    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    dtype = np.float32 if kernel == "fast" else np.float64
+    xp = np.pad(np.asarray(x, dtype), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
     s = xp.strides
     cols = np.lib.stride_tricks.as_strided(
         xp, (n, ho, wo, groups, cg, kh, kw), (s[0], s[2] * stride, s[3] * stride, s[1] * cg, s[1], s[2], s[3]),
         writeable=False).reshape(n * ho * wo, groups, cg * kh * kw)
-    wg = np.asarray(w, np.float64).reshape(groups, o // groups, cg * kh * kw)
-    out = np.einsum("pgk,gok->pgo", cols, wg) if groups > 1 else cols[:, 0] @ wg[0].T
+    wg = np.asarray(w, dtype).reshape(groups, o // groups, cg * kh * kw)
+    if groups > 1:  # depthwise/grouped: per-group products (float64: exact for these short reductions)
+        out = np.einsum("pgk,gok->pgo", cols.astype(np.float64), wg.astype(np.float64))
+    else:
+        out = exact_gemm(cols[:, 0], wg[0].T) if kernel == "fast" else cols[:, 0] @ wg[0].T
     return out.reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
 
 
-def dense_int(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Exact integer matrix product (float64 GEMM), ``x @ w.T``."""
+def dense_int(x: np.ndarray, w: np.ndarray, kernel: str = "reference") -> np.ndarray:
+    """Exact integer matrix product ``x @ w.T``: ``reference`` float64 GEMM, ``fast`` ``exact_gemm``."""
+    if kernel == "fast":
+        return exact_gemm(np.asarray(x, np.float32), np.asarray(w, np.float32).T)
     return np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
 
 
@@ -80,11 +113,11 @@ def maxpool(x: np.ndarray, size: int, stride: int, ceil: bool) -> np.ndarray:
     return win.max(axis=(4, 5))
 
 
-def _accumulate(op: Conv | Dense, codes: np.ndarray) -> np.ndarray:
+def _accumulate(op: Conv | Dense, codes: np.ndarray, kernel: str) -> np.ndarray:
     if isinstance(op, Conv):
-        acc = conv2d_int(codes, op.w, op.pad, op.stride, op.groups)
+        acc = conv2d_int(codes, op.w, op.pad, op.stride, op.groups, kernel)
         return acc + op.b.astype(np.float64).reshape(1, -1, 1, 1)
-    return dense_int(codes, op.w) + op.b.astype(np.float64)
+    return dense_int(codes, op.w, kernel) + op.b.astype(np.float64)
 
 
 def input_codes(grid: InGrid, x: np.ndarray) -> np.ndarray:
@@ -137,6 +170,7 @@ class _Run:
     integer: bool
     record: Optional[dict] = None
     force: Optional[dict] = None
+    kernel: str = "fast"  # GEMMs: fast (float32, exact by chunking) or reference (float64)
 
 
 def _quantized(r: _Run, op: Conv | Dense, ins: list) -> tuple:
@@ -146,7 +180,7 @@ def _quantized(r: _Run, op: Conv | Dense, ins: list) -> tuple:
         r.record[op.name] = codes.astype(np.int32)
     if r.force is not None and op.name in r.force:
         codes = r.force[op.name]
-    acc = _accumulate(op, codes)
+    acc = _accumulate(op, codes, r.kernel)
     scale = (op.w_scale.astype(np.float64) * np.float64(op.act.scale)).reshape(
         (1, -1, 1, 1) if isinstance(op, Conv) else (1, -1))
     return (np.rint(acc).astype(np.int64), scale) if r.integer else (acc * scale, None)
@@ -223,15 +257,17 @@ def _run(model: Int8Model, x: np.ndarray, r: _Run) -> np.ndarray:
 
 
 def simulate(model: Int8Model, x: np.ndarray, record: Optional[dict] = None,
-             force: Optional[dict] = None) -> np.ndarray:
-    """Float-simulated integer inference on normalized float NCHW input; returns logits."""
-    return _run(model, x, _Run(False, record, force))
+             force: Optional[dict] = None, kernel: str = "fast") -> np.ndarray:
+    """Float-simulated integer inference on normalized float NCHW input; returns logits. ``kernel``:
+    ``fast`` (float32 GEMMs, exact by chunking) or ``reference`` (float64): the same numbers."""
+    return _run(model, x, _Run(False, record, force, kernel))
 
 
 def run_integer(model: Int8Model, x: np.ndarray, record: Optional[dict] = None,
-                force: Optional[dict] = None) -> np.ndarray:
-    """Integer-only inference on normalized float NCHW input; returns float64 logits."""
-    return _run(model, x, _Run(True, record, force))
+                force: Optional[dict] = None, kernel: str = "fast") -> np.ndarray:
+    """Integer-only inference on normalized float NCHW input; returns float64 logits (``kernel`` as
+    ``simulate``)."""
+    return _run(model, x, _Run(True, record, force, kernel))
 
 
 def predict(model: Int8Model, images: np.ndarray, engine: str = "sim", batch: int = 200,
