@@ -17,6 +17,7 @@ import mxnet as mx  # noqa: E402
 from train_quantization import cli, train  # noqa: E402
 from train_quantization import data as data_mod  # noqa: E402
 from train_quantization.config import load_config  # noqa: E402
+from train_quantization.qat import calibrate  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ANN001
@@ -67,7 +68,7 @@ def qat_finetune(float_run, tiny_ds, tmp: Path, name: str, **keys: object) -> di
     run = train.make_run_dir(cfg, "qat", "tiny")
     loader, test_loader = data_mod.make_loaders(tiny_ds, 64, 250, False, 0)
     norm = data_mod.normalizer(*tiny_ds.mean_std())
-    train.calibrate(net, loader, norm, [mx.cpu()], cfg.qat.calib_batches)
+    calibrate(net, cfg, tiny_ds, [mx.cpu()])  # as train_qat: the EMA ranges from qat.calib_batches batches
     ptq_acc = train.evaluate(net, test_loader, norm, [mx.cpu()])["acc"]
     train.fit(net, cfg, tiny_ds, run, [mx.cpu()], qat=True)
     ev = train.evaluate(net, test_loader, norm, [mx.cpu()], return_outputs=True)

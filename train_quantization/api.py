@@ -36,15 +36,20 @@ def calibrate(net: mx.gluon.HybridBlock, ds: data_mod.Dataset, batches: int = 10
               batch_size: int = 64, seed: int = 0) -> None:
     """Set the activation ranges of a converted network from ``batches`` training batches: ``ema``
     (training-mode forwards, as QAT starts) or ``max``/``mse`` (post-training calibration)."""
+    from .layers import ema_ranges, set_lsq_scales
+
     ctx = net.collect_params().list_ctx()
     norm = data_mod.normalizer(*ds.mean_std())
     if method == "ema":
         loader, _ = data_mod.make_loaders(ds, batch_size, batch_size, False, seed)
-        train.calibrate(net, loader, norm, ctx, batches)
+        with ema_ranges(net):
+            train.calibrate(net, loader, norm, ctx, batches)
     else:
         from . import ptq
 
-        ptq.calibrate_ranges(net, data_mod.calib_loader(ds, batch_size, batches, seed), norm, ctx[0], batches, method)
+        loader = data_mod.calib_loader(ds, batch_size, batches, seed)
+        ptq.calibrate_ranges(net, loader, norm, ctx[0], batches, method)
+    set_lsq_scales(net, loader, norm, ctx[0])
 
 
 def fit(net: mx.gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Optional[Path] = None,

@@ -69,6 +69,8 @@ QUANT_FLAGS = (
     Flag("--first-last-bits", "quant.first_last_bits", int, "width of the first and last layer, 0 off, 2-8"),
     Flag("--ste", "quant.ste", choices=("plain", "clipped")),
     Flag("--bn-mode", "quant.bn_mode", choices=("frozen", "paper")),
+    Flag("--range", "quant.range", choices=("ema", "mse", "lsq"),
+         help="activation and weight ranges: EMA of the max, MSE-calibrated and frozen, or learned (LSQ)"),
 )
 QAT_FLAGS = RUN_FLAGS + QUANT_FLAGS + (
     Flag("--epochs", "qat.epochs", int, "QAT epochs"),
@@ -227,7 +229,11 @@ def describe_ranges(net: mx.gluon.Block) -> list:
             w, _ = quant.fold_bn_np(w, None, layer.gamma.data().asnumpy(), layer.beta.data().asnumpy(),
                                     layer.running_mean.data().asnumpy(), layer.running_var.data().asnumpy(), 1e-5)
         qmin, qmax, divisor = quant.weight_grid(q.weight_bits, q.scheme)
-        s = quant.weight_scale_np(w, divisor, q.per_channel)
+        if q.range == "lsq":  # the learned step
+            s = layer.weight_step.data().asnumpy().astype(np.float64).reshape((-1,) + (1,) * (w.ndim - 1))
+            s = s if q.per_channel else s.reshape(())
+        else:
+            s = quant.weight_scale_np(w, divisor, q.per_channel)
         err = np.sum((quant.fake_quant_np(w, s, qmin, qmax) - w) ** 2)
         sqnr = 10 * np.log10(np.sum(w ** 2) / err) if err > 0 else float("inf")
         rows.append({"layer": name, "type": type(layer).__name__, "weight_bits": q.weight_bits,

@@ -69,6 +69,7 @@ class QuantSpec:
     bn_mode: str = "frozen"  # frozen: running statistics; paper: batch stats + correction until frozen
     train_bn_affine: bool = True  # frozen mode: gamma/beta keep learning
     kernel: str = "auto"  # auto: compiled fused quantizer if it builds, else stock ops | fused | stock
+    range: str = "ema"  # ema: EMA of the batch max | mse: MSE-calibrated, frozen | lsq: learned step sizes
 
 
 @dataclass
@@ -84,6 +85,7 @@ class QuantConfig:
     bn_mode: str = "frozen"  # frozen: running statistics; paper: batch stats + correction, then frozen
     train_bn_affine: bool = True  # frozen mode: gamma/beta keep learning
     kernel: str = "auto"  # auto: compiled fused quantizer if it builds, else stock ops | fused | stock
+    range: str = "ema"  # ema: EMA of the batch max (the original) | mse: MSE-calibrated, frozen | lsq: learned (LSQ)
     first_last_bits: int = 0  # >0: the first and the last quantized layer use this width for weights and input
     layer_bits: dict = field(default_factory=dict)  # per layer [weight_bits, act_bits], e.g. {classifier.3: [8, 8]}
     quantize_last_layer: bool = True  # False keeps the network's last Dense in float
@@ -95,7 +97,7 @@ class QuantConfig:
         ranges differ by orders of magnitude."""
         per_channel = (self.scheme == "onednn" or grouped) if self.per_channel is None else self.per_channel
         return QuantSpec(weight_bits or self.weight_bits, act_bits or self.act_bits, per_channel, self.scheme,
-                         self.momentum, self.ste, self.bn_mode, self.train_bn_affine, self.kernel)
+                         self.momentum, self.ste, self.bn_mode, self.train_bn_affine, self.kernel, self.range)
 
 
 @dataclass
@@ -136,6 +138,7 @@ _CHOICES = {
     "quant.bn_mode": ("frozen", "paper"),
     "quant.kernel": ("auto", "fused", "stock"),
     "quant.scheme": ("original", "onednn"),
+    "quant.range": ("ema", "mse", "lsq"),
     "qat.calib": ("ema", "max", "mse"),
     "kvstore": ("device", "local", "dist_sync"),
 }
@@ -209,6 +212,9 @@ def _validate(cfg: Config) -> Config:
                                  or q.first_last_bits not in (0, 8) or q.layer_bits):
         raise UserError("config key 'quant.scheme' onednn is oneDNN's 8-bit arithmetic: it needs "
                         "quant.per_channel: true and 8-bit weights and activations everywhere")
+    if q.range == "lsq" and (q.scheme == "onednn" or q.kernel == "fused"):
+        raise UserError("config key 'quant.range' lsq learns step sizes on the original scheme's grids with stock "
+                        "MXNet ops: use quant.scheme original and quant.kernel auto or stock")
     if not 0.0 <= cfg.optim.label_smoothing < 1.0:
         raise UserError(f"config key 'optim.label_smoothing' must be in [0, 1), got {cfg.optim.label_smoothing}")
     if not 0.0 <= q.momentum < 1.0:

@@ -34,7 +34,6 @@ import mxnet as mx
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from . import quant
 from .config import QuantConfig
 from .errors import UserError
 from .layers import (
@@ -45,6 +44,8 @@ from .layers import (
     QConv2DBN,
     QDense,
     QResidual,
+    init_weight_steps,
+    input_grid,
     quantized_layers,
     set_layer_widths,
 )
@@ -209,8 +210,7 @@ def _read(block: gluon.Block, state: str) -> None:
     block.input_signed = state not in (UINT8, RELU6_OUT)
     block.range_fixed = state == RELU6_OUT
     if block.range_fixed:
-        q = block.spec
-        _, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, block.input_signed)
+        _, qmax, divisor = input_grid(block)
         block.input_max.set_data(mx.nd.full((1,), 6.0 * divisor / qmax))
 
 
@@ -263,6 +263,7 @@ def convert(net: gluon.HybridBlock, q: QuantConfig) -> gluon.HybridBlock:
         _keep_last_float(net)
     set_layer_widths(net, q)
     _mark_signs(net, INT8)
+    init_weight_steps(net)
     return net
 
 

@@ -20,10 +20,14 @@ training, stored ones in evaluation).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from typing import Any, Optional
+import dataclasses
+import math
+from typing import Any, Iterator, Optional
 
 import mxnet as mx
+import numpy as np
 from mxnet import gluon
 from mxnet.base import _LIB, c_str, check_call
 from mxnet.gluon import nn
@@ -100,8 +104,9 @@ def update_range(F: Any, xs: tuple, state: Any, momentum: float, spatial: bool) 
 
 
 def use_fused(q: QuantSpec) -> bool:
-    """Whether blocks built now use the compiled quantizer (a static, per-block choice)."""
-    if q.kernel == "stock":
+    """Whether blocks built now use the compiled quantizer (a static, per-block choice; it computes EMA
+    ranges, so learned ranges use the stock ops)."""
+    if q.kernel == "stock" or q.range == "lsq":
         return False
     from . import fused
 
@@ -121,7 +126,9 @@ def quantize_input(F: Any, block: gluon.HybridBlock, x: Any, state: Any, ndim: i
     if not block.quant_enabled:
         return x, None
     q = block.spec
-    qmin, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, block.input_signed)
+    qmin, qmax, divisor = input_grid(block)
+    if q.range == "lsq":
+        return lsq_input(F, block, x, state, qmin, qmax, divisor, ndim)
     momentum = 1.0 if block.ranges_frozen or block.range_fixed else q.momentum
     if block.fused:
         out = _positional_op(F, "tq_act_quant", [x, state, train_flag(F, state)], momentum=momentum,
@@ -130,6 +137,25 @@ def quantize_input(F: Any, block: gluon.HybridBlock, x: Any, state: Any, ndim: i
     amax = update_range(F, (x,), state, momentum, spatial=ndim == 4)
     scale = F.where(amax > 0, amax, F.ones_like(amax)) / divisor
     return quant.fake_quant(F, x, F.reshape(scale, (1,) * ndim), qmin, qmax, q.ste), scale
+
+
+def input_grid(block: gluon.HybridBlock) -> tuple:
+    """``(qmin, qmax, divisor)`` of a quantized block's input (``quant.act_grid`` of its spec and sign;
+    learned ranges use the unsigned grid on ReLU outputs)."""
+    q = block.spec
+    return quant.act_grid(q.act_bits, q.scheme, block.input_signed, q.range == "lsq")
+
+
+def lsq_input(F: Any, block: gluon.HybridBlock, x: Any, state: Any, qmin: int, qmax: int, divisor: float,
+              ndim: int) -> tuple:
+    """LSQ on a block's input: the range state ``input_max`` is the learned parameter, ``s_a = input_max /
+    divisor``; its gradient is scaled by ``g * divisor**2`` (``block.lsq_g = 1 / sqrt(N * qmax)``), which makes
+    the update of ``s_a`` the paper's (``d input_max = divisor * d s_a``, ``dL/d input_max = dL/d s_a / divisor``).
+    Frozen or fixed ranges get no gradient."""
+    amax = F.BlockGrad(state) if block.ranges_frozen or block.range_fixed else state
+    a = quant.scale_grad(F, amax, block.lsq_g * divisor * divisor)
+    step = F.reshape(a / divisor, (1,) * ndim)
+    return quant.lsq_fake_quant(F, x, step, qmin, qmax, 1.0), F.BlockGrad(state / divisor)
 
 
 def add_range_state(block: gluon.HybridBlock, spec: QuantSpec) -> None:
@@ -142,16 +168,26 @@ def add_range_state(block: gluon.HybridBlock, spec: QuantSpec) -> None:
     block.fused = use_fused(spec)
     block.input_signed = True
     block.quant_enabled, block.ranges_frozen, block.range_fixed = True, False, False
-    block.input_max = block.params.get("input_max", shape=(1,), init="zeros", grad_req="null",
-                                       differentiable=False)
+    block.lsq_g = 1.0  # LSQ gradient scale of the input range, set from the input's size (set_lsq_scales)
+    learned = spec.range == "lsq"
+    block.input_max = block.params.get("input_max", shape=(1,), init="zeros", grad_req="write" if learned else "null",
+                                       differentiable=learned)
 
 
-def quantize_weights(F: Any, block: gluon.HybridBlock, w_f: Any, b_f: Any, s_a: Any, ndim: int) -> tuple:
-    """Fake-quantized ``(w_q, b_q)``: narrow symmetric weights, bias on the int32 grid."""
+def quantize_weights(F: Any, block: gluon.HybridBlock, w_f: Any, b_f: Any, s_a: Any, ndim: int,
+                     weight_step: Optional[Any] = None) -> tuple:
+    """Fake-quantized ``(w_q, b_q)``: narrow symmetric weights, bias on the int32 grid. Learned ranges
+    (``weight_step``, per channel or per tensor): LSQ with ``g = 1 / sqrt(N * qmax)``, N the weights of
+    a channel or of the layer."""
     if not block.quant_enabled:
         return w_f, b_f
     q = block.spec
     qmin, qmax, divisor = quant.weight_grid(q.weight_bits, q.scheme)
+    if weight_step is not None:
+        n = int(np.prod(block.weight.shape)) // (block.weight.shape[0] if q.per_channel else 1)
+        s_w = F.reshape(weight_step, (-1,) + (1,) * (ndim - 1))
+        w_q = quant.lsq_fake_quant(F, w_f, s_w, qmin, qmax, 1.0 / math.sqrt(n * qmax))
+        return w_q, quant.fake_quant_bias(F, b_f, F.BlockGrad(s_w), s_a, q.ste)
     s_w = quant.weight_scale(F, w_f, divisor, q.per_channel, ndim)
     return (quant.fake_quant(F, w_f, s_w, qmin, qmax, q.ste),
             quant.fake_quant_bias(F, b_f, s_w, s_a, q.ste))
@@ -224,10 +260,10 @@ class QConv2DBN(Conv2DBN):
         self.bn_frozen = True
 
     def hybrid_forward(self, F: Any, x: Any, weight: Any, gamma: Any, beta: Any, running_mean: Any,
-                       running_var: Any, input_max: Any) -> Any:
+                       running_var: Any, input_max: Any, weight_step: Optional[Any] = None) -> Any:
         xq, s_a = quantize_input(F, self, x, input_max, ndim=4)
         w_f, b_f = quant.fold_bn(F, weight, None, gamma, beta, running_mean, running_var, BN_EPS)
-        w_q, b_q = quantize_weights(F, self, w_f, b_f, s_a, 4)
+        w_q, b_q = quantize_weights(F, self, w_f, b_f, s_a, 4, weight_step)
         if self.bn_frozen:
             y = self._conv(F, xq, w_q, b_q)
         else:
@@ -257,11 +293,12 @@ class QDense(gluon.HybridBlock):
         self.bias = self.params.get("bias", shape=(units,), init="zeros")
         add_range_state(self, spec)
 
-    def hybrid_forward(self, F: Any, x: Any, weight: Any, bias: Any, input_max: Any) -> Any:
+    def hybrid_forward(self, F: Any, x: Any, weight: Any, bias: Any, input_max: Any,
+                       weight_step: Optional[Any] = None) -> Any:
         if self.flatten:
             x = F.flatten(x)
         xq, s_a = quantize_input(F, self, x, input_max, ndim=2)
-        w_q, b_q = quantize_weights(F, self, weight, bias, s_a, 2)
+        w_q, b_q = quantize_weights(F, self, weight, bias, s_a, 2, weight_step)
         y = F.FullyConnected(xq, w_q, b_q, num_hidden=self.units, flatten=False)
         return F.Activation(y, act_type="relu") if self.relu else y
 
@@ -282,10 +319,11 @@ class QConv2D(gluon.HybridBlock):
             self.bias = self.params.get("bias", shape=(channels,), init="zeros")
         add_range_state(self, spec)
 
-    def hybrid_forward(self, F: Any, x: Any, weight: Any, input_max: Any, bias: Optional[Any] = None) -> Any:
+    def hybrid_forward(self, F: Any, x: Any, weight: Any, input_max: Any, bias: Optional[Any] = None,
+                       weight_step: Optional[Any] = None) -> Any:
         xq, s_a = quantize_input(F, self, x, input_max, ndim=4)
         b = bias if bias is not None else F.sum(F.zeros_like(weight), axis=(1, 2, 3))
-        w_q, b_q = quantize_weights(F, self, weight, b, s_a, 4)
+        w_q, b_q = quantize_weights(F, self, weight, b, s_a, 4, weight_step)
         y = F.Convolution(xq, w_q, b_q, kernel=(self.kernel,) * 2, pad=(self.padding,) * 2, stride=(self.stride,) * 2,
                           num_filter=self.channels, num_group=self.groups)
         return F.Activation(y, act_type="relu") if self.relu else y
@@ -324,6 +362,10 @@ class QAdd(gluon.HybridBlock):
         q = self.spec
         if self.quant_enabled and q.scheme == "onednn":
             b, _ = quantize_input(F, self, b, input_max, ndim=4)
+        elif self.quant_enabled and q.range == "lsq":  # one learned range for both branches
+            qmin, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, True)
+            a = lsq_input(F, self, a, input_max, qmin, qmax, divisor, 4)[0]
+            b = lsq_input(F, self, b, input_max, qmin, qmax, divisor, 4)[0]
         elif self.quant_enabled:
             qmin, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, True)
             momentum = 1.0 if self.ranges_frozen or self.range_fixed else q.momentum
@@ -457,3 +499,54 @@ def set_quant_state(net: gluon.Block, enabled: Optional[bool] = None, freeze_ran
             block.quant_enabled = enabled
         if freeze_ranges is not None:
             block.ranges_frozen = freeze_ranges
+
+
+def init_weight_steps(net: gluon.Block) -> None:
+    """Learned ranges: give every weighted quantized layer a trainable ``weight_step`` (per output channel
+    or one), initialized at ``max|w_f| / qmax`` (what the max scale would use; 1 for an all-zero channel)."""
+    for _, block in quantized_layers(net, weights_only=True):
+        q = block.spec
+        if q.range != "lsq":
+            continue
+        w = block.weight.data()
+        if isinstance(block, QConv2DBN):
+            w, _ = quant.fold_bn(mx.nd, w, None, block.gamma.data(), block.beta.data(), block.running_mean.data(),
+                                 block.running_var.data(), BN_EPS)
+        _, qmax, divisor = quant.weight_grid(q.weight_bits, q.scheme)
+        step = quant.weight_scale(mx.nd, w, divisor, q.per_channel, w.ndim).reshape((-1,))
+        block.weight_step = block.params.get("weight_step", shape=step.shape, init="ones", differentiable=True)
+        block.weight_step._load_init(step, block.weight.list_ctx())
+
+
+def set_lsq_scales(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: Any, ctx: mx.Context) -> None:
+    """Learned ranges: each input range's gradient scale ``1 / sqrt(N * qmax)`` from one batch (N: the
+    elements of one sample's input; a residual add: of one branch)."""
+    seen: dict = {}
+
+    def record(name: str, block: Any, x: Any) -> None:
+        if x.ndim > 1:  # a layer's input: (batch, ...); a residual add's two branches come flattened
+            seen["batch"] = x.shape[0]
+        n = x.size / seen["batch"] / (1 if x.ndim > 1 else 2)
+        block.lsq_g = 1.0 / math.sqrt(max(n, 1.0) * input_grid(block)[1])
+
+    layers = [b for _, b in quantized_layers(net) if b.spec.range == "lsq"]
+    if layers:
+        visit_layer_inputs(net, loader, norm, ctx, 1, record)
+
+
+@contextlib.contextmanager
+def ema_ranges(net: gluon.HybridBlock) -> Iterator[None]:
+    """Learned-range layers follow the EMA of the batch maximum inside the block (calibration: LSQ starts
+    from the EMA range); other layers are unchanged."""
+    learned = [(b, b.spec) for _, b in quantized_layers(net) if b.spec.range == "lsq"]
+    for b, spec in learned:
+        b.spec = dataclasses.replace(spec, range="ema")
+    if learned:
+        net.hybridize(static_alloc=True)
+    try:
+        yield
+    finally:
+        for b, spec in learned:
+            b.spec = spec
+        if learned:
+            net.hybridize(static_alloc=True)

@@ -20,7 +20,7 @@ import numpy as np
 from mxnet import gluon
 
 from . import quant
-from .layers import BN_EPS, QConv2DBN, quantized_layers, set_quant_state, visit_layer_inputs
+from .layers import BN_EPS, QConv2DBN, input_grid, quantized_layers, set_quant_state, visit_layer_inputs
 
 METHODS = ("max", "mse")
 
@@ -64,7 +64,7 @@ def calibrate_ranges(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm
         if method == "max":
             t = top
         else:
-            qmin, qmax, divisor = quant.act_grid(block.spec.act_bits, block.spec.scheme, block.input_signed)
+            qmin, qmax, divisor = input_grid(block)
             t = quant.mse_threshold_np(x, qmin, qmax, divisor)
         block.input_max.set_data(mx.nd.array([t]))
         ranges[name] = t

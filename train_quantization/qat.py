@@ -23,18 +23,24 @@ log = logging.getLogger("train_quantization")
 
 def calibrate(net: mx.gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, ctxs: list) -> None:
     """Set the ranges before QAT: ``qat.calib`` ``ema`` (training-mode forwards, the original) or
-    ``max``/``mse`` (float evaluation batches, ``ptq.calibrate_ranges``), from ``qat.calib_batches``
-    training batches."""
+    ``max``/``mse`` (float evaluation batches, ``ptq.calibrate_ranges``; ``quant.range: mse`` always),
+    from ``qat.calib_batches`` training batches. Learned ranges (``quant.range: lsq``) start there, then
+    get their gradient scales from one batch."""
+    from .layers import ema_ranges, set_lsq_scales
+
     norm = data_mod.normalizer(*ds.mean_std())
     r = cfg.qat
-    if r.calib == "ema":
+    method = "mse" if cfg.quant.range == "mse" else r.calib
+    if method == "ema":
         loader, _ = data_mod.make_loaders(ds, cfg.data.batch_size, cfg.data.eval_batch_size, False, cfg.seed)
-        train.calibrate(net, loader, norm, ctxs, r.calib_batches)
+        with ema_ranges(net):
+            train.calibrate(net, loader, norm, ctxs, r.calib_batches)
     else:
         from . import ptq
 
         loader = data_mod.calib_loader(ds, cfg.data.batch_size, r.calib_batches, cfg.seed)
-        ptq.calibrate_ranges(net, loader, norm, ctxs[0], r.calib_batches, r.calib)
+        ptq.calibrate_ranges(net, loader, norm, ctxs[0], r.calib_batches, method)
+    set_lsq_scales(net, loader, norm, ctxs[0])
 
 
 def start(cfg: Config, ds: data_mod.Dataset, weights: Path, ctxs: list, stem: str) -> tuple:

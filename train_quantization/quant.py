@@ -53,12 +53,15 @@ def qrange(bits: int, signed: bool = True, narrow: bool = False) -> Tuple[int, i
 SCHEMES = ("original", "onednn")
 
 
-def act_grid(bits: int, scheme: str = "original", signed: bool = True) -> Tuple[int, int, float]:
+def act_grid(bits: int, scheme: str = "original", signed: bool = True,
+             unsigned_grid: bool = False) -> Tuple[int, int, float]:
     """``(qmin, qmax, divisor)`` of an activation: ``s_a = moving_max / divisor``.
 
     ``original`` (Jacob et al.): signed codes, divisor ``2**(bits-1)`` whatever the sign of the data.
     ``onednn`` (MXNet 1.9.1's int8 kernels, 8 bits only): a signed tensor is int8 at
     ``127.5 / T``, a ReLU output (``signed=False``) uint8 at ``255.5 / T``, saturating.
+    ``unsigned_grid`` (learned ranges): a ReLU output uses all ``2**bits`` codes, ``[0, 2**bits - 1]``
+    with ``s_a = range / (2**bits - 1)``: one more bit of resolution, which matters at 2-4 bits.
 
     >>> act_grid(8)
     (-128, 127, 128.0)
@@ -66,9 +69,13 @@ def act_grid(bits: int, scheme: str = "original", signed: bool = True) -> Tuple[
     (-8, 7, 8.0)
     >>> act_grid(8, "onednn", signed=True), act_grid(8, "onednn", signed=False)
     ((-128, 127, 127.5), (0, 255, 255.5))
+    >>> act_grid(4, signed=False, unsigned_grid=True), act_grid(4, signed=True, unsigned_grid=True)
+    ((0, 15, 15.0), (-8, 7, 8.0))
     """
     if scheme == "onednn":
         return (-128, 127, 127.5) if signed else (0, 255, 255.5)
+    if unsigned_grid and not signed:
+        return 0, 2**bits - 1, float(2**bits - 1)
     qmin, qmax = qrange(bits, signed=True)
     return qmin, qmax, act_divisor(bits)
 
@@ -222,6 +229,38 @@ def weight_scale(F: Any, w: Any, divisor: float, per_channel: bool, ndim: int) -
     else:
         m = F.reshape(F.max(a), (1,) * ndim)
     return F.where(m > 0, m / float(divisor), F.ones_like(m))
+
+
+def scale_grad(F: Any, x: Any, g: float) -> Any:
+    """``x`` in the forward pass, ``g * grad`` in the backward pass (``BlockGrad(x - g x) + g x``)."""
+    return F.BlockGrad(x - x * g) + x * g
+
+
+def lsq_fake_quant(F: Any, x: Any, step: Any, qmin: int, qmax: int, g: float) -> Any:
+    r"""LSQ (Esser et al. 2019): ``s * clip(round(x / s), qmin, qmax)`` with the step ``s`` learned.
+
+    ``step`` broadcasts against ``x``. Gradients (autograd of the expression, no custom op)::
+
+        d/dx = 1 inside [qmin, qmax] * s, 0 outside          (the clipped straight-through estimator)
+        d/ds = (round(x/s) - x/s) inside, qmin or qmax at the bounds, times g
+
+    ``g = 1 / sqrt(N * qmax)`` (N: weights of the layer or of one channel, or elements of one
+    sample's activation) keeps the step's updates on the scale of the weights' (the paper's gradient
+    scale). Rounding half to even, as everywhere.
+    """
+    s = F.broadcast_like(scale_grad(F, step, g), x)
+    u = F.clip(F.elemwise_div(x, s), qmin, qmax)
+    return F.elemwise_mul(u + F.BlockGrad(round_half_even(F, u) - u), s)
+
+
+def lsq_grad_np(x: np.ndarray, s: float, qmin: int, qmax: int) -> np.ndarray:
+    """float64 reference of LSQ's step-size gradient per element (before the scale ``g``).
+
+    >>> lsq_grad_np(np.array([0.26, 1.0, -9.0, 9.0]), 0.5, -4, 3).tolist()
+    [0.48, 0.0, -4.0, 3.0]
+    """
+    u = np.asarray(x, np.float64) / s
+    return np.where(u < qmin, qmin, np.where(u > qmax, qmax, np.rint(u) - u))
 
 
 BIAS_QMAX = 2**22  # bias codes are int32; the float32 rounding trick is exact up to 2**22

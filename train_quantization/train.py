@@ -153,9 +153,9 @@ def make_trainer(net: gluon.Block, cfg: Config, steps_per_epoch: int, qat: bool 
     params = {"learning_rate": o.lr, "wd": o.wd, "lr_scheduler": sched}
     if o.optimizer in ("sgd", "nag"):
         params["momentum"] = o.momentum
-    # range states never decay; BN affine and biases only with optim.wd_all
+    # range states and learned steps never decay; BN affine and biases only with optim.wd_all
     for name, p in net.collect_params().items():
-        if name.endswith("input_max") or not (o.wd_all or name.endswith("weight")):
+        if name.endswith(("input_max", "weight_step")) or not (o.wd_all or name.endswith("weight")):
             p.wd_mult = 0.0
     kv, _, _ = kvstore_of(cfg)
     # distributed: servers only sum gradients; every worker applies the same update locally
@@ -465,7 +465,7 @@ def qat_phase(net: gluon.HybridBlock, cfg: Config, step: int, current: Optional[
     """
     r = cfg.qat
     phase = (step >= r.delay_steps,
-             0 <= r.freeze_ranges_step <= step,
+             0 <= r.freeze_ranges_step <= step or cfg.quant.range == "mse",
              cfg.quant.bn_mode == "frozen" or step >= r.bn_freeze_step)
     if phase == current:
         return phase
@@ -485,12 +485,12 @@ def qat_phase(net: gluon.HybridBlock, cfg: Config, step: int, current: Optional[
 def clip_shares(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: Any, ctx: mx.Context,
                 batches: int = 2) -> dict:
     """Share of each quantized layer's input values that saturate (evaluation mode)."""
-    from .quant import act_grid
+    from .layers import input_grid
 
     counts = {name: [0, 0] for name, _ in quantized_layers(net)}
 
     def count(name: str, block: Any, x: Any) -> None:
-        lo, hi, divisor = act_grid(block.spec.act_bits, block.spec.scheme, block.input_signed)
+        lo, hi, divisor = input_grid(block)
         s = max(float(block.input_max.data(x.context).asscalar()), 1e-12) / divisor
         u = (x / s).asnumpy()
         counts[name][0] += int(((u > hi + 0.5) | (u < lo - 0.5)).sum())

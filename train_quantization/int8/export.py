@@ -21,23 +21,23 @@ from mxnet.gluon import nn
 from .. import quant
 from ..conversion import RELU6, SEQUENTIAL_CUSTOM
 from ..errors import UserError
-from ..layers import BN_EPS, QAvgPool, QConv2D, QConv2DBN, QDense, QResidual, quantized_layers
+from ..layers import BN_EPS, QAvgPool, QConv2D, QConv2DBN, QDense, QResidual, input_grid, quantized_layers
 from .model import Add, AvgPool, Conv, Dense, DenseFloat, Flatten, InGrid, Int8Model, MaxPool
 
 
 def _act_scale(block: gluon.Block) -> nd.NDArray:
-    """``s_a`` of a block's input, shape (1,), float32 as in the training graph (unset range: 1)."""
-    q = block.spec
+    """``s_a`` of a block's input, shape (1,), float32 as in the training graph (unset EMA range: 1)."""
     amax = block.input_max.data()
-    return nd.where(amax > 0, amax, nd.ones_like(amax)) / quant.act_grid(q.act_bits, q.scheme, block.input_signed)[2]
+    if block.spec.range != "lsq":
+        amax = nd.where(amax > 0, amax, nd.ones_like(amax))
+    return amax / input_grid(block)[2]
 
 
 def _grid(block: gluon.Block, s_a: Optional[nd.NDArray] = None) -> InGrid:
     """A block's input grid: ``s_a`` and the code range of its width, scheme and sign."""
-    q = block.spec
-    lo, hi, _ = quant.act_grid(q.act_bits, q.scheme, block.input_signed)
+    lo, hi, _ = input_grid(block)
     s_a = _act_scale(block) if s_a is None else s_a
-    return InGrid(float(s_a.asscalar()), lo, hi, q.act_bits)
+    return InGrid(float(s_a.asscalar()), lo, hi, block.spec.act_bits)
 
 
 def _quantized(block: gluon.Block, name: str, inputs: list) -> Conv | Dense:
@@ -51,7 +51,10 @@ def _quantized(block: gluon.Block, name: str, inputs: list) -> Conv | Dense:
     else:  # QDense, QConv2D: no BatchNorm, a bias or none
         w_f, b_f = w, block.bias.data() if getattr(block, "bias", None) is not None else nd.zeros(w.shape[0])
     ndim = 4 if conv else 2
-    s_w = quant.weight_scale(nd, w_f, w_div, q.per_channel, ndim)
+    if q.range == "lsq":  # the learned step
+        s_w = block.weight_step.data().reshape((-1,) + (1,) * (ndim - 1))
+    else:
+        s_w = quant.weight_scale(nd, w_f, w_div, q.per_channel, ndim)
     codes = nd.clip(quant.round_half_even(nd, nd.broadcast_div(w_f, s_w)), qmin, qmax)
     s_a = _act_scale(block)
     s_b = nd.broadcast_mul(s_w.reshape((-1,)), s_a)

@@ -1,0 +1,110 @@
+"""Learned step sizes (LSQ, Esser et al. 2019): the gradients, the unsigned grid, the engines, bad input."""
+from __future__ import annotations
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd
+
+from train_quantization import quant
+
+
+@pytest.mark.parametrize("qmin,qmax", [(-8, 7), (0, 15), (-2, 1)])
+def test_step_gradient_against_a_float64_reference(qmin, qmax):
+    """dL/ds = g * sum(dL/dy * (round(x/s) - x/s)) inside the grid, qmin or qmax at the bounds; dL/dx is
+    dL/dy inside the grid, 0 outside (the clipped straight-through estimator)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 2, 400).astype(np.float32)
+    x[:3] = [100.0, -100.0, 0.26]  # both bounds and an interior value
+    up = rng.normal(0, 1, 400).astype(np.float32)  # an upstream gradient
+    s, g = 0.37, 1 / np.sqrt(400 * qmax if qmax > 0 else 400)
+    xs, step = mx.nd.array(x), mx.nd.array([s])
+    xs.attach_grad()
+    step.attach_grad()
+    with autograd.record():
+        y = quant.lsq_fake_quant(mx.nd, xs, step, qmin, qmax, g)
+    y.backward(mx.nd.array(up))
+    ref = g * float(np.sum(up.astype(np.float64) * quant.lsq_grad_np(x, s, qmin, qmax)))
+    assert float(step.grad.asscalar()) == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    u = x.astype(np.float64) / np.float32(s)
+    inside = (u >= qmin) & (u <= qmax)
+    gx = xs.grad.asnumpy()
+    assert np.all(gx[~inside] == 0) and np.allclose(gx[inside], up[inside], rtol=1e-6, atol=0)  # (dy / s) * s
+    want = np.clip(np.rint(x / np.float32(s)), qmin, qmax) * np.float32(s)  # the forward value, exactly
+    assert np.array_equal(y.asnumpy(), want.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def lsq_run(float_run, tiny_ds, tmp_path_factory):
+    """W3A3 QAT with learned ranges (as the EMA fixture of test_lowbit, but ``quant.range: lsq``)."""
+    from conftest import qat_finetune
+
+    return qat_finetune(float_run, tiny_ds, tmp_path_factory.mktemp("lsq"), "lsq", weight_bits=3, act_bits=3,
+                        epochs=4, lr=0.002, ste="clipped", range="lsq")
+
+
+def test_learned_steps_train_and_reach_the_artifact(lsq_run, float_run, tiny_ds):
+    """Steps start at the EMA range (activations) and max|w_f| / qmax (weights), move during QAT, and the
+    artifact carries them: its scales are the learned steps, its ReLU-output grids unsigned [0, 7]."""
+    from conftest import tiny_config
+    from train_quantization import cli
+    from train_quantization.int8.export import export
+    from train_quantization.layers import quantized_layers
+
+    start, _ = cli.qat_from_float(tiny_config(float_run["run"].parent, weight_bits=3, act_bits=3, range="lsq"),
+                                  tiny_ds, float_run["run"] / "best.params", [mx.cpu()])
+    trained = dict(quantized_layers(lsq_run["net"]))
+    for name, b in quantized_layers(start):
+        assert b.weight_step.shape == (1,)  # per tensor, as configured
+        assert not np.allclose(b.weight_step.data().asnumpy(), trained[name].weight_step.data().asnumpy())
+    m = export(lsq_run["net"], *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
+    first, second = m.quantized()[:2]
+    assert (first.act.qmin, first.act.qmax) == (-4, 3) and (second.act.qmin, second.act.qmax) == (0, 7)
+    b = trained["features.1"]
+    assert second.act.scale == pytest.approx(float(b.input_max.data().asscalar()) / 7, rel=1e-6)
+    assert np.allclose(second.w_scale, float(b.weight_step.data().asscalar()), rtol=1e-6)
+    assert np.abs(second.w).max() <= 3
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_learned_steps_through_both_engines_code_for_code(float_run, tiny_ds, bits):
+    """Learned (here: initial) steps at 2-4 bits: simulated = integer-only layer by layer, the simulation =
+    the fake-quant network on the decided images, the unsigned grid's top codes in use."""
+    from conftest import FLOAT_TOL, layerwise_codes, tiny_config, top1_agreement
+    from train_quantization import cli
+    from train_quantization.data import make_loaders, normalizer
+    from train_quantization.int8 import engine
+    from train_quantization.int8.export import export
+    from train_quantization.qat import calibrate
+    from train_quantization.train import evaluate
+
+    cfg = tiny_config(float_run["run"].parent, weight_bits=bits, act_bits=bits, range="lsq", per_channel=True)
+    net, _ = cli.qat_from_float(cfg, tiny_ds, float_run["run"] / "best.params", [mx.cpu()])
+    net.hybridize(static_alloc=True)
+    calibrate(net, cfg, tiny_ds, [mx.cpu()])
+    m = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
+    x = engine.normalize(m, tiny_ds.test_x)
+    ref, got = layerwise_codes(m, x, engine.simulate, engine.run_integer)
+    assert all(np.abs(ref[n] - got[n]).max() <= 1 for n in ref)
+    assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-5 * sum(c.size for c in ref.values())
+    assert ref["features.1"].min() >= 0 and ref["features.1"].max() == 2**bits - 1  # unsigned grid, top code used
+    fq = evaluate(net, make_loaders(tiny_ds, 64, 250, False, 0)[1], normalizer(*tiny_ds.mean_std()), [mx.cpu()],
+                  return_outputs=True)["logits"]
+    sim = engine.simulate(m, x)
+    close = np.abs(fq - sim).max(1) <= FLOAT_TOL * np.maximum(1.0, np.abs(sim).max(1))
+    assert close.mean() >= 0.97, close.mean()
+    if bits > 2:  # 2-bit steps before training tie many images' logits
+        assert top1_agreement(sim, fq) >= 0.99
+
+
+def test_lsq_with_a_setting_it_cannot_honour_is_one_line(tmp_path, float_run):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "scripts/train_qat.py", "--config", "configs/synthetic_tiny.yaml",
+                        "--pretrained", str(float_run["run"]), "--out", str(tmp_path), "--range", "lsq",
+                        "--scheme", "onednn"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "quant.range" in r.stderr
+    assert not any(tmp_path.iterdir())
