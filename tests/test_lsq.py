@@ -108,3 +108,39 @@ def test_lsq_with_a_setting_it_cannot_honour_is_one_line(tmp_path, float_run):
                         "--scheme", "onednn"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "quant.range" in r.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_distillation_loss_against_a_float64_reference():
+    """(1 - w) * CE + w * T^2 * KL(softmax(t/T) || softmax(s/T)), per image."""
+    from train_quantization.train import distilled_loss, smoothed_loss
+
+    rng = np.random.default_rng(0)
+    s, t, y = rng.normal(0, 3, (6, 10)), rng.normal(0, 3, (6, 10)), rng.integers(0, 10, 6)
+
+    def log_softmax(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    temp, w = 4.0, 0.3
+    p_t = np.exp(log_softmax(t / temp))
+    kl = (p_t * (np.log(p_t) - log_softmax(s / temp))).sum(1)
+    ref = (1 - w) * -log_softmax(s)[np.arange(6), y] + w * temp**2 * kl
+    got = distilled_loss(smoothed_loss(0.0, 10), temp, w)(mx.nd.array(s), mx.nd.array(y, dtype="int32"),
+                                                          mx.nd.array(t)).asnumpy()
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_qat_with_distillation_runs_from_the_cli(tmp_path, float_run):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, "scripts/train_qat.py", "--pretrained", str(float_run["run"]), "--out",
+                        str(tmp_path), "--name", "d", "--epochs", "1", "--range", "lsq", "--distill", "4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = (tmp_path / "d" / "config.yaml").read_text()
+    assert "distill: 4.0" in cfg and "range: lsq" in cfg
+    assert json.loads((tmp_path / "d" / "result.json").read_text())["fq_acc"] >= 0.9

@@ -80,6 +80,8 @@ QAT_FLAGS = RUN_FLAGS + QUANT_FLAGS + (
     Flag("--delay-steps", "qat.delay_steps", int, "float steps before fake quantization switches on"),
     Flag("--freeze-ranges-step", "qat.freeze_ranges_step", int, "the range EMA stops from this step on, -1 never"),
     Flag("--bn-freeze-step", "qat.bn_freeze_step", int, "paper BN mode: steps on batch statistics"),
+    Flag("--distill", "qat.distill", float, "distill from the float model at this temperature, 0 off"),
+    Flag("--distill-weight", "qat.distill_weight", float, "weight of the distillation loss, 0-1"),
 )
 
 

@@ -111,6 +111,8 @@ class QATConfig:
     delay_steps: int = 0  # steps that train in float (BN folded) before fake quantization switches on
     freeze_ranges_step: int = -1  # >=0: activation ranges stop updating from this QAT step on
     bn_freeze_step: int = 0  # paper BN mode: steps on batch statistics before they freeze
+    distill: float = 0.0  # >0: knowledge distillation from the float model at this temperature T
+    distill_weight: float = 0.5  # loss = (1 - w) * cross-entropy + w * T^2 * KL(teacher || student), softened by T
 
 
 @dataclass
@@ -215,6 +217,9 @@ def _validate(cfg: Config) -> Config:
     if q.range == "lsq" and (q.scheme == "onednn" or q.kernel == "fused"):
         raise UserError("config key 'quant.range' lsq learns step sizes on the original scheme's grids with stock "
                         "MXNet ops: use quant.scheme original and quant.kernel auto or stock")
+    if cfg.qat.distill < 0 or not 0.0 <= cfg.qat.distill_weight <= 1.0:
+        raise UserError("config keys 'qat.distill' (a temperature, 0 = off) must be >= 0 and "
+                        "'qat.distill_weight' in [0, 1]")
     if not 0.0 <= cfg.optim.label_smoothing < 1.0:
         raise UserError(f"config key 'optim.label_smoothing' must be in [0, 1), got {cfg.optim.label_smoothing}")
     if not 0.0 <= q.momentum < 1.0:

@@ -86,7 +86,12 @@ def train_qat(cfg: Config, pretrained: Optional[str] = None, resume: Optional[Pa
         record = json.loads((run / "qat_start.json").read_text())
     else:
         net, record, run = start(cfg, ds, cli.resolve_params(pretrained), ctxs, stem)
-    best, last = train.fit(net, cfg, ds, run, ctxs, qat=True, resume=bool(resume))
+    teacher = None
+    if cfg.qat.distill > 0:  # the float model the run started from
+        teacher = cli.build_for(cfg, ds, quant=False)
+        cli.load_weights(teacher, Path(record["pretrained"]), ctxs, expect_ranges=False)
+        teacher.hybridize(static_alloc=True)
+    best, last = train.fit(net, cfg, ds, run, ctxs, qat=True, resume=bool(resume), teacher=teacher)
     _, test_loader = data_mod.make_loaders(ds, cfg.data.batch_size, cfg.data.eval_batch_size, False, cfg.seed)
     layers = cli.describe_ranges(net)
     shares = train.clip_shares(net, test_loader, data_mod.normalizer(*ds.mean_std()), ctxs[0])

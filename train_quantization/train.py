@@ -311,6 +311,17 @@ def resume_point(run: Path) -> tuple:
     return state["epoch"], state["step"], best, rows[-1] if rows else best
 
 
+def distilled_loss(base: Any, temperature: float, weight: float) -> Any:
+    r"""``loss(student, labels, teacher)``: ``(1 - w) * base + w * T^2 * KL(softmax(t/T) || softmax(s/T))``
+    (Hinton et al. 2015; the ``T^2`` keeps the soft term's gradients on the hard term's scale)."""
+    def loss(out: Any, y: Any, teacher: Any) -> Any:
+        p_t = mx.nd.softmax(teacher / temperature)
+        kl = mx.nd.sum(p_t * (mx.nd.log(p_t + 1e-12) - mx.nd.log_softmax(out / temperature)), axis=1)
+        return (1.0 - weight) * base(out, y) + weight * temperature**2 * kl
+
+    return loss
+
+
 def smoothed_loss(eps: float, classes: int) -> Any:
     """``loss(logits, labels)``: cross-entropy against ``(1 - eps) * one_hot(y) + eps / classes``
     (label smoothing; plain cross-entropy for ``eps = 0``)."""
@@ -338,6 +349,7 @@ class _Loop:
     steps_log: Any
     step: int = 0
     phase: Optional[tuple] = None
+    teacher: Optional[gluon.HybridBlock] = None  # distillation: the float model's logits are the soft targets
 
     def train_step(self, x: Any, y: Any, epoch: int) -> tuple:
         """One optimizer step; returns ``(summed loss, correct predictions)`` of the batch."""
@@ -345,9 +357,11 @@ class _Loop:
         if qat:
             self.phase = qat_phase(net, self.cfg, self.step, self.phase)
         xs, ys = split(x, self.ctxs), split(y, self.ctxs)
+        soft = [self.teacher(self.norm(a)) for a in xs] if self.teacher else None  # no gradient: outside record
         with autograd.record():
             outs = [net(self.norm(a)) for a in xs]
-            losses = [self.loss_fn(o, b) for o, b in zip(outs, ys)]
+            losses = [self.loss_fn(o, b) for o, b in zip(outs, ys)] if soft is None else \
+                [self.loss_fn(o, b, t) for o, b, t in zip(outs, ys, soft)]
         autograd.backward(losses)
         self.trainer.step(x.shape[0] * self.workers)
         if qat:
@@ -406,13 +420,14 @@ class _Loop:
 
 
 def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ctxs: list,
-        qat: bool = False, resume: bool = False) -> tuple:
+        qat: bool = False, resume: bool = False, teacher: Optional[gluon.HybridBlock] = None) -> tuple:
     """Train ``net`` for ``cfg.optim.epochs`` epochs (QAT: ``cfg.qat``'s schedule, see ``schedule_of``);
     returns the best and the last epoch's metrics.
 
     Each epoch reseeds Python, NumPy and MXNet from ``(seed, epoch)``, so a run resumed after
     its last completed epoch (``resume=True``: trainer state, schedule position and metrics
     come from the run folder; the caller loads ``last.params``) continues as it would have.
+    ``teacher`` (QAT with ``qat.distill``): the float network whose softened logits the loss follows.
     """
     kv, rank, workers = kvstore_of(cfg)
     if cfg.data.batch_size % workers:
@@ -429,8 +444,11 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
     norm = data_mod.normalizer(*ds.mean_std())
     trainer = make_trainer(net, cfg, len(train_loader), qat)
     epochs = schedule_of(cfg, qat).epochs
-    loop = _Loop(net, cfg, run, ctxs, qat, trainer, norm, smoothed_loss(cfg.optim.label_smoothing, ds.num_classes),
-                 workers, worker_ranges, open(run / "steps.jsonl", "a"))  # steps.jsonl: loss, lr (and ranges)
+    loss_fn = smoothed_loss(cfg.optim.label_smoothing, ds.num_classes)
+    if teacher is not None:
+        loss_fn = distilled_loss(loss_fn, cfg.qat.distill, cfg.qat.distill_weight)
+    loop = _Loop(net, cfg, run, ctxs, qat, trainer, norm, loss_fn, workers, worker_ranges,
+                 open(run / "steps.jsonl", "a"), teacher=teacher)  # steps.jsonl: loss, lr (and ranges)
     best: dict = {"test_acc": -1.0}
     start, rec = 0, best
     if resume:

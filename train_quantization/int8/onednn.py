@@ -108,6 +108,13 @@ def _global_avg_pools(sym: mx.sym.Symbol) -> list:
             and n.get("attrs", {}).get("pool_type") == "avg" and n["attrs"].get("global_pool") == "True"]
 
 
+def _to_output(v: int, graph: list, readers: dict) -> bool:
+    """Whether op ``v``'s output is the network's (a classifier conv's output is flattened into the logits)."""
+    while len(readers.get(v, [])) == 1 and isinstance(graph[readers[v][0]], Flatten):
+        v = readers[v][0]
+    return v == len(graph) - 1
+
+
 def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_shape: tuple,
                 qsym: mx.sym.Symbol, names: list, logits: float) -> dict:
     """oneDNN's calibration table from the learned ranges: each fused layer's output is found in
@@ -152,9 +159,7 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
         v = index[layer]
         if n.get("attrs", {}).get("with_sum") == "true":  # conv + residual add (+ ReLU) fused: the add's output
             v = next(i for i in readers[v] if isinstance(graph[i], Add))
-        while len(readers.get(v, [])) == 1 and isinstance(graph[readers[v][0]], Flatten):
-            v = readers[v][0]  # a classifier conv's output is flattened into the logits
-        if v == len(graph) - 1:
+        if _to_output(v, graph, readers):
             table[out] = (-logits, logits)
             continue
         r = reach(v)
