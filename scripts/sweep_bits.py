@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--pairs", default="8/8,6/8,4/8,8/4,4/4", help="comma-separated W/A bit pairs")
     p.add_argument("--calib-batches", type=int, default=10, help="PTQ calibration batches (training images)")
     p.add_argument("--skip-qat", action="store_true", help="PTQ rows only")
+    p.add_argument("--lsq", action="store_true", help="also QAT with learned ranges, without and with distillation")
     p.add_argument("--attach", metavar="SWEEP_RUN",
                    help="no training: add the QAT runs named by --recipe to this sweep's table and plot")
     p.add_argument("--recipe", action="append", default=[], metavar="W/A=QAT_RUN",
@@ -51,7 +52,7 @@ def main() -> None:
     extra = cli.add_flags(argparse.ArgumentParser(prog="sweep_bits.py ... --"), cli.QAT_FLAGS)
     cfg = cli.config_from_args(args, flags, cli.overrides_of(extra.parse_args(qat_extra), cli.QAT_FLAGS))
     run = sweep.run_sweep(cfg, cli.resolve_params(args.pretrained), pairs, args.calib_batches, args.skip_qat,
-                          tuple(qat_extra), Path(args.config).stem)
+                          tuple(qat_extra), Path(args.config).stem, args.lsq)
     print(f"run folder: {run}\ntable: {run / 'sweep.md'}\nplot: {run / 'sweep.png'}")
 
 

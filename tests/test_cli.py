@@ -194,7 +194,7 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path):
 def test_sweep_bits_writes_table_and_plot(tmp_path, float_run):
     r = _run("scripts/sweep_bits.py", "--config", "configs/synthetic_tiny.yaml", "--pretrained",
              str(float_run["run"]), "--out", str(tmp_path), "--name", "sw", "--pairs", "4/4", "--epochs", "1",
-             "--calib-batches", "3", "--", "--lr", "0.01")
+             "--calib-batches", "3", "--lsq", "--", "--lr", "0.01")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     (row,) = out["rows"]
@@ -202,6 +202,11 @@ def test_sweep_bits_writes_table_and_plot(tmp_path, float_run):
     assert all(0.1 <= row[k] <= 1.0 for k in ("float", "ptq_max", "ptq_mse", "ptq_mse_w", "qat"))
     qat = json.loads((tmp_path / "sw" / "qat-w4a4" / "result.json").read_text())
     assert qat["fq_acc"] == row["qat"]
+    for key, folder, setting in (("qat_lsq", "qat-lsq-w4a4", "range: lsq"), ("qat_lsq_kd", "qat-lsq-kd-w4a4",
+                                                                              "distill: 4.0")):
+        assert json.loads((tmp_path / "sw" / folder / "result.json").read_text())["fq_acc"] == row[key]
+        assert setting in (tmp_path / "sw" / folder / "config.yaml").read_text()
+    assert "QAT, LSQ + distillation %" in (tmp_path / "sw" / "sweep.md").read_text()
     assert "| W4A4 |" in (tmp_path / "sw" / "sweep.md").read_text()
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     recipe = f"4/4={tmp_path / 'sw' / 'qat-w4a4'}"

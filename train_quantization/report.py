@@ -16,7 +16,8 @@ def pct(v: object) -> str:
 
 # ----------------------------------------------------------------------------- bit-width sweep
 SWEEP_SERIES = (("ptq_max", "PTQ max"), ("ptq_mse", "PTQ MSE"), ("ptq_mse_w", "PTQ MSE+w"), ("qat", "QAT"),
-                ("qat_recipe", "QAT, recipe"))
+                ("qat_lsq", "QAT, LSQ"), ("qat_lsq_kd", "QAT, LSQ + distillation"), ("qat_recipe", "QAT, recipe"))
+QAT_KEYS = ("qat", "qat_lsq", "qat_lsq_kd", "qat_recipe")
 
 
 def sweep_row_text(r: dict) -> str:
@@ -30,7 +31,7 @@ def sweep_markdown(rows: list) -> str:
            " | best QAT - float (points) |\n|---|---|" + "---|" * (len(series) + 1) + "\n"
     body = ""
     for r in rows:
-        best = max((r[k] for k in ("qat", "qat_recipe") if k in r), default=None)
+        best = max((r[k] for k in QAT_KEYS if k in r), default=None)
         gap = f"{100 * (best - r['float']):+.2f}" if best is not None else "-"
         body += (f"| W{r['weight_bits']}A{r['act_bits']} | {pct(r['float'])} | " +
                  " | ".join(pct(r.get(key)) for key, _ in series) + f" | {gap} |\n")

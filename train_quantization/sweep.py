@@ -46,10 +46,15 @@ def attach(run: Path, recipes: list) -> None:
     print(f"table: {run / 'sweep.md'}\nplot: {run / 'sweep.png'}")
 
 
+QAT_ROWS = (("qat", {}, {}),  # the config's QAT (EMA ranges unless quant.range says otherwise)
+            ("qat_lsq", {"range": "lsq"}, {}),  # learned step sizes
+            ("qat_lsq_kd", {"range": "lsq"}, {"distill": 4.0}))  # ... and distillation from the float model
+
+
 def run_sweep(cfg: Config, weights: Path, pairs: list, calib_batches: int, skip_qat: bool = False,
-              qat_extra: tuple = (), stem: str = "sweep") -> Path:
-    """PTQ max / MSE / MSE+w and (unless ``skip_qat``) QAT rows for each ``(w, a)`` of ``pairs``;
-    returns the sweep's run folder."""
+              qat_extra: tuple = (), stem: str = "sweep", lsq: bool = False) -> Path:
+    """PTQ max / MSE / MSE+w and (unless ``skip_qat``) QAT rows for each ``(w, a)`` of ``pairs`` (``lsq``:
+    also QAT with learned ranges, without and with distillation); returns the sweep's run folder."""
     train.setup_logging()
     ctxs = train.parse_ctx(cfg.ctx)
     ds = data_mod.dataset_from_config(cfg.data)
@@ -73,10 +78,11 @@ def run_sweep(cfg: Config, weights: Path, pairs: list, calib_batches: int, skip_
                 ptq.clip_weights_mse(net)
             ptq.calibrate_ranges(net, calib, norm, ctxs[0], calib_batches, act_method)
             row[key] = train.evaluate(net, test_loader, norm, ctxs)["acc"]
-        if not skip_qat:
-            name = f"qat-w{w}a{a}"
-            res = train_qat(dataclasses.replace(qcfg, out=str(run), name=name), str(weights), ds=ds)
-            row["qat"], row["qat_run"] = res["fq_acc"], name
+        for key, quant, recipe in QAT_ROWS[:0 if skip_qat else 3 if lsq else 1]:
+            name = f"{key.replace('_', '-')}-w{w}a{a}"
+            rcfg = dataclasses.replace(qcfg, out=str(run), name=name, quant=dataclasses.replace(qcfg.quant, **quant),
+                                       qat=dataclasses.replace(qcfg.qat, **recipe))
+            row[key], row[f"{key}_run"] = train_qat(rcfg, str(weights), ds=ds)["fq_acc"], name
         rows.append(row)
         cli.write_json(run / "sweep.json", {"pretrained": str(weights), "per_channel": cfg.quant.per_channel,
                                             "first_last_bits": cfg.quant.first_last_bits,
