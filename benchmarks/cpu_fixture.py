@@ -23,7 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import mxnet as mx  # noqa: E402
 
-from conftest import qat_finetune, tiny_config  # noqa: E402
+from conftest import W3A3, qat_finetune, tiny_config  # noqa: E402
 from train_quantization import cli, machine, ptq, train  # noqa: E402
 from train_quantization import data as data_mod  # noqa: E402
 
@@ -50,8 +50,7 @@ def one_seed(seed: int, ds: data_mod.Dataset, tmp: Path) -> dict:
     _, test_loader = data_mod.make_loaders(ds, 64, 250, False, 0)
     ev = train.evaluate(net, test_loader, data_mod.normalizer(*ds.mean_std()), [mx.cpu()], return_outputs=True)
     float_run = {"run": run, "cfg": cfg, "best": best}
-    q = qat_finetune(float_run, ds, tmp, f"w3a3-s{seed}", weight_bits=3, act_bits=3, epochs=4, lr=0.002,
-                     ste="clipped")
+    q = qat_finetune(float_run, ds, tmp, f"w3a3-s{seed}", **W3A3)
     f, ema = best["test_acc"], q["ptq_acc"]
     fair = max(ptq_acc(float_run, ds, m) for m in ptq.METHODS)
     return {"seed": seed, "float": f, "classes": len(set(ev["logits"].argmax(1).tolist())), "qat": q["acc"],

@@ -21,7 +21,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import mxnet as mx  # noqa: E402
 
-from conftest import qat_finetune, tiny_config  # noqa: E402
+from conftest import W3A3, qat_finetune, tiny_config  # noqa: E402
 from train_quantization import cli, machine, train  # noqa: E402
 from train_quantization import data as data_mod  # noqa: E402
 
@@ -45,8 +45,8 @@ def main() -> None:
             net.hybridize(static_alloc=True)
             best, _ = train.fit(net, cfg, ds, train.make_run_dir(cfg, "fp32", "tiny"), [mx.cpu()])
             run = {"run": Path(d) / f"fp32-s{seed}", "cfg": cfg, "best": best}
-            acc = {r: qat_finetune(run, ds, Path(d), f"{r}-s{seed}", weight_bits=args.bits, act_bits=args.bits,
-                                   epochs=4, lr=0.002, ste="clipped", range=r)["acc"] for r in ("ema", "lsq")}
+            recipe = dict(W3A3, weight_bits=args.bits, act_bits=args.bits)
+            acc = {r: qat_finetune(run, ds, Path(d), f"{r}-s{seed}", range=r, **recipe)["acc"] for r in ("ema", "lsq")}
             gaps.append(acc["lsq"] - acc["ema"])
             print(f"| {seed} | {100 * best['test_acc']:.1f} | {100 * acc['ema']:.1f} | {100 * acc['lsq']:.1f} | "
                   f"{100 * gaps[-1]:+.1f} |", flush=True)

@@ -82,6 +82,22 @@ def qat_run(float_run, tiny_ds, tmp_path_factory):
     return qat_finetune(float_run, tiny_ds, tmp_path_factory.mktemp("qat"), "qat")
 
 
+W3A3 = dict(weight_bits=3, act_bits=3, epochs=4, lr=0.002, ste="clipped")  # the low-bit QAT recipe of the tests
+
+
+@pytest.fixture(scope="session")
+def w3a3(float_run, tiny_ds, tmp_path_factory):
+    """W3A3 QAT (clipped STE, 4 epochs at lr 0.002, EMA ranges): where post-training quantization loses 8-36
+    points of the float fixture's accuracy and QAT wins most of it back (at W4A4 PTQ already keeps 98-99 %)."""
+    return qat_finetune(float_run, tiny_ds, tmp_path_factory.mktemp("w3a3"), "w3a3", **W3A3)
+
+
+@pytest.fixture(scope="session")
+def w3a3_lsq(float_run, tiny_ds, tmp_path_factory):
+    """The same W3A3 recipe with learned ranges (``quant.range: lsq``)."""
+    return qat_finetune(float_run, tiny_ds, tmp_path_factory.mktemp("lsq"), "lsq", range="lsq", **W3A3)
+
+
 os.environ.setdefault("MXNET_STORAGE_FALLBACK_LOG_VERBOSE", "0")
 
 

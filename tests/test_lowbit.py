@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from mxnet import nd
 
-from conftest import qat_finetune
 from train_quantization import quant
 from train_quantization.int8 import engine
 from train_quantization.int8.export import export
@@ -31,14 +30,6 @@ def test_grid_and_range_of_every_width(bits):
     w = np.array([-0.8, -0.1, 0.0, 0.05, 0.4], np.float32)
     sw = quant.weight_scale_np(w, wmax)
     assert quant.quantize_np(w, sw, wmin, wmax)[0] == wmin
-
-
-@pytest.fixture(scope="module")
-def w3a3(float_run, tiny_ds, tmp_path_factory):
-    """W3A3 QAT (clipped STE, 4 epochs at lr 0.002): where post-training quantization loses 8-36 points
-    of the float fixture's accuracy and QAT wins most of it back (at W4A4 PTQ already keeps 98-99 %)."""
-    return qat_finetune(float_run, tiny_ds, tmp_path_factory.mktemp("w3a3"), "w3a3", weight_bits=3, act_bits=3,
-                        epochs=4, lr=0.002, ste="clipped")
 
 
 def _ptq_net(float_run, tiny_ds, bits: int, method: str = "ema"):
