@@ -22,10 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import numpy as np  # noqa: E402
-
-from train_quantization import cli, machine, variants  # noqa: E402
 from train_quantization import data as data_mod  # noqa: E402
+from train_quantization import machine, variants  # noqa: E402
 from train_quantization.config import load_config  # noqa: E402
 from train_quantization.errors import UserError, cli_main  # noqa: E402
 from train_quantization.int8 import engine, onnx_export  # noqa: E402
@@ -59,14 +57,7 @@ def main() -> None:
            "machine": machine.facts(), "onnx_target": onnx_export.resolve_target(args.onnx_target),
            "int8_over_float_b64": variants.int8_over_float({r["key"]: r for r in rows}),
            "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
-    cli.write_json(qrun / "compare.json", out)
-    tmp = qrun / "predictions.tmp.npz"  # for report.py: where float and int8 disagree
-    np.savez_compressed(tmp, labels=labels, variants=np.array(list(preds)), preds=np.stack(list(preds.values())),
-                        names=np.array([variants.BY_KEY[k].name for k in preds]))
-    os.replace(tmp, qrun / "predictions.npz")
-    text = variants.table(rows, accuracy=True)
-    (qrun / "compare.md").write_text(text + "\n")
-    print(text)
+    print(variants.write_comparison(qrun, out, preds, labels))
     print(f"machine: {machine.describe(out['machine'])}; ONNX target {out['onnx_target']}")
     print(f"written: {qrun / 'compare.json'}, {qrun / 'compare.md'}")
 

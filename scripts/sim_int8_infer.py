@@ -47,14 +47,8 @@ def main() -> None:
     report.update(evaluate.evaluate(model, ds.test_x[:n], ds.test_y[:n], engines,
                                     None if fq_logits is None else fq_logits[:n], args.onnx_target))
     report["images"] = int(n)
-    if "onnx" in engines or args.onnx:
-        from train_quantization.int8.onnx_export import resolve_target
-
-        report["onnx_target"] = resolve_target(args.onnx_target)
-    from train_quantization.machine import facts
-
-    report["machine"] = facts()
-    evaluate.write(report, args.json or (str(Path(args.qat) / "int8_eval.json") if args.qat else None))
+    evaluate.write(report, args.json or (str(Path(args.qat) / "int8_eval.json") if args.qat else None),
+                   args.onnx_target if "onnx" in engines or args.onnx else None)
     for k, v in report.items():
         print(f"{k:34s} {v:.4f}" if isinstance(v, float) else f"{k:34s} {v}")
 

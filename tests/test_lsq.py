@@ -145,3 +145,38 @@ def test_learned_ranges_beat_ema_ranges_at_w3a3(w3a3, w3a3_lsq, float_run):
     float_acc, ema, lsq = float_run["best"]["test_acc"], w3a3["acc"], w3a3_lsq["acc"]
     assert float_acc - ema >= 0.01  # EMA QAT loses at 3 bits, so the comparison means something
     assert (lsq - ema) / (float_acc - ema) >= 0.5, (float_acc, ema, lsq)
+
+
+def test_sensitivity_proposes_widths_for_a_budget_that_train_qat_takes(tmp_path, float_run, tiny_ds):
+    """scripts/sensitivity.py: every weighted layer alone at 4 and 2 bits, a proposal whose packed weights fit
+    the budget (half of the 8-bit bytes), and train_qat.py --layer-bits trains at those widths."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT
+    from train_quantization import cli
+    from train_quantization.sensitivity import packed_bytes, weight_count
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    total = sum(weight_count(cli.build_for(float_run["cfg"], tiny_ds, quant=True)).values())
+    r = run("scripts/sensitivity.py", "--pretrained", str(float_run["run"]), "--out", str(tmp_path), "--name", "s",
+            "--images", "500", "--budget-bytes", str(total // 2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
+    assert len(res["layers"]) == 15 and all(0 <= row["acc_2"] <= 1 and "sqnr_db_4" in row for row in res["layers"])
+    bits = yaml.safe_load((tmp_path / "s" / "layer_bits.yaml").read_text())
+    assert bits == res["proposal"] and packed_bytes(res["layers"], {k: v[0] for k, v in bits.items()}) <= total / 2
+    assert (tmp_path / "s" / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    r = run("scripts/train_qat.py", "--pretrained", str(float_run["run"]), "--out", str(tmp_path), "--name", "q",
+            "--epochs", "1", "--layer-bits", str(tmp_path / "s" / "layer_bits.yaml"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    layers = {row["layer"]: row for row in json.loads((tmp_path / "q" / "layers.json").read_text())}
+    assert all([layers[k]["weight_bits"], layers[k]["act_bits"]] == v for k, v in bits.items())
+    bad = run("scripts/sensitivity.py", "--pretrained", str(float_run["run"]), "--out", str(tmp_path), "--name", "b",
+              "--images", "100", "--budget-bytes", "1")
+    assert bad.returncode == 2 and "no widths fit" in bad.stderr and not (tmp_path / "b").exists()

@@ -60,6 +60,16 @@ RUN_FLAGS = (
          help="gradient aggregation; dist_sync: run under scripts/launch_dist.py"),
 )
 FLOAT_FLAGS = RUN_FLAGS + (Flag("--epochs", "optim.epochs", int), Flag("--lr", "optim.lr", float, "peak learning rate"))
+def _layer_bits(path: str) -> dict:
+    """``--layer-bits FILE``: a YAML/JSON mapping of layer -> [weight_bits, act_bits] (sensitivity.py writes one)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+
+
 QUANT_FLAGS = (
     Flag("--per-channel", "quant.per_channel", _bool01, "weight scales per output channel, 0/1"),
     Flag("--scheme", "quant.scheme", choices=("original", "onednn"),
@@ -67,6 +77,7 @@ QUANT_FLAGS = (
     Flag("--weight-bits", "quant.weight_bits", int, "2-8"),
     Flag("--act-bits", "quant.act_bits", int, "2-8"),
     Flag("--first-last-bits", "quant.first_last_bits", int, "width of the first and last layer, 0 off, 2-8"),
+    Flag("--layer-bits", "quant.layer_bits", _layer_bits, "YAML file of per-layer [weight_bits, act_bits]"),
     Flag("--ste", "quant.ste", choices=("plain", "clipped")),
     Flag("--bn-mode", "quant.bn_mode", choices=("frozen", "paper")),
     Flag("--range", "quant.range", choices=("ema", "mse", "lsq"),

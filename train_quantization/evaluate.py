@@ -98,7 +98,15 @@ def evaluate(model: int8_model.Int8Model, images: np.ndarray, labels: np.ndarray
     return report
 
 
-def write(report: dict, path: Optional[str]) -> None:
+def write(report: dict, path: Optional[str], onnx_target: Optional[str] = None) -> None:
+    """Add the machine (and the ONNX target used) to ``report`` and write it to ``path`` if given."""
+    from .machine import facts
+
+    if onnx_target:
+        from .int8.onnx_export import resolve_target
+
+        report["onnx_target"] = resolve_target(onnx_target)
+    report["machine"] = facts()
     if path:
         from .train import atomic_write_text
 

@@ -192,3 +192,18 @@ def evaluate(fns: dict, x: np.ndarray, labels: np.ndarray, repeats: int) -> tupl
              "agree_sim": float((preds[k] == preds["sim"]).mean()), "images_per_s_b64": round(speed[k][0], 1),
              "latency_ms_b1": round(speed[k][1], 3), "model_bytes": size} for k, (_, size) in fns.items()]
     return rows, preds
+
+
+def write_comparison(run: Path, out: dict, preds: dict, labels: np.ndarray) -> str:
+    """``compare.json`` (``out``), ``predictions.npz`` (every variant's top-1, for report.py's disagreement
+    matrix) and ``compare.md`` into the QAT run folder; returns the markdown table."""
+    from .cli import write_json
+
+    write_json(run / "compare.json", out)
+    tmp = run / "predictions.tmp.npz"
+    np.savez_compressed(tmp, labels=labels, variants=np.array(list(preds)), preds=np.stack(list(preds.values())),
+                        names=np.array([BY_KEY[k].name for k in preds]))
+    os.replace(tmp, run / "predictions.npz")
+    text = table(out["rows"], accuracy=True)
+    (run / "compare.md").write_text(text + "\n")
+    return text
