@@ -10,7 +10,6 @@ Prints one markdown row per seed and a summary line (min, mean, sample std) with
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import statistics
@@ -23,7 +22,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import mxnet as mx  # noqa: E402
 
-from conftest import W3A3, qat_finetune, tiny_config  # noqa: E402
+from conftest import W3A3, qat_finetune, tiny_config, train_float  # noqa: E402
 from train_quantization import cli, machine, ptq, train  # noqa: E402
 from train_quantization import data as data_mod  # noqa: E402
 
@@ -40,20 +39,11 @@ def ptq_acc(float_run: dict, ds: data_mod.Dataset, method: str) -> float:
 
 
 def one_seed(seed: int, ds: data_mod.Dataset, tmp: Path) -> dict:
-    cfg = dataclasses.replace(tiny_config(tmp), name=f"fp32-s{seed}", seed=seed)
-    train.seed_all(seed)
-    net = cli.build_for(cfg, ds, quant=False)
-    cli.init_net(net, [mx.cpu()])
-    net.hybridize(static_alloc=True)
-    run = train.make_run_dir(cfg, "fp32", "tiny")
-    best, last = train.fit(net, cfg, ds, run, [mx.cpu()])
-    _, test_loader = data_mod.make_loaders(ds, 64, 250, False, 0)
-    ev = train.evaluate(net, test_loader, data_mod.normalizer(*ds.mean_std()), [mx.cpu()], return_outputs=True)
-    float_run = {"run": run, "cfg": cfg, "best": best}
+    float_run = train_float(tmp, ds, seed, f"fp32-s{seed}")
     q = qat_finetune(float_run, ds, tmp, f"w3a3-s{seed}", **W3A3)
-    f, ema = best["test_acc"], q["ptq_acc"]
+    f, ema = float_run["best"]["test_acc"], q["ptq_acc"]
     fair = max(ptq_acc(float_run, ds, m) for m in ptq.METHODS)
-    return {"seed": seed, "float": f, "classes": len(set(ev["logits"].argmax(1).tolist())), "qat": q["acc"],
+    return {"seed": seed, "float": f, "classes": len(set(float_run["logits"].argmax(1).tolist())), "qat": q["acc"],
             "ptq_ema": ema, "ptq_best": fair, "won_ema": (q["acc"] - ema) / (f - ema),
             "won_best": (q["acc"] - fair) / (f - fair)}
 

@@ -8,7 +8,6 @@ test suite runs them (the margin of tests/test_lsq.py).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import statistics
@@ -19,11 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import mxnet as mx  # noqa: E402
 
-from conftest import W3A3, qat_finetune, tiny_config  # noqa: E402
-from train_quantization import cli, machine, train  # noqa: E402
+from conftest import W3A3, qat_finetune, tiny_config, train_float  # noqa: E402
 from train_quantization import data as data_mod  # noqa: E402
+from train_quantization import machine  # noqa: E402
 
 
 def main() -> None:
@@ -38,13 +36,8 @@ def main() -> None:
     print(f"| seed | float % | {w} EMA QAT % | {w} LSQ QAT % | LSQ - EMA points |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as d:
         for seed in range(args.seeds):
-            cfg = dataclasses.replace(tiny_config(Path(d)), name=f"fp32-s{seed}", seed=seed)
-            train.seed_all(seed)
-            net = cli.build_for(cfg, ds, quant=False)
-            cli.init_net(net, [mx.cpu()])
-            net.hybridize(static_alloc=True)
-            best, _ = train.fit(net, cfg, ds, train.make_run_dir(cfg, "fp32", "tiny"), [mx.cpu()])
-            run = {"run": Path(d) / f"fp32-s{seed}", "cfg": cfg, "best": best}
+            run = train_float(Path(d), ds, seed, f"fp32-s{seed}")
+            best = run["best"]
             recipe = dict(W3A3, weight_bits=args.bits, act_bits=args.bits)
             acc = {r: qat_finetune(run, ds, Path(d), f"{r}-s{seed}", range=r, **recipe)["acc"] for r in ("ema", "lsq")}
             gaps.append(acc["lsq"] - acc["ema"])

@@ -43,21 +43,24 @@ def tiny_ds():
     return data_mod.dataset_from_config(cfg.data)
 
 
-@pytest.fixture(scope="session")
-def float_run(tmp_path_factory, tiny_ds):
-    """A float VGG16 (width 0.125) trained for 6 epochs on the synthetic set."""
-    tmp = tmp_path_factory.mktemp("float")
-    cfg = tiny_config(tmp)
-    cfg = dataclasses.replace(cfg, name="fp32")
-    train.seed_all(0)
-    net = cli.build_for(cfg, tiny_ds, quant=False)
+def train_float(tmp: Path, ds, seed: int = 0, name: str = "fp32") -> dict:
+    """A float VGG16 (width 0.125) trained for 6 epochs on the synthetic set, with its test logits."""
+    cfg = dataclasses.replace(tiny_config(tmp), name=name, seed=seed)
+    train.seed_all(seed)
+    net = cli.build_for(cfg, ds, quant=False)
     cli.init_net(net, [mx.cpu()])
     net.hybridize(static_alloc=True)
     run = train.make_run_dir(cfg, "fp32", "tiny")
-    best, _ = train.fit(net, cfg, tiny_ds, run, [mx.cpu()])
-    _, test_loader = data_mod.make_loaders(tiny_ds, 64, 250, False, 0)
-    ev = train.evaluate(net, test_loader, data_mod.normalizer(*tiny_ds.mean_std()), [mx.cpu()], return_outputs=True)
+    best, _ = train.fit(net, cfg, ds, run, [mx.cpu()])
+    _, test_loader = data_mod.make_loaders(ds, 64, 250, False, 0)
+    ev = train.evaluate(net, test_loader, data_mod.normalizer(*ds.mean_std()), [mx.cpu()], return_outputs=True)
     return {"run": run, "cfg": cfg, "best": best, "logits": ev["logits"]}
+
+
+@pytest.fixture(scope="session")
+def float_run(tmp_path_factory, tiny_ds):
+    """The float fixture (``train_float``, seed 0)."""
+    return train_float(tmp_path_factory.mktemp("float"), tiny_ds)
 
 
 def qat_finetune(float_run, tiny_ds, tmp: Path, name: str, **keys: object) -> dict:

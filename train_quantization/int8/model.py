@@ -54,37 +54,33 @@ class InGrid:
 
 
 @dataclass
-class Conv:
-    type: ClassVar[str] = "conv"
+class _Weighted:
+    """The fields of a quantized layer (``Conv``, ``Dense``)."""
+
     name: str
     inputs: list
     act: InGrid
-    w: np.ndarray  # int8 (O, C, k, k)
+    w: np.ndarray  # int8 codes, (O, C / groups, k, k) or (O, I)
     w_scale: np.ndarray  # float64 (O,)
     b: np.ndarray  # int32 (O,)
     b_float: np.ndarray  # float32 (O,)
-    kernel: int = 3
-    pad: int = 1
-    stride: int = 1
     relu: bool = False
     weight_bits: int = 8
     per_channel: bool = False
-    groups: int = 1  # grouped convolution; groups == channels: depthwise (w is (O, C / groups, k, k))
 
 
 @dataclass
-class Dense:
+class Conv(_Weighted):
+    type: ClassVar[str] = "conv"
+    kernel: int = 3
+    pad: int = 1
+    stride: int = 1
+    groups: int = 1  # grouped convolution; groups == channels: depthwise
+
+
+@dataclass
+class Dense(_Weighted):
     type: ClassVar[str] = "dense"
-    name: str
-    inputs: list
-    act: InGrid
-    w: np.ndarray  # int8 (O, I)
-    w_scale: np.ndarray
-    b: np.ndarray
-    b_float: np.ndarray
-    relu: bool = False
-    weight_bits: int = 8
-    per_channel: bool = False
 
 
 @dataclass
