@@ -109,7 +109,8 @@ def test_mobilenet_engines_follow_the_fake_quant_graph(scheme):
     assert all(np.abs(ref[n] - got[n]).max() <= 1 for n in ref)
     assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-5 * sum(c.size for c in ref.values())
     sim = engine.simulate(m, xs)
-    assert np.abs(sim - fq).max() <= 1e-3 * np.abs(fq).max()  # the same codes, float32 vs float64
+    # the same codes, float32 vs float64 (the onednn scheme's add takes the body's float output: 1e-2)
+    assert np.abs(sim - fq).max() <= (1e-3 if scheme == "original" else 1e-2) * np.abs(fq).max()
     assert top1_agreement(sim, fq, tol=1e-3) >= 0.99
     from train_quantization.int8 import onnx_export
 

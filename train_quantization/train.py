@@ -447,14 +447,14 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
     loss_fn = smoothed_loss(cfg.optim.label_smoothing, ds.num_classes)
     if teacher is not None:
         loss_fn = distilled_loss(loss_fn, cfg.qat.distill, cfg.qat.distill_weight)
-    loop = _Loop(net, cfg, run, ctxs, qat, trainer, norm, loss_fn, workers, worker_ranges,
-                 open(run / "steps.jsonl", "a"), teacher=teacher)  # steps.jsonl: loss, lr (and ranges)
     best: dict = {"test_acc": -1.0}
-    start, rec = 0, best
-    if resume:
-        start, loop.step, best, rec = resume_point(run)
+    start, step, rec = 0, 0, best
+    if resume:  # before steps.jsonl is opened: resume_point rewrites it
+        start, step, best, rec = resume_point(run)
         trainer.load_states(str(run / "last.states"))
-        log.info("resuming %s after epoch %d (step %d)", run, start, loop.step)
+        log.info("resuming %s after epoch %d (step %d)", run, start, step)
+    loop = _Loop(net, cfg, run, ctxs, qat, trainer, norm, loss_fn, workers, worker_ranges,
+                 open(run / "steps.jsonl", "a"), step, teacher=teacher)  # steps.jsonl: loss, lr (and ranges)
     loop.phase = qat_phase(net, cfg, loop.step, None) if qat else None
     for epoch in range(start, epochs):
         rec = loop.train_epoch(epoch, epochs, train_loader)
