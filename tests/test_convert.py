@@ -123,9 +123,9 @@ def test_signs_follow_the_graph():
     assert isinstance(dict(quantized_layers(net))["features.5"], QAvgPool)
 
 
-def _trained_resnet(seed: int = 0, **quant):
+def _trained_resnet(seed: int = 0, arch: str = "gluoncv:cifar_resnet20_v1", **quant):
     mx.random.seed(seed)
-    net = build_model(ModelConfig(arch="gluoncv:cifar_resnet20_v1"), 10, 3, 32, QuantConfig(**quant))
+    net = build_model(ModelConfig(arch=arch), 10, 3, 32, QuantConfig(**quant))
     for p in net.collect_params().values():  # non-trivial BN statistics
         if p.name.endswith(("running_mean", "gamma", "beta")):
             p.set_data(mx.nd.array(np.random.default_rng(1).uniform(-0.2, 1.2, p.shape).astype(np.float32)))
@@ -233,3 +233,44 @@ def test_resnet20_through_the_clis(tmp_path):
     rows = {r["variant"]: r for r in json.loads((tmp_path / "o" / "compare.json").read_text())["rows"]}
     assert rows["QAT oneDNN int8, learned ranges"]["agree_sim"] >= 0.995, rows
     assert rows["QAT integer-only (numpy)"]["agree_sim"] >= 0.99 and rows["QAT fake-quant (MXNet)"]["agree_sim"] >= 0.99
+
+
+def test_preactivation_resnet_through_every_engine():
+    """cifar_resnet20_v2: the BN before each block's first conv cannot fold into it; it stays a frozen
+    BatchNorm in training and a per-channel affine in the int8 graph (11 of them: the input BN, 9 blocks'
+    bn1, the final BN); 22 weighted layers, 9 adds without ReLU; the engines follow the fake-quant graph."""
+    from conftest import layerwise_codes, top1_agreement
+    from train_quantization.conversion import copy_to_float
+    from train_quantization.int8 import engine, onednn, onnx_export
+    from train_quantization.int8.export import export
+    from train_quantization.layers import QPreActResidual
+
+    net, x = _trained_resnet(arch="gluoncv:cifar_resnet20_v2")
+    layers = quantized_layers(net)
+    assert len(quantized_layers(net, weights_only=True)) == 22 and sum(isinstance(b, QAdd) for _, b in layers) == 9
+    blocks = [b for b in net.features._children.values() for b in getattr(b, "_children", {}).values()]
+    assert sum(isinstance(b, QPreActResidual) for b in blocks) == 9
+    assert all(b.bn1._kwargs["use_global_stats"] for b in blocks if isinstance(b, QPreActResidual))
+    fq = net(x).asnumpy()
+    m = export(net, (0.0,) * 3, (1.0,) * 3, (3, 32, 32), [str(i) for i in range(10)])
+    kinds = [op.type for op in m.layers]
+    assert kinds.count("affine") == 11 and kinds.count("add") == 9
+    assert all(not op.relu for op in m.layers if op.type == "add")
+    xs = x.asnumpy()
+    ref, got = layerwise_codes(m, xs, engine.simulate, engine.run_integer)
+    assert all(np.abs(ref[n] - got[n]).max() <= 1 for n in ref)  # measured 1.4e-5 of the codes differ
+    assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-4 * sum(c.size for c in ref.values())
+    sim = engine.simulate(m, xs)
+    assert top1_agreement(sim, fq, tol=1e-3) >= 0.99 and np.abs(sim - fq).max() <= 0.02 * np.abs(fq).max()
+    if onnx_export.available():
+        ort = onnx_export.runner(onnx_export.session(onnx_export.build_qdq(m, "avx2")))(xs)
+        assert top1_agreement(sim, ort, tol=1e-3) >= 0.99
+    fnet = copy_to_float(net, build_model(ModelConfig(arch="gluoncv:cifar_resnet20_v2"), 10, 3, 32))
+    with pytest.raises(UserError, match="BatchNorm that no convolution precedes"):
+        onednn.with_learned_ranges(fnet, net, (3, 32, 32), x[:64])
+    q = convert(build_model(ModelConfig(arch="gluoncv:cifar_resnet20_v2"), 10, 3, 32), QuantConfig())
+    set_quant_state(q, enabled=False)
+    back = copy_to_float(q, build_model(ModelConfig(arch="gluoncv:cifar_resnet20_v2"), 10, 3, 32))
+    for k, p in q._collect_params_with_prefix().items():
+        if k.startswith("features.1.0.bn1"):  # a float BatchNorm's values go back as they are
+            assert np.array_equal(p.data().asnumpy(), back._collect_params_with_prefix()[k].data().asnumpy())

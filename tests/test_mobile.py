@@ -36,6 +36,7 @@ def test_grouped_integer_convolution_against_a_direct_float64_loop():
 
 
 def _mobilenet(width: float = 0.25, size: int = 16, **quant):
+    mx.random.seed(0)  # the same model whatever ran before
     net = build_model(ModelConfig(arch="mobilenetv2_cifar", width=width), 10, 3, size, QuantConfig(**quant))
     rng = np.random.default_rng(1)
     for p in net.collect_params().values():  # non-trivial BN statistics
@@ -107,7 +108,10 @@ def test_mobilenet_engines_follow_the_fake_quant_graph(scheme):
     xs = x.asnumpy()
     ref, got = layerwise_codes(m, xs, engine.simulate, engine.run_integer)
     assert all(np.abs(ref[n] - got[n]).max() <= 1 for n in ref)
-    assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-5 * sum(c.size for c in ref.values())
+    # near-ties: the onednn scheme's add (body on a 2**-20 grid, then requantized) puts more values on
+    # them (1.9e-5 of the codes in one random model), the original scheme fewer
+    share = 1e-5 if scheme == "original" else 1e-4
+    assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= share * sum(c.size for c in ref.values())
     sim = engine.simulate(m, xs)
     # the same codes, float32 vs float64 (the onednn scheme's add takes the body's float output: 1e-2)
     assert np.abs(sim - fq).max() <= (1e-3 if scheme == "original" else 1e-2) * np.abs(fq).max()

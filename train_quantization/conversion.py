@@ -43,6 +43,7 @@ from .layers import (
     QConv2D,
     QConv2DBN,
     QDense,
+    QPreActResidual,
     QResidual,
     init_weight_steps,
     input_grid,
@@ -51,11 +52,12 @@ from .layers import (
 )
 
 RESIDUAL_V1 = ("CIFARBasicBlockV1", "BasicBlockV1", "BottleneckV1")  # relu(body(x) + downsample(x) or x)
+PREACT = "CIFARBasicBlockV2"  # conv2(relu(bn2(conv1(relu(bn1(x)))))) + (downsample(x) or x)
 LINEAR_BOTTLENECK = "LinearBottleneck"  # gluoncv MobileNetV2: out(x) (+ x when use_shortcut), no ReLU after
 RELU6 = "ReLU6"  # gluoncv's clip(x, 0, 6) block
 # custom blocks whose forward runs the children in order
-SEQUENTIAL_CUSTOM = ("VGG", "CIFARResNetV1", "ResNetV1", "MobileNet", "MobileNetV2", "CIFARMobileNetV2",
-                     LINEAR_BOTTLENECK)
+SEQUENTIAL_CUSTOM = ("VGG", "CIFARResNetV1", "ResNetV1", "CIFARResNetV2", "MobileNet", "MobileNetV2",
+                     "CIFARMobileNetV2", LINEAR_BOTTLENECK)
 PASS_SIGN = (nn.MaxPool2D, nn.AvgPool2D, nn.GlobalAvgPool2D, nn.GlobalMaxPool2D, nn.Flatten, nn.Dropout)
 
 
@@ -130,6 +132,28 @@ def _qdense(dense: nn.Dense, q: QuantConfig) -> QDense:
     return block
 
 
+def _frozen_bn(bn: nn.BatchNorm, q: QuantConfig) -> nn.BatchNorm:
+    """A BatchNorm that stays (no convolution precedes it): frozen like the folded ones, so that training
+    uses the running statistics the int8 graph runs with (``paper`` BN mode: batch statistics)."""
+    if q.bn_mode == "frozen":
+        bn._kwargs["use_global_stats"] = True
+    return bn
+
+
+def _preact(block: gluon.Block, q: QuantConfig) -> QPreActResidual:
+    """gluoncv's ``CIFARBasicBlockV2`` as a ``QPreActResidual`` (``bn2`` folds into ``conv1``)."""
+    if q.scheme == "onednn":
+        raise UserError(f"convert(): {block.name}: the onednn scheme cannot run pre-activation blocks on oneDNN; "
+                        "use quant.scheme original")
+    conv1 = _qconv(block.conv1, block.bn2, q)
+    conv1.relu = True
+    down = _qconv_plain(block.downsample, q) if block.downsample is not None else None
+    new = QPreActResidual(_frozen_bn(block.bn1, q), conv1, _qconv_plain(block.conv2, q), down,
+                          QAdd(q.spec(), relu=False))
+    new.add.initialize(mx.init.Zero(), ctx=block.conv1.weight.list_ctx())
+    return new
+
+
 def _float_dense(qd: QDense) -> nn.Dense:
     """A ``QDense``'s values in a float ``Dense`` (``quant.quantize_last_layer: false``)."""
     d = nn.Dense(qd.units, activation="relu" if qd.relu else None, in_units=qd.in_units, flatten=qd.flatten)
@@ -157,6 +181,8 @@ def _convert_children(block: gluon.Block, q: QuantConfig) -> None:
                 continue
             if isinstance(child, nn.Conv2D):
                 child = _qconv_plain(child, q)
+            elif isinstance(child, nn.BatchNorm):
+                child = _frozen_bn(child, q)
             elif isinstance(child, nn.GlobalAvgPool2D) and (q.scheme == "onednn" or
                                                             (new and type(new[-1][1]).__name__ == RELU6)):
                 # onednn: the pooling reads codes; after a ReLU6 the pooling must see the clamp, which the
@@ -176,6 +202,9 @@ def _convert_children(block: gluon.Block, q: QuantConfig) -> None:
         elif not isinstance(child, (QConv2DBN, QDense)):
             _convert_children(child, q)
         kind = type(child).__name__
+        if kind == PREACT:
+            _set_child(block, name, _preact(child, q))
+            continue
         if kind in RESIDUAL_V1 and hasattr(child, "body") and hasattr(child, "downsample"):
             new = QResidual(child.body, child.downsample, QAdd(q.spec()))
         elif kind == LINEAR_BOTTLENECK and getattr(child, "use_shortcut", False):
@@ -230,6 +259,13 @@ def _mark_signs(block: gluon.Block, state: str) -> str:
         return UINT8 if block._act_type == "relu" else INT8
     if isinstance(block, PASS_SIGN):
         return state
+    if isinstance(block, QPreActResidual):  # conv1 reads relu(bn1(x)), conv2 conv1's ReLU output
+        _read(block.conv1, UINT8)
+        _read(block.conv2, UINT8)
+        if block.downsample is not None:
+            _read(block.downsample, state)
+        block.add.input_signed = True
+        return INT8
     if isinstance(block, QResidual):
         _mark_signs(block.body, state)
         if not block.add.relu:  # a linear bottleneck: the add's output is signed
@@ -284,6 +320,9 @@ def copy_to_float(qnet: gluon.HybridBlock, fnet: gluon.HybridBlock) -> gluon.Hyb
             if isinstance(qc, QAdd):
                 continue
             fc = fb._children[name]
+            if not qc._children and not isinstance(qc, (QConv2DBN, QConv2D, QDense)):  # a float leaf (BatchNorm)
+                copy(qc, fc, tuple(fc._collect_params_with_prefix()))
+                continue
             if isinstance(qc, QConv2DBN) and isinstance(fc, Conv2DBN):
                 copy(qc, fc, ("weight", "gamma", "beta", "running_mean", "running_var"))
             elif isinstance(qc, QConv2DBN):

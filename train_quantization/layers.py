@@ -395,6 +395,29 @@ class QAvgPool(gluon.HybridBlock):
         return F.Pooling(xq, kernel=(1, 1), global_pool=True, pool_type="avg")
 
 
+class QPreActResidual(gluon.HybridBlock):
+    r"""A pre-activation residual block (ResNet v2, He et al. 2016; gluoncv's ``CIFARBasicBlockV2``) with
+    its convolutions quantized::
+
+        y = QAdd(conv2(conv1(relu(bn1(x)))), downsample(x) or x)        no ReLU after the add
+
+    ``conv1`` is a ``QConv2DBN`` (the block's ``bn2`` folded into it, then ReLU), ``conv2`` and
+    ``downsample`` are ``QConv2D``. ``bn1`` precedes a convolution, so it cannot fold into one: it stays
+    a BatchNorm with its running statistics (frozen, like the folded ones) and the int8 graph runs it as
+    a per-channel affine on the add's output (``int8.model.Affine``) whose ReLU'd result ``conv1`` quantizes.
+    Children keep the float block's names (``bn1``, ``conv1``, ``conv2``, ``downsample``); the folded
+    ``bn2``'s values live in ``conv1``."""
+
+    def __init__(self, bn1: gluon.HybridBlock, conv1: gluon.HybridBlock, conv2: gluon.HybridBlock,
+                 downsample: Optional[gluon.HybridBlock], add: "QAdd", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.bn1, self.conv1, self.conv2, self.downsample, self.add = bn1, conv1, conv2, downsample, add
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        h = self.conv2(self.conv1(F.Activation(self.bn1(x), act_type="relu")))
+        return self.add(h, self.downsample(x) if self.downsample is not None else x)
+
+
 class QResidual(gluon.HybridBlock):
     """A residual block with a quantized add: ``QAdd(body(x), downsample(x) or x)``: a ResNet v1 block
     (gluoncv's ``CIFARBasicBlockV1``, ``BasicBlockV1``, ``BottleneckV1``: ReLU after the add) or a

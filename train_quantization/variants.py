@@ -9,6 +9,7 @@ their rows by key. ``speeds`` times any of them in one process, alternating, as 
 """
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import tempfile
@@ -20,8 +21,11 @@ from typing import Any, Callable, Optional
 import mxnet as mx
 import numpy as np
 
+from .errors import UserError
 from .int8 import model as int8_model
 from .int8 import onednn, onnx_export
+
+log = logging.getLogger("train_quantization")
 
 
 @dataclass
@@ -96,7 +100,10 @@ def build(models: Models, keys: Optional[list] = None) -> dict:
             continue
         if v.onnx and not onnx_export.available():
             continue
-        out[v.key] = v.build(models)
+        try:
+            out[v.key] = v.build(models)
+        except UserError as exc:  # a runtime that cannot run this model (said why in one line)
+            log.warning("%s: skipped: %s", v.name, exc)
     return out
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from .model import (
     Add,
+    Affine,
     AvgPool,
     Conv,
     Dense,
@@ -41,6 +42,7 @@ from .model import (
     MaxPool,
     quantize_multiplier,
     requantize,
+    rounding_shift,
 )
 
 # ----------------------------------------------------------------------------- kernels
@@ -221,7 +223,9 @@ def _avgpool(r: _Run, op: AvgPool, ins: list) -> tuple:
     hw = arr.shape[2] * arr.shape[3]
     if scale is None:
         return arr.mean(axis=(2, 3), keepdims=True), None
-    return arr.sum(axis=(2, 3), keepdims=True), scale / hw
+    total = arr.sum(axis=(2, 3), keepdims=True)
+    e = max(0, int(np.abs(total).max(initial=0)).bit_length() - 30)  # keep sums of wide values below 2**30
+    return (rounding_shift(total, np.int64(e)), scale * 2.0**e / hw) if e else (total, scale / hw)
 
 
 def _maxpool(r: _Run, op: MaxPool, ins: list) -> tuple:
@@ -234,7 +238,24 @@ def _dense_float(r: _Run, op: DenseFloat, ins: list) -> tuple:
     return _dequantize(v) @ op.w.astype(np.float64).T + op.b, None
 
 
-RUN = {Conv: _quantized, Dense: _quantized, Add: _add, AvgPool: _avgpool, MaxPool: _maxpool,
+def _affine(r: _Run, op: Affine, ins: list) -> tuple:
+    """``x * scale + shift`` per channel. Integer engine, on integers ``q`` at scale ``s``: the output lives on
+    the grid ``t = |scale| * s / 2**f`` per channel, ``y = round(sign(scale) * q * 2**f + shift / t)``, one
+    rounding of half a step of ``t`` (``2**-(f+1)`` of the input's step), with ``f <= 20`` chosen so that
+    ``|y| < 2**30`` (the next requantization fits int64)."""
+    arr, s = ins[0]
+    shape = (1, -1, 1, 1) if arr.ndim == 4 else (1, -1)
+    a, b = op.scale.reshape(shape), op.shift.reshape(shape)
+    if s is None:
+        return np.asarray(arr, np.float64) * a + b, None
+    unit = np.where(a != 0, np.abs(a), 1.0) * s  # the input's step, in output units
+    top = float(np.abs(arr).max(initial=0)) + float(np.max(np.abs(b) / unit))
+    f = min(20, 30 - int(np.ceil(np.log2(top + 1))))
+    t = unit / 2.0**f
+    return np.rint(np.sign(a) * arr * 2.0**f + b / t).astype(np.int64), t
+
+
+RUN = {Conv: _quantized, Dense: _quantized, Add: _add, AvgPool: _avgpool, MaxPool: _maxpool, Affine: _affine,
        Flatten: lambda r, op, ins: _flatten(ins[0]), DenseFloat: _dense_float}
 
 

@@ -21,8 +21,18 @@ from mxnet.gluon import nn
 from .. import quant
 from ..conversion import RELU6, SEQUENTIAL_CUSTOM
 from ..errors import UserError
-from ..layers import BN_EPS, QAvgPool, QConv2D, QConv2DBN, QDense, QResidual, input_grid, quantized_layers
-from .model import Add, AvgPool, Conv, Dense, DenseFloat, Flatten, InGrid, Int8Model, MaxPool
+from ..layers import (
+    BN_EPS,
+    QAvgPool,
+    QConv2D,
+    QConv2DBN,
+    QDense,
+    QPreActResidual,
+    QResidual,
+    input_grid,
+    quantized_layers,
+)
+from .model import Add, Affine, AvgPool, Conv, Dense, DenseFloat, Flatten, InGrid, Int8Model, MaxPool
 
 
 def _act_scale(block: gluon.Block) -> nd.NDArray:
@@ -88,7 +98,7 @@ class _Graph:
             if isinstance(block, tuple(t for t in types if isinstance(t, type))) or type(block).__name__ in types:
                 return handler(self, block, src, path)
         raise UserError(f"the int8 engines cannot run {path or 'the model'}, a {type(block).__name__}: they run "
-                        "sequential containers, our quantized layers, pooling, Dense and ResNet v1 blocks. "
+                        "sequential containers, our quantized layers, pooling, Dense, BatchNorm and residual blocks. "
                         "Evaluate it as fake-quant (train_qat.py) instead")
 
 
@@ -99,7 +109,7 @@ def _relu(g: _Graph, block: gluon.Block, src: int, path: str) -> int:
     relu6 = type(block).__name__ == RELU6
     if not relu6 and block._act_type != "relu":
         raise UserError(f"{path}: the int8 engines cannot run a {block._act_type} activation")
-    if not isinstance(prev, (Conv, Dense, Add)):
+    if not isinstance(prev, (Conv, Dense, Add, Affine)):
         raise UserError(f"{path}: a ReLU that does not directly follow a quantized layer cannot be exported")
     prev.relu = True
     if relu6:
@@ -126,6 +136,23 @@ def _maxpool(g: _Graph, block: nn.MaxPool2D, src: int, path: str) -> int:
     return g.emit(MaxPool(path, [src], int(kw["kernel"][0]), int(kw["stride"][0]), kw["pooling_convention"] == "full"))
 
 
+def _batchnorm(g: _Graph, block: nn.BatchNorm, src: int, path: str) -> int:
+    """A BatchNorm with its running statistics, as the per-channel affine it computes at inference."""
+    kw = block._kwargs
+    var, mean = block.running_var.data().asnumpy().astype(np.float64), block.running_mean.data().asnumpy()
+    gamma = np.ones_like(var) if kw.get("fix_gamma") else block.gamma.data().asnumpy().astype(np.float64)
+    scale = gamma / np.sqrt(var + kw.get("eps", 1e-5))
+    return g.emit(Affine(path, [src], scale, block.beta.data().asnumpy().astype(np.float64) - mean * scale))
+
+
+def _preact(g: _Graph, block: QPreActResidual, src: int, path: str) -> int:
+    h = g.walk(block.bn1, src, f"{path}.bn1")
+    g.ops[h].relu = True
+    h = g.walk(block.conv2, g.walk(block.conv1, h, f"{path}.conv1"), f"{path}.conv2")
+    short = src if block.downsample is None else g.walk(block.downsample, src, f"{path}.downsample")
+    return g.emit(Add(f"{path}.add", [h, short], _grid(block.add), relu=False))
+
+
 def _dense_float(g: _Graph, block: nn.Dense, src: int, path: str) -> int:
     act = block.act._act_type if block.act is not None else None
     return g.emit(DenseFloat(path, [src], block.weight.data().asnumpy(), block.bias.data().asnumpy(),
@@ -142,7 +169,9 @@ EXPORT: list[tuple[tuple, Handler]] = [  # (block types or class names, handler)
     ((nn.Flatten,), lambda g, b, src, path: g.emit(Flatten(path, [src]))),
     ((nn.Dense,), _dense_float),
     ((nn.Activation, RELU6), _relu),
+    ((nn.BatchNorm,), _batchnorm),
     ((QResidual,), _residual),
+    ((QPreActResidual,), _preact),
     ((nn.HybridSequential, nn.Sequential) + SEQUENTIAL_CUSTOM, _sequence),
 ]
 

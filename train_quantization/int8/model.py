@@ -16,7 +16,8 @@ the list is a graph in forward order.
 * ``Add``: a residual add of two inputs on ``act`` (``layers.QAdd``; ``shortcut_only``: the
   onednn scheme's add, the first input joins unrequantized).
 * ``MaxPool``, ``Flatten``, ``AvgPool`` (global; with ``act`` it pools its input's codes,
-  ``layers.QAvgPool``), ``DenseFloat`` (a layer left in float: ``w``, ``b`` float32).
+  ``layers.QAvgPool``), ``Affine`` (a BatchNorm no convolution precedes, per channel, optional ReLU),
+  ``DenseFloat`` (a layer left in float: ``w``, ``b`` float32).
 
 Dropout is the identity at inference and is not stored. Requantization between layers is
 derived, not stored: a consumer with input scale ``s_a`` reading integer data at scale ``s``
@@ -119,6 +120,19 @@ class Flatten:
 
 
 @dataclass
+class Affine:
+    """A BatchNorm that no convolution precedes it into (a pre-activation block's first BN, a network's
+    input or final BN): ``y = x * scale + shift`` per channel (then ReLU), in float64."""
+
+    type: ClassVar[str] = "affine"
+    name: str
+    inputs: list
+    scale: np.ndarray  # float64 (C,): gamma / sqrt(var + eps)
+    shift: np.ndarray  # float64 (C,): beta - mean * scale
+    relu: bool = False
+
+
+@dataclass
 class DenseFloat:
     type: ClassVar[str] = "dense_float"
     name: str
@@ -128,7 +142,7 @@ class DenseFloat:
     relu: bool = False
 
 
-OPS = {cls.type: cls for cls in (Conv, Dense, Add, MaxPool, AvgPool, Flatten, DenseFloat)}
+OPS = {cls.type: cls for cls in (Conv, Dense, Add, MaxPool, AvgPool, Flatten, Affine, DenseFloat)}
 QUANTIZED = (Conv, Dense)
 _GRID_KEYS = ("in_scale", "in_qmin", "in_qmax", "act_bits")  # InGrid in the file, flat as in format 1-3
 
@@ -271,14 +285,27 @@ def rounding_shift(p: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 def requantize(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray, qmin: int, qmax: int,
                channel_axis: int = 1) -> np.ndarray:
-    """int32 accumulators -> codes: ``clip(round(acc * m0 / 2**(31 - shift)), qmin, qmax)``."""
+    """int32 accumulators -> codes: ``clip(round(acc * m0 / 2**(31 - shift)), qmin, qmax)``.
+
+    ``acc * m0`` stays below 2**62; where the multiplier is below 2**-32 (``k > 62``) every product rounds
+    to 0, and where it is 1 or more (``k < 1``) nothing rounds (the product saturates, or is exact).
+
+    >>> m0, sh = quantize_multiplier(np.array([2.0**-40, 4.0]))
+    >>> requantize(np.array([[1000, 3]]), m0, sh, -128, 127).tolist()
+    [[0, 12]]
+    """
     shape = [1] * acc.ndim
     shape[channel_axis] = -1
     m0 = np.asarray(m0, np.int64).reshape(shape)
     k = (31 - np.asarray(shift, np.int64)).reshape(shape)
-    if np.any(k < 1) or np.any(k > 62):
-        raise ValueError("requantization shift out of range")
-    return np.clip(rounding_shift(acc.astype(np.int64) * m0, k), qmin, qmax)
+    acc = acc.astype(np.int64)
+    if np.abs(acc).max(initial=0) >= 2**31:
+        raise ValueError("requantize: accumulators must stay below 2**31 (their product with m0 below 2**62)")
+    out = rounding_shift(acc * m0, np.clip(k, 1, 62))
+    out = np.where(k > 62, 0, out)
+    if np.any(k < 1):  # multipliers of 1 and more: exact products, saturated
+        out = np.where(k < 1, np.clip(acc * (m0 * 2.0 ** (1 - np.minimum(k, 1))) / 2, qmin, qmax), out)
+    return np.clip(out, qmin, qmax).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- artifact

@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..errors import UserError
-from .model import Add, AvgPool, Conv, Dense, DenseFloat, Flatten, Int8Model, MaxPool
+from .model import Add, Affine, AvgPool, Conv, Dense, DenseFloat, Flatten, Int8Model, MaxPool
 
 OPSET = 13
 TARGETS = ("auto", "avx2", "vnni")
@@ -225,6 +225,13 @@ def _avgpool(b: _Builder, i: int, op: AvgPool) -> None:
     b.finish(i, b.node("GlobalAveragePool", [x], f"l{i}.y"))
 
 
+def _affine(b: _Builder, i: int, op: Affine) -> None:
+    x = b.as_float(f"l{i}.in", op.inputs[0])
+    shape = (-1, 1, 1)  # per channel of NCHW
+    y = b.node("Mul", [x, b.const(f"l{i}.a", op.scale.astype(np.float32).reshape(shape))], f"l{i}.ax")
+    b.finish(i, b.node("Add", [y, b.const(f"l{i}.b", op.shift.astype(np.float32).reshape(shape))], f"l{i}.y"))
+
+
 def _dense_float(b: _Builder, i: int, op: DenseFloat) -> None:
     x = b.as_float(f"l{i}.in", op.inputs[0])
     b.finish(i, b.node("Gemm", [x, b.const(f"l{i}.w", op.w.astype(np.float32)),
@@ -239,6 +246,7 @@ EMIT = {  # op type -> how it becomes ONNX nodes
                          ceil_mode=lambda op: int(bool(op.ceil))),
     Flatten: _pass_codes("Flatten", axis=lambda op: 1),
     AvgPool: _avgpool,
+    Affine: _affine,
     DenseFloat: _dense_float,
 }
 
