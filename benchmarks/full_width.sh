@@ -1,0 +1,21 @@
+#!/bin/bash
+# The original experiment at full width (docs/results.md): float VGG16-BN without augmentation, QAT W8A8
+# per tensor and per channel, every int8 engine, PTQ vs QAT at W4A8 and W4A4, the speed table.
+# usage: benchmarks/full_width.sh [OUT_DIR]   (hours on a 2-core CPU; every step resumes or is skipped when done)
+set -e
+cd "$(dirname "$0")/.." && . .venv/bin/activate
+O=${1:-runs}; C=configs/cifar10_vgg16.yaml; F=$O/vgg16-noaug-fp32-s0
+if [ ! -f $F/result.json ]; then
+  if [ -f $F/state.json ]; then python scripts/train_fp32.py --resume $F; else python scripts/train_fp32.py --config $C --out $O --name vgg16-noaug-fp32-s0; fi
+fi
+for pc in 0 1; do
+  Q=$O/vgg16-noaug-qat-$([ $pc = 1 ] && echo pc || echo pt)-s0
+  if [ ! -f $Q/result.json ]; then
+    if [ -f $Q/state.json ]; then python scripts/train_qat.py --resume $Q; else python scripts/train_qat.py --pretrained $F --per-channel $pc --out $O --name $(basename $Q); fi
+  fi
+  [ -f $Q/int8_eval.json ] || python scripts/sim_int8_infer.py --qat $Q --engine all --export $Q/model.int8.npz --onnx $Q/model.qdq.onnx
+  [ -f $Q/compare.json ] || python scripts/compare.py --float $F --qat $Q
+done
+[ -f $O/vgg16-noaug-sweep-s0/sweep.json ] || python scripts/sweep_bits.py --config $C --pretrained $F --out $O --name vgg16-noaug-sweep-s0 --pairs 4/8,4/4
+python scripts/benchmark.py --config $C --repeats 3 > $O/benchmark-vgg16.txt
+echo done
