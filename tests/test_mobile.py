@@ -156,3 +156,47 @@ def test_mobilenet_through_the_clis(tmp_path):
     # oneDNN with the learned ranges (original scheme, depthwise and ReLU6 fused by oneDNN): measured
     # 97.8 % agreement with the simulation (98.5 % with the onednn scheme)
     assert rows["onednn"]["agree_sim"] >= 0.95 and rows["onnx_int8"]["agree_sim"] >= 0.999, rows
+
+
+def test_channel_shuffle_permutation_is_what_the_network_computes():
+    from train_quantization.quant import shuffle_permutation
+
+    x = mx.nd.arange(2 * 12 * 2 * 2).reshape((2, 12, 2, 2))
+    y = mx.nd.reshape(mx.nd.swapaxes(mx.nd.reshape(x, shape=(0, -4, 2, -1, -2)), 1, 2), shape=(0, -3, -2))
+    assert np.array_equal(y.asnumpy(), x.asnumpy()[:, shuffle_permutation(12, 2)])
+
+
+def test_shufflenet_v2_through_every_engine():
+    """gluoncv shufflenet_v2: depthwise convolutions, channel split, two branches concatenated on one learned
+    grid (QConcat, as the residual add's) and shuffled; the codes of both engines agree layer by layer, the
+    simulation follows the fake-quant graph and ONNX Runtime (Gather, Concat on codes) follows the simulation."""
+    from train_quantization.int8 import onednn, onnx_export
+    from train_quantization.layers import QConcat
+
+    mx.random.seed(0)
+    net = build_model(ModelConfig(arch="gluoncv:shufflenet_v2"), 10, 3, 32, QuantConfig())
+    assert sum(isinstance(b, QConcat) for _, b in quantized_layers(net)) == 16
+    rng = np.random.default_rng(1)
+    for p in net.collect_params().values():
+        if p.name.endswith(("running_mean", "beta")):
+            p.set_data(mx.nd.array(rng.uniform(-0.2, 0.5, p.shape).astype(np.float32)))
+    net.hybridize(static_alloc=True)
+    x = mx.nd.array(rng.standard_normal((64, 3, 32, 32)).astype(np.float32))
+    with mx.autograd.train_mode():
+        net(x)
+    fq = net(x).asnumpy()
+    m = export(net, (0.0,) * 3, (1.0,) * 3, (3, 32, 32), [str(i) for i in range(10)])
+    kinds = [op.type for op in m.layers]
+    assert kinds.count("concat") == 16 and kinds.count("shuffle") == 16 and kinds.count("slice") == 26
+    xs = x.asnumpy()
+    ref, got = layerwise_codes(m, xs, engine.simulate, engine.run_integer)
+    assert all(np.abs(ref[n] - got[n]).max() <= 1 for n in ref)
+    assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-5 * sum(c.size for c in ref.values())
+    sim = engine.simulate(m, xs)
+    # a code on a near-tie (float32 convolutions in MXNet) moves a few logits: 0.6 % of the spread here
+    assert np.abs(sim - fq).max() <= 0.01 * np.abs(fq).max() and top1_agreement(sim, fq, tol=1e-3) >= 0.99
+    if onnx_export.available():
+        ort = onnx_export.runner(onnx_export.session(onnx_export.build_qdq(m, "avx2")))(xs)
+        assert np.abs(ort - sim).max() <= 1e-3 * np.abs(sim).max()
+    with pytest.raises(Exception, match="concat, shuffle, slice ops"):
+        onednn.range_table(net, net, (3, 32, 32), None, [], 1.0)

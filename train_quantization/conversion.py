@@ -40,11 +40,13 @@ from .layers import (
     Conv2DBN,
     QAdd,
     QAvgPool,
+    QConcat,
     QConv2D,
     QConv2DBN,
     QDense,
     QPreActResidual,
     QResidual,
+    QShuffleUnit,
     init_weight_steps,
     input_grid,
     quantized_layers,
@@ -53,11 +55,12 @@ from .layers import (
 
 RESIDUAL_V1 = ("CIFARBasicBlockV1", "BasicBlockV1", "BottleneckV1")  # relu(body(x) + downsample(x) or x)
 PREACT = "CIFARBasicBlockV2"  # conv2(relu(bn2(conv1(relu(bn1(x)))))) + (downsample(x) or x)
+SHUFFLE_UNIT = "shuffleUnitV2"  # gluoncv ShuffleNetV2: split or two branches, concat, channel shuffle
 LINEAR_BOTTLENECK = "LinearBottleneck"  # gluoncv MobileNetV2: out(x) (+ x when use_shortcut), no ReLU after
 RELU6 = "ReLU6"  # gluoncv's clip(x, 0, 6) block
 # custom blocks whose forward runs the children in order
 SEQUENTIAL_CUSTOM = ("VGG", "CIFARResNetV1", "ResNetV1", "CIFARResNetV2", "MobileNet", "MobileNetV2",
-                     "CIFARMobileNetV2", LINEAR_BOTTLENECK)
+                     "CIFARMobileNetV2", "ShuffleNetV2", LINEAR_BOTTLENECK)
 PASS_SIGN = (nn.MaxPool2D, nn.AvgPool2D, nn.GlobalAvgPool2D, nn.GlobalMaxPool2D, nn.Flatten, nn.Dropout)
 
 
@@ -205,6 +208,14 @@ def _convert_children(block: gluon.Block, q: QuantConfig) -> None:
         if kind == PREACT:
             _set_child(block, name, _preact(child, q))
             continue
+        if kind == SHUFFLE_UNIT:
+            if q.scheme == "onednn":
+                raise UserError(f"convert(): {child.name}: the onednn scheme cannot run channel shuffle units on "
+                                "oneDNN; use quant.scheme original")
+            unit = QShuffleUnit(child, QConcat(q.spec()))
+            unit.concat.initialize(mx.init.Zero(), ctx=child.branch2_conv.collect_params().list_ctx())
+            _set_child(block, name, unit)
+            continue
         if kind in RESIDUAL_V1 and hasattr(child, "body") and hasattr(child, "downsample"):
             new = QResidual(child.body, child.downsample, QAdd(q.spec()))
         elif kind == LINEAR_BOTTLENECK and getattr(child, "use_shortcut", False):
@@ -259,6 +270,11 @@ def _mark_signs(block: gluon.Block, state: str) -> str:
         return UINT8 if block._act_type == "relu" else INT8
     if isinstance(block, PASS_SIGN):
         return state
+    if isinstance(block, QShuffleUnit):  # the concat's output is a ReLU output where both halves are
+        b1 = state if block.split else _mark_signs(block.branch1_conv, state)
+        b2 = _mark_signs(block.branch2_conv, state)
+        block.concat.input_signed = True
+        return UINT8 if b1 == b2 == UINT8 else INT8
     if isinstance(block, QPreActResidual):  # conv1 reads relu(bn1(x)), conv2 conv1's ReLU output
         _read(block.conv1, UINT8)
         _read(block.conv2, UINT8)

@@ -373,8 +373,45 @@ class QAdd(gluon.HybridBlock):
             scale = F.reshape(F.where(amax > 0, amax, F.ones_like(amax)) / divisor, (1, 1, 1, 1))
             a = quant.fake_quant(F, a, scale, qmin, qmax, q.ste)
             b = quant.fake_quant(F, b, scale, qmin, qmax, q.ste)
-        y = a + b
+        y = self._combine(F, a, b)
         return F.Activation(y, act_type="relu") if self.relu else y
+
+    def _combine(self, F: Any, a: Any, b: Any) -> Any:
+        return a + b
+
+
+class QConcat(QAdd):
+    """Channel concatenation of two branches on one learned scale (ShuffleNetV2): the add's quantizer,
+    ``concat(fq(a), fq(b))`` instead of the sum, so the int8 graph concatenates codes of one grid."""
+
+    def __init__(self, spec: QuantSpec, **kwargs: Any):
+        super().__init__(spec, relu=False, **kwargs)
+
+    def _combine(self, F: Any, a: Any, b: Any) -> Any:
+        return F.concat(a, b, dim=1)
+
+
+class QShuffleUnit(gluon.HybridBlock):
+    """gluoncv's ``shuffleUnitV2`` with its concatenation quantized: the input split in two halves (or, in a
+    downsampling unit, two branches of convolutions of the whole input), ``QConcat``, a channel shuffle
+    of 2 groups. The branches keep their names (``branch1_conv``, ``branch2_conv``)."""
+
+    def __init__(self, unit: gluon.HybridBlock, concat: QConcat, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.split, self.in_channels, self.channels = unit.split, unit.in_channels, 2 * unit.equal_channels
+        if not unit.split:
+            self.branch1_conv = unit.branch1_conv
+        self.branch2_conv, self.concat = unit.branch2_conv, concat
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        if self.split:
+            half = self.in_channels // 2
+            b1 = F.slice_axis(x, axis=1, begin=0, end=half)
+            b2 = self.branch2_conv(F.slice_axis(x, axis=1, begin=half, end=self.in_channels))
+        else:
+            b1, b2 = self.branch1_conv(x), self.branch2_conv(x)
+        y = F.reshape(self.concat(b1, b2), shape=(0, -4, 2, -1, -2))
+        return F.reshape(F.swapaxes(y, 1, 2), shape=(0, -3, -2))
 
 
 class QAvgPool(gluon.HybridBlock):

@@ -231,6 +231,18 @@ def weight_scale(F: Any, w: Any, divisor: float, per_channel: bool, ndim: int) -
     return F.where(m > 0, m / float(divisor), F.ones_like(m))
 
 
+def shuffle_permutation(channels: int, groups: int) -> np.ndarray:
+    """Output channel ``j`` of a channel shuffle reads input channel ``perm[j]`` (reshape to (groups,
+    channels / groups), transpose, flatten).
+
+    >>> shuffle_permutation(6, 2).tolist()
+    [0, 3, 1, 4, 2, 5]
+    """
+    k = channels // groups
+    j = np.arange(channels)
+    return (j % groups) * k + j // groups
+
+
 def scale_grad(F: Any, x: Any, g: float) -> Any:
     """``x`` in the forward pass, ``g * grad`` in the backward pass (``BlockGrad(x - g x) + g x``)."""
     return F.BlockGrad(x - x * g) + x * g

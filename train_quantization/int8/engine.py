@@ -25,14 +25,16 @@ codes; the tests compare them code for code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
+from ..quant import shuffle_permutation
 from .model import (
     Add,
     Affine,
     AvgPool,
+    Concat,
     Conv,
     Dense,
     DenseFloat,
@@ -40,6 +42,8 @@ from .model import (
     InGrid,
     Int8Model,
     MaxPool,
+    Shuffle,
+    Slice,
     quantize_multiplier,
     requantize,
     rounding_shift,
@@ -255,7 +259,24 @@ def _affine(r: _Run, op: Affine, ins: list) -> tuple:
     return np.rint(np.sign(a) * arr * 2.0**f + b / t).astype(np.int64), t
 
 
+def _concat(r: _Run, op: Concat, ins: list) -> tuple:
+    """Both inputs' codes on the concatenation's grid (``layers.QConcat``), side by side."""
+    codes = np.concatenate([_codes(op.act, v) for v in ins], axis=1)
+    s = np.float64(op.act.scale)
+    return (codes.astype(np.int64), np.reshape(s, (1, 1, 1, 1))) if r.integer else (codes * s, None)
+
+
+def _channels(v: tuple, index: Any) -> tuple:
+    """The channels ``index`` of a value (a per-channel scale follows its channels)."""
+    arr, scale = v
+    if scale is not None and np.size(scale) > 1:
+        scale = np.broadcast_to(scale, (1, arr.shape[1]) + (1,) * (arr.ndim - 2))[:, index]
+    return arr[:, index], scale
+
+
 RUN = {Conv: _quantized, Dense: _quantized, Add: _add, AvgPool: _avgpool, MaxPool: _maxpool, Affine: _affine,
+       Concat: _concat, Slice: lambda r, op, ins: _channels(ins[0], slice(op.begin, op.end)),
+       Shuffle: lambda r, op, ins: _channels(ins[0], shuffle_permutation(op.channels, op.groups)),
        Flatten: lambda r, op, ins: _flatten(ins[0]), DenseFloat: _dense_float}
 
 

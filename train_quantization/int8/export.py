@@ -29,10 +29,25 @@ from ..layers import (
     QDense,
     QPreActResidual,
     QResidual,
+    QShuffleUnit,
     input_grid,
     quantized_layers,
 )
-from .model import Add, Affine, AvgPool, Conv, Dense, DenseFloat, Flatten, InGrid, Int8Model, MaxPool
+from .model import (
+    Add,
+    Affine,
+    AvgPool,
+    Concat,
+    Conv,
+    Dense,
+    DenseFloat,
+    Flatten,
+    InGrid,
+    Int8Model,
+    MaxPool,
+    Shuffle,
+    Slice,
+)
 
 
 def _act_scale(block: gluon.Block) -> nd.NDArray:
@@ -153,6 +168,19 @@ def _preact(g: _Graph, block: QPreActResidual, src: int, path: str) -> int:
     return g.emit(Add(f"{path}.add", [h, short], _grid(block.add), relu=False))
 
 
+def _shuffle_unit(g: _Graph, block: QShuffleUnit, src: int, path: str) -> int:
+    if block.split:
+        half = block.in_channels // 2
+        b1 = g.emit(Slice(f"{path}.split0", [src], 0, half))
+        b2 = g.walk(block.branch2_conv, g.emit(Slice(f"{path}.split1", [src], half, block.in_channels)),
+                    f"{path}.branch2_conv")
+    else:
+        b1 = g.walk(block.branch1_conv, src, f"{path}.branch1_conv")
+        b2 = g.walk(block.branch2_conv, src, f"{path}.branch2_conv")
+    c = g.emit(Concat(f"{path}.concat", [b1, b2], _grid(block.concat)))
+    return g.emit(Shuffle(f"{path}.shuffle", [c], block.channels, 2))
+
+
 def _dense_float(g: _Graph, block: nn.Dense, src: int, path: str) -> int:
     act = block.act._act_type if block.act is not None else None
     return g.emit(DenseFloat(path, [src], block.weight.data().asnumpy(), block.bias.data().asnumpy(),
@@ -172,6 +200,7 @@ EXPORT: list[tuple[tuple, Handler]] = [  # (block types or class names, handler)
     ((nn.BatchNorm,), _batchnorm),
     ((QResidual,), _residual),
     ((QPreActResidual,), _preact),
+    ((QShuffleUnit,), _shuffle_unit),
     ((nn.HybridSequential, nn.Sequential) + SEQUENTIAL_CUSTOM, _sequence),
 ]
 

@@ -15,6 +15,7 @@ the list is a graph in forward order.
   (half to even), ``b_float``: the float32 folded bias (reference).
 * ``Add``: a residual add of two inputs on ``act`` (``layers.QAdd``; ``shortcut_only``: the
   onednn scheme's add, the first input joins unrequantized).
+* ``Concat`` (codes of one grid), ``Slice`` and ``Shuffle`` (channels): ShuffleNetV2's units.
 * ``MaxPool``, ``Flatten``, ``AvgPool`` (global; with ``act`` it pools its input's codes,
   ``layers.QAvgPool``), ``Affine`` (a BatchNorm no convolution precedes, per channel, optional ReLU),
   ``DenseFloat`` (a layer left in float: ``w``, ``b`` float32).
@@ -120,6 +121,39 @@ class Flatten:
 
 
 @dataclass
+class Concat:
+    """Channel concatenation of its inputs' codes on one grid ``act`` (``layers.QConcat``)."""
+
+    type: ClassVar[str] = "concat"
+    name: str
+    inputs: list
+    act: InGrid
+
+
+@dataclass
+class Slice:
+    """Channels ``[begin, end)`` of its input (codes or float, unchanged)."""
+
+    type: ClassVar[str] = "slice"
+    name: str
+    inputs: list
+    begin: int = 0
+    end: int = 0
+
+
+@dataclass
+class Shuffle:
+    """A channel shuffle of ``groups`` groups over ``channels``: output channel ``j`` is input channel
+    ``quant.shuffle_permutation(channels, groups)[j]`` (codes move; a per-channel scale moves with them)."""
+
+    type: ClassVar[str] = "shuffle"
+    name: str
+    inputs: list
+    channels: int = 0
+    groups: int = 2
+
+
+@dataclass
 class Affine:
     """A BatchNorm that no convolution precedes it into (a pre-activation block's first BN, a network's
     input or final BN): ``y = x * scale + shift`` per channel (then ReLU), in float64."""
@@ -142,7 +176,8 @@ class DenseFloat:
     relu: bool = False
 
 
-OPS = {cls.type: cls for cls in (Conv, Dense, Add, MaxPool, AvgPool, Flatten, Affine, DenseFloat)}
+OPS = {cls.type: cls for cls in (Conv, Dense, Add, MaxPool, AvgPool, Flatten, Concat, Slice, Shuffle, Affine,
+                                 DenseFloat)}
 QUANTIZED = (Conv, Dense)
 _GRID_KEYS = ("in_scale", "in_qmin", "in_qmax", "act_bits")  # InGrid in the file, flat as in format 1-3
 
@@ -197,8 +232,8 @@ class Int8Model:
         average pooling and flatten keep that)."""
         out = {-1: False}
         for i, op in enumerate(self.layers):
-            out[i] = bool(getattr(op, "relu", False)) or (isinstance(op, (MaxPool, Flatten, AvgPool))
-                                                          and out[op.inputs[0]])
+            out[i] = bool(getattr(op, "relu", False)) or (isinstance(op, (MaxPool, Flatten, AvgPool, Slice, Shuffle,
+                                                                          Concat)) and all(out[j] for j in op.inputs))
         return out
 
     def readers(self) -> dict:

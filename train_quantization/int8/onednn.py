@@ -38,7 +38,7 @@ from mxnet.contrib import quantization as mxq
 
 from ..errors import UserError
 from ..layers import quantized_layers
-from .model import Add, Affine, AvgPool, Conv, Dense, Flatten, MaxPool
+from .model import Add, Affine, AvgPool, Concat, Conv, Dense, Flatten, MaxPool, Shuffle, Slice
 
 log = logging.getLogger(__name__)
 INT8_DIV, UINT8_DIV = 127.5, 255.5  # oneDNN's quantization divisors (quant.act_grid, scheme onednn)
@@ -130,9 +130,11 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
 
     model = export(qat_net, (0.0,) * 3, (1.0,) * 3, input_shape, [])
     graph, readers, nonneg = model.layers, model.readers(), model.nonneg()
-    if any(isinstance(op, Affine) for op in graph):
-        raise UserError("oneDNN int8 with the learned ranges cannot run a BatchNorm that no convolution precedes "
-                        "(pre-activation blocks); run this model with the numpy engines or ONNX Runtime")
+    other = sorted({op.type for op in graph if isinstance(op, (Affine, Concat, Slice, Shuffle))})
+    if other:
+        raise UserError(f"oneDNN int8 with the learned ranges cannot run this model's {', '.join(other)} ops (a "
+                        "BatchNorm that no convolution precedes, channel split/concat/shuffle); run it with the numpy "
+                        "engines or ONNX Runtime")
     ranges = {name: float(b.input_max.data().asscalar()) for name, b in quantized_layers(qat_net)}
     index = {op.name: i for i, op in enumerate(graph)}
     path_of = {p.name: path.rsplit(".", 1)[0] for path, p in float_net._collect_params_with_prefix().items()}

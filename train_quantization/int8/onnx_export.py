@@ -43,13 +43,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..errors import UserError
-from .model import Add, Affine, AvgPool, Conv, Dense, DenseFloat, Flatten, Int8Model, MaxPool
+from ..quant import shuffle_permutation
+from .model import Add, Affine, AvgPool, Concat, Conv, Dense, DenseFloat, Flatten, Int8Model, MaxPool, Shuffle, Slice
 
 OPSET = 13
 TARGETS = ("auto", "avx2", "vnni")
 INSTALL = ("pip install onnx==1.14.1 && pip install --no-deps onnxruntime==1.17.3 coloredlogs flatbuffers "
            "sympy packaging")
-PASS_CODES = (MaxPool, Flatten)  # run on uint8 codes unchanged
+PASS_CODES = (MaxPool, Flatten, Slice, Shuffle)  # run on uint8 codes unchanged
 
 
 def available() -> bool:
@@ -225,6 +226,20 @@ def _avgpool(b: _Builder, i: int, op: AvgPool) -> None:
     b.finish(i, b.node("GlobalAveragePool", [x], f"l{i}.y"))
 
 
+def _concat(b: _Builder, i: int, op: Concat) -> None:
+    ins = [b.as_grid(f"l{i}.{k}", src, b.grid(i, src)) for k, src in enumerate(op.inputs)]
+    b.finish(i, b.node("Concat", ins, f"l{i}.y", axis=1))
+
+
+def _gather(index: Callable) -> Callable:
+    """Slice and channel shuffle: a Gather of channels, on codes when the input holds codes."""
+    def emit(b: _Builder, i: int, op: Slice | Shuffle) -> None:
+        tensor, g = b.out[op.inputs[0]]
+        idx = b.const(f"l{i}.idx", np.asarray(index(op), np.int64))
+        b.out[i] = (b.node("Gather", [tensor, idx], f"l{i}.y", axis=1), g)
+    return emit
+
+
 def _affine(b: _Builder, i: int, op: Affine) -> None:
     x = b.as_float(f"l{i}.in", op.inputs[0])
     shape = (-1, 1, 1)  # per channel of NCHW
@@ -246,6 +261,9 @@ EMIT = {  # op type -> how it becomes ONNX nodes
                          ceil_mode=lambda op: int(bool(op.ceil))),
     Flatten: _pass_codes("Flatten", axis=lambda op: 1),
     AvgPool: _avgpool,
+    Concat: _concat,
+    Slice: _gather(lambda op: np.arange(op.begin, op.end)),
+    Shuffle: _gather(lambda op: shuffle_permutation(op.channels, op.groups)),
     Affine: _affine,
     DenseFloat: _dense_float,
 }
