@@ -48,6 +48,10 @@ def test_learned_steps_train_and_reach_the_artifact(w3a3_lsq, float_run, tiny_ds
     for name, b in quantized_layers(start):
         assert b.weight_step.shape == (1,)  # per tensor, as configured
         assert not np.allclose(b.weight_step.data().asnumpy(), trained[name].weight_step.data().asnumpy())
+    # the gradient scale 1 / sqrt(N * Q_P): the first layer reads 3 x 16 x 16 values a sample on [-4, 3],
+    # the second 8 x 16 x 16 on the unsigned [0, 7]
+    assert trained["features.0"].lsq_g == pytest.approx(1 / np.sqrt(3 * 16 * 16 * 3))
+    assert trained["features.1"].lsq_g == pytest.approx(1 / np.sqrt(8 * 16 * 16 * 7))
     m = export(w3a3_lsq["net"], *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
     first, second = m.quantized()[:2]
     assert (first.act.qmin, first.act.qmax) == (-4, 3) and (second.act.qmin, second.act.qmax) == (0, 7)

@@ -84,6 +84,10 @@ def train_qat(cfg: Config, pretrained: Optional[str] = None, resume: Optional[Pa
         net.hybridize(static_alloc=True)
         train.log_to(run)
         record = json.loads((run / "qat_start.json").read_text())
+        from .layers import set_lsq_scales  # learned ranges: the gradient scales come from the input sizes
+
+        set_lsq_scales(net, data_mod.calib_loader(ds, cfg.data.batch_size, 1, cfg.seed),
+                       data_mod.normalizer(*ds.mean_std()), ctxs[0])
     else:
         net, record, run = start(cfg, ds, cli.resolve_params(pretrained), ctxs, stem)
     teacher = None
