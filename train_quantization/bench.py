@@ -75,7 +75,7 @@ def inference(cfg, qnet: gluon.HybridBlock, fnet: gluon.HybridBlock, x: mx.nd.ND
     with autograd.train_mode():  # set the ranges from one batch (no weight update)
         qnet(x)
     qweights = copy_to_float(qnet, build_model(cfg.model, 10, shape[0], shape[1]))
-    qweights.hybridize(static_alloc=True)
+    qweights.hybridize(static_alloc=True, static_shape=True)
     m = export(qnet, (0.0,) * shape[0], (1.0,) * shape[0], shape, [str(i) for i in range(10)])
     models = variants.Models(shape, fnet, x[:64], variants.bytes_on_disk(fnet), qnet, qweights, None, m,
                              onnx_target=target)

@@ -176,7 +176,7 @@ def from_runs(float_run: str, qat_run: str, cfg: Any, ds: Any, calib_images: int
     ema, _ = cli.qat_from_float(cfg, ds, fpath, ctx)  # our quantizer, EMA ranges, float weights: PTQ, no QAT
     qweights = cli.float_with_qat_weights(cfg, ds, qnet)
     for net in (fnet, qnet, qweights, ema):
-        net.hybridize(static_alloc=True)
+        net.hybridize(static_alloc=True, static_shape=True)  # inference: static memory and shapes, as oneDNN's
     m = export(qnet, *ds.mean_std(), (c, h, w), ds.classes)
     pick = np.random.default_rng(cfg.seed).choice(len(ds.train_x), calib_images, replace=False)
     calib = mx.nd.array(engine.normalize(m, ds.train_x[pick]))
