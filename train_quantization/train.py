@@ -194,7 +194,7 @@ class WorkerCheck:
     Each worker pushes its flattened parameters (rank 0) or zeros (others) under one key; the
     servers sum, so every worker pulls rank 0's values. Workers apply the same summed gradients,
     so the values should agree bit for bit (``tests/test_dist.py`` asserts a zero difference); if
-    they do not (seen once in session 2, cause not found, not since), the difference is logged and
+    they do not (seen once in a two-worker test, cause not found), the difference is logged and
     rank 0's values are adopted, so checkpoints and the next epoch start from one model."""
 
     KEY = 999_979
