@@ -125,8 +125,13 @@ def plot_ranges(run: Path, out: Path) -> bool:
     colors = plt.cm.tab20(np.linspace(0, 1, max(len(names), 2)))  # one distinct colour per layer
     for name, color in zip(names, colors):
         ax.plot([r["step"] for r in steps], [r["ranges"][name] for r in steps], label=name, lw=1, color=color)
-    ax.set(xlabel="QAT step", ylabel="input_max (EMA of max|x|)", yscale="log",
-           title="activation range of each quantized layer's input")
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    kind = {"lsq": "learned (LSQ)", "mse": "MSE-calibrated, frozen"}.get((cfg.get("quant") or {}).get("range"),
+                                                                         "EMA of max|x|")
+    ax.set(xlabel="QAT step", ylabel=f"input_max ({kind})", yscale="log",
+           title="activation range of each quantized layer's input (s_a = input_max / divisor)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=3)
     fig.tight_layout()
