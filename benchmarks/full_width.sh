@@ -1,6 +1,7 @@
 #!/bin/bash
 # The original experiment at full width (docs/results.md): float VGG16-BN without augmentation, QAT W8A8
-# per tensor and per channel, every int8 engine, PTQ vs QAT at W4A8 and W4A4, the speed table.
+# per tensor and per channel, every int8 engine, PTQ vs QAT at W4A8 and W4A4, the speed tables (full width and
+# width 0.25, the ONNX export for this CPU's kernels and for AVX2's).
 # usage: benchmarks/full_width.sh [OUT_DIR]   (hours on a 2-core CPU; every step resumes or is skipped when done)
 set -e
 cd "$(dirname "$0")/.." && . .venv/bin/activate
@@ -18,4 +19,6 @@ for pc in 0 1; do
 done
 [ -f $O/vgg16-noaug-sweep-s0/sweep.json ] || python scripts/sweep_bits.py --config $C --pretrained $F --out $O --name vgg16-noaug-sweep-s0 --pairs 4/8,4/4
 python scripts/benchmark.py --config $C --repeats 3 > $O/benchmark-vgg16.txt
+python scripts/benchmark.py --config configs/cifar10_vgg16_w025.yaml --repeats 5 > $O/benchmark-w025.txt
+python scripts/benchmark.py --config configs/cifar10_vgg16_w025.yaml --repeats 5 --onnx-target avx2 --inference 1 > $O/benchmark-w025-avx2.txt
 echo done
