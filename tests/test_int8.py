@@ -39,11 +39,12 @@ def test_multiplier_decomposition_error_and_rounding():
     assert out.tolist() == [[0, 2, 2, 0, -2, 127, -128]]
 
 
-def test_float64_gemm_equals_int64_gemm():
+@pytest.mark.parametrize("kernel", engine.KERNELS)
+def test_integer_gemms_equal_int64_gemms(kernel):
     rng = np.random.default_rng(1)
     x = rng.integers(-128, 128, (2, 5, 6, 6))
     w = rng.integers(-127, 128, (4, 5, 3, 3))
-    got = engine.conv2d_int(x, w, pad=1)
+    got = engine.conv2d_int(x, w, pad=1, kernel=kernel)
     xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
     ref = np.zeros((2, 4, 6, 6), np.int64)
     for i in range(6):
@@ -51,7 +52,7 @@ def test_float64_gemm_equals_int64_gemm():
             ref[:, :, i, j] = np.einsum("ncij,ocij->no", xp[:, :, i:i + 3, j:j + 3], w.astype(np.int64))
     assert np.array_equal(got, ref.astype(np.float64))
     a, b = rng.integers(-128, 128, (7, 300)), rng.integers(-127, 128, (9, 300))
-    assert np.array_equal(engine.dense_int(a, b), (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.float64))
+    assert np.array_equal(engine.dense_int(a, b, kernel), (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.float64))
 
 
 def test_float32_accumulation_would_be_wrong_but_ours_is_exact():

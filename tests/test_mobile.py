@@ -17,12 +17,13 @@ from train_quantization.layers import QConv2D, QConv2DBN, quantized_layers
 from train_quantization.models import build_model
 
 
-def test_grouped_integer_convolution_against_a_direct_float64_loop():
+@pytest.mark.parametrize("kernel", engine.KERNELS)
+def test_grouped_integer_convolution_against_a_direct_float64_loop(kernel):
     rng = np.random.default_rng(0)
     for groups, cin, cout in ((1, 4, 6), (2, 4, 6), (8, 8, 8), (4, 8, 16)):
         x = rng.integers(-128, 128, (2, cin, 5, 5))
         w = rng.integers(-127, 128, (cout, cin // groups, 3, 3))
-        got = engine.conv2d_int(x, w, pad=1, stride=2, groups=groups)
+        got = engine.conv2d_int(x, w, pad=1, stride=2, groups=groups, kernel=kernel)
         xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
         ref = np.zeros_like(got)
         og, cg = cout // groups, cin // groups

@@ -83,6 +83,8 @@ def conv2d_int(x: np.ndarray, w: np.ndarray, pad: int, stride: int = 1, groups: 
     """
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
+    if kernel == "fast" and groups == 1:
+        return _conv2d_fast(x, w, pad, stride)
     dtype = np.float32 if kernel == "fast" else np.float64
     xp = np.pad(np.asarray(x, dtype), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
@@ -96,6 +98,23 @@ def conv2d_int(x: np.ndarray, w: np.ndarray, pad: int, stride: int = 1, groups: 
     else:
         out = exact_gemm(cols[:, 0], wg[0].T) if kernel == "fast" else cols[:, 0] @ wg[0].T
     return out.reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
+
+
+def _conv2d_fast(x: np.ndarray, w: np.ndarray, pad: int, stride: int) -> np.ndarray:
+    """``conv2d_int``'s fast path: im2col on channels-last data, so each gathered run is ``C`` contiguous
+    values (on NCHW the gather reads one value per stride and costs as much as the GEMM), then
+    ``exact_gemm``. The result is a channels-first view, as ``conv2d_int`` returns."""
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    xp = np.zeros((n, h + 2 * pad, wd + 2 * pad, c), np.float32)
+    xp[:, pad:pad + h, pad:pad + wd] = x.transpose(0, 2, 3, 1)
+    ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
+    s = xp.strides
+    cols = np.lib.stride_tricks.as_strided(
+        xp, (n, ho, wo, kh, kw, c), (s[0], s[1] * stride, s[2] * stride, s[1], s[2], s[3]),
+        writeable=False).reshape(n * ho * wo, kh * kw * c)
+    wm = np.asarray(w, np.float32).transpose(2, 3, 1, 0).reshape(kh * kw * c, o)
+    return exact_gemm(cols, wm).reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
 
 
 def dense_int(x: np.ndarray, w: np.ndarray, kernel: str = "reference") -> np.ndarray:
