@@ -159,8 +159,26 @@ def make_trainer(net: gluon.Block, cfg: Config, steps_per_epoch: int, qat: bool 
             p.wd_mult = 0.0
     kv, _, _ = kvstore_of(cfg)
     # distributed: servers only sum gradients; every worker applies the same update locally
-    return gluon.Trainer(net.collect_params(), o.optimizer, params, kvstore=kv,
-                         update_on_kvstore=False if cfg.kvstore.startswith("dist") else None)
+    trainer = gluon.Trainer(net.collect_params(), o.optimizer, params, kvstore=kv,
+                            update_on_kvstore=False if cfg.kvstore.startswith("dist") else None)
+    if cfg.kvstore.startswith("dist"):
+        start_dist_trainer(trainer)
+    return trainer
+
+
+def start_dist_trainer(trainer: gluon.Trainer) -> None:
+    """Join the servers and copy rank 0's parameters to every worker, finished before the first step.
+
+    The Trainer does this lazily inside its first ``step``: ``kv.broadcast`` (init, then an
+    asynchronous pull of each key) and then, in the same call, the gradient ``pushpull`` on the
+    same keys. The pull and the pushpull use different buffers, so the engine may send the
+    pushpull first; the pull then returns the summed gradients, which become the worker's weights
+    (about one run in four of ``tests/test_dist.py`` on a busy 2-core CPU: both workers diverged).
+    Waiting for the pulls here removes that ordering.
+    """
+    trainer._init_kvstore()  # the public API has no separate start; these are the calls step() makes
+    trainer._init_params()
+    mx.nd.waitall()
 
 
 class WorkerRanges:
@@ -194,7 +212,7 @@ class WorkerCheck:
     Each worker pushes its flattened parameters (rank 0) or zeros (others) under one key; the
     servers sum, so every worker pulls rank 0's values. Workers apply the same summed gradients,
     so the values should agree bit for bit (``tests/test_dist.py`` asserts a zero difference); if
-    they do not (seen once in a two-worker test, cause not found), the difference is logged and
+    they do not (see ``start_dist_trainer`` for the one cause found), the difference is logged and
     rank 0's values are adopted, so checkpoints and the next epoch start from one model."""
 
     KEY = 999_979
