@@ -77,7 +77,8 @@ def inference(cfg, qnet: gluon.HybridBlock, fnet: gluon.HybridBlock, x: mx.nd.ND
     qweights = copy_to_float(qnet, build_model(cfg.model, 10, shape[0], shape[1]))
     qweights.hybridize(static_alloc=True, static_shape=True)
     m = export(qnet, (0.0,) * shape[0], (1.0,) * shape[0], shape, [str(i) for i in range(10)])
-    models = variants.Models(shape, fnet, x[:64], variants.bytes_on_disk(fnet), qnet, qweights, None, m,
+    models = variants.Models(shape, fnet, x[:64], variants.bytes_on_disk(fnet), qnet, qweights,
+                             variants.bytes_on_disk(qnet), m,
                              onnx_target=target)
     fns = variants.build(models, list(INFERENCE))
     speed = variants.speeds({k: f for k, (f, _) in fns.items()}, x.asnumpy(), repeats)
