@@ -9,6 +9,20 @@ from mxnet import autograd
 from train_quantization import quant
 
 
+@pytest.mark.parametrize("g", [0.003, 1.0, 26.2, 650.0])
+def test_learned_step_is_used_bit_for_bit(g):
+    """The forward pass quantizes with the stored step itself, whatever the gradient scale ``g``
+    (activation steps have g of 10-100): ``s * clip(round(x / s))`` in float32, exactly what the
+    exported model computes from the same step. 200 random steps, values around every code."""
+    rng = np.random.default_rng(1)
+    steps = rng.uniform(1e-3, 1.0, 200).astype(np.float32)
+    u = rng.uniform(-9.0, 9.0, (200, 64)).astype(np.float32)
+    x = (u * steps[:, None]).astype(np.float32)
+    y = quant.lsq_fake_quant(mx.nd, mx.nd.array(x), mx.nd.array(steps.reshape(-1, 1)), -8, 7, g).asnumpy()
+    want = np.clip(np.rint(x / steps[:, None]), -8, 7) * steps[:, None]
+    assert np.array_equal(y, want.astype(np.float32))
+
+
 @pytest.mark.parametrize("qmin,qmax", [(-8, 7), (0, 15), (-2, 1)])
 def test_step_gradient_against_a_float64_reference(qmin, qmax):
     """dL/ds = g * sum(dL/dy * (round(x/s) - x/s)) inside the grid, qmin or qmax at the bounds; dL/dx is
