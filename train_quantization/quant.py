@@ -198,8 +198,9 @@ def round_half_even(F: Any, u: Any) -> Any:
 
 
 def fake_quant(F: Any, x: Any, scale: Any, qmin: int, qmax: int, ste: str = "plain",
-               rounding: str = "half_even") -> Any:
-    """``clip(round(x / s), qmin, qmax) * s`` with a straight-through gradient.
+               rounding: str = "half_even", multiplier: Optional[Any] = None) -> Any:
+    """``clip(round(x / s), qmin, qmax) * s`` with a straight-through gradient; with ``multiplier``
+    (``weight_multiplier``, shaped as ``scale``), ``x * multiplier`` replaces ``x / s``.
 
     ``scale`` must have ``x``'s number of dimensions (size-1 axes broadcast) and carries no
     gradient. ``ste="plain"`` passes the gradient unchanged everywhere (the original), as
@@ -209,13 +210,24 @@ def fake_quant(F: Any, x: Any, scale: Any, qmin: int, qmax: int, ste: str = "pla
     Bit-identical to ``fake_quant_np`` in float32.
     """
     s = F.broadcast_like(F.BlockGrad(scale), x)  # then elementwise ops: broadcasting ones are slow here
+
+    def ratio(v: Any) -> Any:
+        return F.elemwise_div(v, s) if multiplier is None else F.broadcast_mul(v, F.BlockGrad(multiplier))
+
     if ste == "clipped":
-        u = F.clip(F.elemwise_div(x, s), qmin, qmax)
+        u = F.clip(ratio(x), qmin, qmax)
         r = round_half_even(F, u) if rounding == "half_even" else u + F.BlockGrad(F.round(u) - u)
         return F.elemwise_mul(r, s)
-    u = F.clip(F.elemwise_div(F.BlockGrad(x), s), qmin, qmax)
+    u = F.clip(ratio(F.BlockGrad(x)), qmin, qmax)
     r = round_half_even(F, u) if rounding == "half_even" else F.round(u)
     return F.BlockGrad(F.elemwise_mul(r, s)) + (x - F.BlockGrad(x))
+
+
+def _abs_max(F: Any, w: Any, per_channel: bool, ndim: int) -> Any:
+    a = F.abs(F.BlockGrad(w))
+    if per_channel:
+        return F.max(a, axis=tuple(range(1, ndim)), keepdims=True)
+    return F.reshape(F.max(a), (1,) * ndim)
 
 
 def weight_scale(F: Any, w: Any, divisor: float, per_channel: bool, ndim: int) -> Any:
@@ -223,12 +235,17 @@ def weight_scale(F: Any, w: Any, divisor: float, per_channel: bool, ndim: int) -
 
     Per tensor: shape (1,)*ndim; per channel: (C, 1, ...). Zero maxima give scale 1.
     """
-    a = F.abs(F.BlockGrad(w))
-    if per_channel:
-        m = F.max(a, axis=tuple(range(1, ndim)), keepdims=True)
-    else:
-        m = F.reshape(F.max(a), (1,) * ndim)
+    m = _abs_max(F, w, per_channel, ndim)
     return F.where(m > 0, m / float(divisor), F.ones_like(m))
+
+
+def weight_multiplier(F: Any, w: Any, divisor: float, per_channel: bool, ndim: int) -> Any:
+    """``divisor / max|w|`` (1 for a zero maximum), shaped as ``weight_scale``: the float32 number
+    MXNet 1.9.1's oneDNN layers multiply their weights by before rounding (scheme ``onednn``).
+    ``w * (127.5 / max)`` and ``w / (max / 127.5)`` differ in the last bit for some channels, and
+    for ``w = -max`` that bit decides between -127.5 (code -128) and -127.49999 (code -127)."""
+    m = _abs_max(F, w, per_channel, ndim)
+    return F.where(m > 0, float(divisor) / m, F.ones_like(m))
 
 
 def shuffle_permutation(channels: int, groups: int) -> np.ndarray:
@@ -300,9 +317,16 @@ def fake_quant_bias(F: Any, b: Any, w_scale: Any, a_scale: Any, ste: str = "plai
 
 
 def fold_bn(F: Any, w: Any, b: Optional[Any], gamma: Any, beta: Any, mean: Any, var: Any,
-            eps: float, ndim: int = 4) -> tuple:
-    """Graph BN fold, differentiable in ``w``, ``gamma``, ``beta`` (and ``b``): ``(w_f, b_f)``."""
-    inv = gamma / F.sqrt(var + eps)
+            eps: float, ndim: int = 4, inv_in_float64: bool = False) -> tuple:
+    """Graph BN fold, differentiable in ``w``, ``gamma``, ``beta`` (and ``b``): ``(w_f, b_f)``.
+
+    ``inv_in_float64``: ``gamma / sqrt(var + eps)`` in float64, then rounded to float32, as MXNet's
+    oneDNN convolution folds its BatchNorm (scheme ``onednn``): the folded weights are then the ones
+    oneDNN quantizes, bit for bit (a last-bit difference moves the code of ``-max|w|`` by one)."""
+    if inv_in_float64:
+        inv = F.cast(F.cast(gamma, "float64") / F.sqrt(F.cast(var, "float64") + eps), "float32")
+    else:
+        inv = gamma / F.sqrt(var + eps)
     w_f = F.broadcast_mul(w, F.reshape(inv, (-1,) + (1,) * (ndim - 1)))
     b_f = beta - mean * inv if b is None else beta + (b - mean) * inv
     return w_f, b_f

@@ -72,7 +72,8 @@ def _quantized(block: gluon.Block, name: str, inputs: list) -> Conv | Dense:
     conv = isinstance(block, (QConv2DBN, QConv2D))
     if isinstance(block, QConv2DBN):
         w_f, b_f = quant.fold_bn(nd, w, None, block.gamma.data(), block.beta.data(),
-                                 block.running_mean.data(), block.running_var.data(), BN_EPS)
+                                 block.running_mean.data(), block.running_var.data(), BN_EPS,
+                                 inv_in_float64=q.scheme == "onednn")
     else:  # QDense, QConv2D: no BatchNorm, a bias or none
         w_f, b_f = w, block.bias.data() if getattr(block, "bias", None) is not None else nd.zeros(w.shape[0])
     ndim = 4 if conv else 2
@@ -80,7 +81,11 @@ def _quantized(block: gluon.Block, name: str, inputs: list) -> Conv | Dense:
         s_w = block.weight_step.data().reshape((-1,) + (1,) * (ndim - 1))
     else:
         s_w = quant.weight_scale(nd, w_f, w_div, q.per_channel, ndim)
-    codes = nd.clip(quant.round_half_even(nd, nd.broadcast_div(w_f, s_w)), qmin, qmax)
+    if q.scheme == "onednn":  # the multiplier oneDNN rounds with (quant.weight_multiplier)
+        ratio = nd.broadcast_mul(w_f, quant.weight_multiplier(nd, w_f, w_div, q.per_channel, ndim))
+    else:
+        ratio = nd.broadcast_div(w_f, s_w)
+    codes = nd.clip(quant.round_half_even(nd, ratio), qmin, qmax)
     s_a = _act_scale(block)
     s_b = nd.broadcast_mul(s_w.reshape((-1,)), s_a)
     b_q = nd.clip(quant.round_half_even(nd, nd.broadcast_div(b_f, s_b)), -quant.BIAS_QMAX, quant.BIAS_QMAX)

@@ -10,15 +10,20 @@ quantized by ``quantize_graph`` with channel-wise weights, and its calibration t
   ReLU (max pooling does not change it),
 * the logits: the largest logit magnitude on the calibration images (so they come out in
   float),
-* a block output whose fused ``conv + sum`` had an int8 shortcut (a conv output without ReLU):
-  twice the range, because oneDNN writes the sum into the shortcut's int8 buffer, so the
+* a block output whose fused ``conv + sum + ReLU`` had an int8 shortcut (a conv output without
+  ReLU): twice the range, because oneDNN writes the sum into the shortcut's int8 buffer, so the
   uint8-typed output holds codes 0..127 only (at the full range, half of it would be clipped);
-* global average pooling stays in float (``_global_avg_pools``).
+  an add without ReLU (a linear bottleneck's) is int8 at its own range;
+* global average pooling stays in float (``_global_avg_pools``); a 1x1 convolution classifier
+  on it runs as the equal fully connected layer, whose logits come out in float
+  (``_classifier_as_dense``).
 
 oneDNN's arithmetic is not the original scheme's: int8 inputs at ``127.5/T``, post-ReLU
 tensors uint8 at ``255.5/T``, weights per output channel at ``127.5/max|w_c|``, round half to
 even. So a model trained with the original scheme agrees with the simulation on most but
-not all images.
+not all images. The ``onednn`` scheme trains with that arithmetic, including how MXNet folds
+BatchNorm (``quant.fold_bn``) and scales weights (``quant.weight_multiplier``), so that each
+oneDNN layer computes the simulation's codes but for float rounding ties.
 
 ``ptq`` is MXNet's own post-training quantization of the float network (``naive``: max of
 the calibration outputs; ``entropy``: KL-divergence thresholds, the TensorRT method).
@@ -50,7 +55,37 @@ def _export(net: gluon.HybridBlock, input_shape: tuple) -> tuple:
     with tempfile.TemporaryDirectory() as d:
         net.export(os.path.join(d, "m"), 0)
         sym, args, auxs = mx.model.load_checkpoint(os.path.join(d, "m"), 0)
+    sym, args = _classifier_as_dense(sym, args)
     return sym.get_backend_symbol("MKLDNN_QUANTIZE"), args, auxs
+
+
+def _classifier_as_dense(sym: mx.sym.Symbol, args: dict) -> tuple:
+    """A 1x1 convolution on a global pooling's output, flattened into the logits (gluoncv's MobileNet and
+    ShuffleNet classifiers), becomes the equal fully connected layer: oneDNN's int8 convolution can only
+    requantize its output, so the logits would come out as int8 codes (a step of ``max|logit| / 127.5``,
+    measured to swap 1.5 % of the top-1s of a MobileNetV2), while its int8 fully connected layer
+    dequantizes into float logits, as the engines compute them."""
+    import json
+
+    g = json.loads(sym.tojson())
+    nodes, (head,) = g["nodes"], g["heads"]
+    flat = nodes[head[0]]
+    conv = nodes[flat["inputs"][0][0]] if flat["op"] == "Flatten" else None
+    if conv is None or conv["op"] != "Convolution":
+        return sym, args
+    a = conv.get("attrs", {})
+    pool = nodes[conv["inputs"][0][0]]
+    if (a.get("kernel") not in ("(1, 1)", "[1, 1]") or a.get("num_group", "1") != "1" or pool["op"] != "Pooling"
+            or pool.get("attrs", {}).get("global_pool") != "True"):
+        return sym, args
+    conv["op"] = "FullyConnected"
+    conv["attrs"] = {"num_hidden": a["num_filter"], "no_bias": a.get("no_bias", "False"), "flatten": "True"}
+    g["heads"] = [flat["inputs"][0]]
+    weight = nodes[conv["inputs"][1][0]]
+    weight.get("attrs", {}).pop("__shape__", None)  # the 4-d shape Gluon recorded
+    w = weight["name"]
+    args = {**args, w: args[w].reshape((args[w].shape[0], -1))}
+    return mx.sym.load_json(json.dumps(g)), args
 
 
 def _block(qsym: mx.sym.Symbol, args: dict, auxs: dict) -> gluon.SymbolBlock:
@@ -119,6 +154,22 @@ def _to_output(v: int, graph: list, readers: dict) -> bool:
     return v == len(graph) - 1
 
 
+def _learned_range(v: int, graph: list, readers: dict, ranges: dict) -> float:
+    """The learned range of op ``v``'s output: that of the quantized layer that reads it (through
+    max pooling and flatten), else of the add that reads it, else the add's own."""
+    cons = readers.get(v, [])
+    for kinds in ((Conv, Dense, AvgPool), (Add,)):
+        for i in cons:
+            if isinstance(graph[i], kinds) and graph[i].name in ranges:
+                return ranges[graph[i].name]
+    for i in cons:
+        if isinstance(graph[i], (MaxPool, Flatten)):
+            return _learned_range(i, graph, readers, ranges)
+    if v >= 0 and isinstance(graph[v], Add):
+        return ranges[graph[v].name]
+    raise ValueError(f"no learned range for the output of {graph[v].name}")
+
+
 def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_shape: tuple,
                 qsym: mx.sym.Symbol, names: list, logits: float) -> dict:
     """oneDNN's calibration table from the learned ranges: each fused layer's output is found in
@@ -144,17 +195,7 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
     nodes = json.loads(qsym.tojson())["nodes"]
 
     def reach(v: int) -> float:
-        cons = readers.get(v, [])
-        for kinds in ((Conv, Dense, AvgPool), (Add,)):
-            for i in cons:
-                if isinstance(graph[i], kinds) and graph[i].name in ranges:
-                    return ranges[graph[i].name]
-        for i in cons:
-            if isinstance(graph[i], (MaxPool, Flatten)):
-                return reach(i)
-        if v >= 0 and isinstance(graph[v], Add):
-            return ranges[graph[v].name]
-        raise ValueError(f"no learned range for the output of {graph[v].name}")
+        return _learned_range(v, graph, readers, ranges)
 
     r_in = reach(-1)
     table = {"data": (-r_in, r_in)}
@@ -172,9 +213,10 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
             table[out] = (-logits, logits)
             continue
         r = reach(v)
-        if isinstance(graph[v], Add) and not nonneg[graph[v].inputs[1]]:
-            # conv + sum writes into the shortcut's buffer: after an int8 shortcut the uint8-typed
-            # output holds codes 0..127 only, so the range doubles (onednn scheme: 255.5/r' = 127.5/r)
+        if isinstance(graph[v], Add) and nonneg[v] and not nonneg[graph[v].inputs[1]]:
+            # conv + sum (+ ReLU) writes into the shortcut's buffer: after an int8 shortcut the uint8-typed
+            # output holds codes 0..127 only, so the range doubles (onednn scheme: 255.5/r' = 127.5/r); an
+            # add without ReLU (a linear bottleneck's) stays int8 at its own range
             r *= UINT8_DIV / INT8_DIV
         table[out] = (0.0 if nonneg[v] else -r, r)
     pools = [i for i, op in enumerate(graph) if isinstance(op, AvgPool)]
