@@ -80,3 +80,30 @@ def test_onednn_scheme_grids_and_deployment(float_run, tiny_ds, tmp_path):
     one = onednn.logits(block, x).argmax(1)
     # measured 99.6 % on this AVX2 (no VNNI) machine; the residue is inside oneDNN's kernels
     assert np.mean(one == sim.argmax(1)) >= 0.99
+
+
+def test_onednn_scheme_weight_codes_are_mxnets():
+    """Scheme onednn: the exported weight codes are the ones MXNet 1.9.1's oneDNN convolution makes from
+    the float graph: BatchNorm folded with ``gamma / sqrt(var + eps)`` in float64 (then float32), the
+    folded weights times ``127.5 / max|w_c|`` in float32, rounded half away from zero, saturated."""
+    from train_quantization.config import QuantSpec
+    from train_quantization.int8.export import _quantized
+    from train_quantization.layers import QConv2DBN
+
+    rng = np.random.default_rng(3)
+    blk = QConv2DBN(256, 8, QuantSpec(scheme="onednn", per_channel=True), relu=False)
+    blk.initialize()
+    w = rng.standard_normal((256, 8, 3, 3)).astype(np.float32)
+    w[::2] *= -1.0  # the largest magnitude negative in about half the channels: -max is where codes can differ
+    gamma, var = rng.uniform(0.3, 3, 256).astype(np.float32), rng.uniform(0.01, 4, 256).astype(np.float32)
+    for p, v in ((blk.weight, w), (blk.gamma, gamma), (blk.running_var, var)):
+        p.set_data(mx.nd.array(v))
+    alpha = (gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + 1e-5)).astype(np.float32)
+    w_f = w * alpha[:, None, None, None]
+    u = w_f * (np.float32(127.5) / np.abs(w_f).reshape(256, -1).max(1))[:, None, None, None]
+    want = np.clip(np.sign(u) * np.floor(np.abs(u) + np.float32(0.5)), -128, 127)
+    assert np.array_equal(_quantized(blk, "conv", [-1]).w, want)
+    # the float32 fold (gamma / sqrt(var + eps) in float32) moves some channels' -max by one code
+    w32 = w * (gamma / np.sqrt(var + np.float32(1e-5)))[:, None, None, None]
+    u32 = w32 * (np.float32(127.5) / np.abs(w32).reshape(256, -1).max(1))[:, None, None, None]
+    assert not np.array_equal(np.clip(np.rint(u32), -128, 127), want)

@@ -84,7 +84,8 @@ def weight_grid(bits: int, scheme: str = "original") -> Tuple[int, int, float]:
     """``(qmin, qmax, divisor)`` of a weight tensor or channel: ``s_w = max|w_f| / divisor``.
 
     ``original``: narrow symmetric, divisor ``qmax``. ``onednn``: divisor 127.5 and int8
-    saturation, so ``+max`` lands on 127 (127.5 rounds to 128, saturates) and ``-max`` on -128.
+    saturation, so ``+max`` lands on 127 (127.5 rounds to 128, saturates) and ``-max`` on -128
+    or -127, as the float32 product ``-max * (127.5 / max)`` falls (``weight_multiplier``).
 
     >>> weight_grid(8), weight_grid(4), weight_grid(8, "onednn")
     ((-127, 127, 127.0), (-7, 7, 7.0), (-128, 127, 127.5))
