@@ -138,29 +138,19 @@ def layerwise_codes(model, x, ref_engine, other_engine) -> tuple:
 def onednn_codes(block, float_net, model, x) -> dict:
     """What oneDNN's int8 graph ``block`` (``onednn.with_learned_ranges``) feeds each quantized layer of
     ``model`` that reads a fused layer's output directly: ``{reader name: codes}``, comparable with the
-    codes ``engine.simulate(model, x, record)`` records. A fused layer is found by its weight's name;
-    a ``conv + sum`` node's output is its add's."""
-    import json
-
+    codes ``engine.simulate(model, x, record)`` records."""
     import numpy as np
 
-    from train_quantization.int8.model import Add, Conv, Dense
+    from train_quantization.int8 import onednn
+    from train_quantization.int8.model import Conv, Dense
 
     sym = block._cached_graph[1]
-    nodes = json.loads(sym.tojson())["nodes"]
-    path_of = {p.name: path.rsplit(".", 1)[0] for path, p in float_net._collect_params_with_prefix().items()}
     graph, readers = model.layers, model.readers()
-    index = {op.name: i for i, op in enumerate(graph)}
     wanted = {}
-    for n in nodes:
-        if n["op"] != "_sg_mkldnn_conv":
-            continue
-        v = index[path_of[nodes[n["inputs"][1][0]]["name"]]]
-        if n.get("attrs", {}).get("with_sum") == "true":
-            v = next(i for i in readers[v] if isinstance(graph[i], Add))
+    for node, v in onednn.fused_ops(sym, float_net, model).items():
         first = [i for i in readers.get(v, []) if isinstance(graph[i], (Conv, Dense))]
         if first:
-            wanted[graph[first[0]].name] = n["name"]
+            wanted[graph[first[0]].name] = node
     inter = sym.get_internals()
     outs = mx.gluon.SymbolBlock(mx.sym.Group([inter[f"{n}_output"] for n in wanted.values()]),
                                 [mx.sym.var("data")], params=block.collect_params())(mx.nd.array(x))

@@ -71,6 +71,12 @@ class QuantSpec:
     kernel: str = "auto"  # auto: compiled fused quantizer if it builds, else stock ops | fused | stock
     range: str = "ema"  # ema: EMA of the batch max | mse: MSE-calibrated, frozen | lsq: learned step sizes
 
+    @property
+    def mxnet_arithmetic(self) -> bool:
+        """Scheme onednn: BatchNorm folded and weights scaled in MXNet's float arithmetic, bit for bit
+        (``quant.fold_bn``, ``quant.weight_scales``), so that oneDNN quantizes the same weights."""
+        return self.scheme == "onednn"
+
 
 @dataclass
 class QuantConfig:

@@ -188,8 +188,7 @@ def quantize_weights(F: Any, block: gluon.HybridBlock, w_f: Any, b_f: Any, s_a: 
         s_w = F.reshape(weight_step, (-1,) + (1,) * (ndim - 1))
         w_q = quant.lsq_fake_quant(F, w_f, s_w, qmin, qmax, 1.0 / math.sqrt(n * qmax))
         return w_q, quant.fake_quant_bias(F, b_f, F.BlockGrad(s_w), s_a, q.ste)
-    s_w = quant.weight_scale(F, w_f, divisor, q.per_channel, ndim)
-    mult = quant.weight_multiplier(F, w_f, divisor, q.per_channel, ndim) if q.scheme == "onednn" else None
+    s_w, mult = quant.weight_scales(F, w_f, divisor, q.per_channel, ndim, q.mxnet_arithmetic)
     return (quant.fake_quant(F, w_f, s_w, qmin, qmax, q.ste, multiplier=mult),
             quant.fake_quant_bias(F, b_f, s_w, s_a, q.ste))
 
@@ -264,7 +263,7 @@ class QConv2DBN(Conv2DBN):
                        running_var: Any, input_max: Any, weight_step: Optional[Any] = None) -> Any:
         xq, s_a = quantize_input(F, self, x, input_max, ndim=4)
         w_f, b_f = quant.fold_bn(F, weight, None, gamma, beta, running_mean, running_var, BN_EPS,
-                                 inv_in_float64=self.spec.scheme == "onednn")
+                                 inv_in_float64=self.spec.mxnet_arithmetic)
         w_q, b_q = quantize_weights(F, self, w_f, b_f, s_a, 4, weight_step)
         if self.bn_frozen:
             y = self._conv(F, xq, w_q, b_q)

@@ -85,7 +85,7 @@ def weight_grid(bits: int, scheme: str = "original") -> Tuple[int, int, float]:
 
     ``original``: narrow symmetric, divisor ``qmax``. ``onednn``: divisor 127.5 and int8
     saturation, so ``+max`` lands on 127 (127.5 rounds to 128, saturates) and ``-max`` on -128
-    or -127, as the float32 product ``-max * (127.5 / max)`` falls (``weight_multiplier``).
+    or -127, as the float32 product ``-max * (127.5 / max)`` falls (``weight_scales``).
 
     >>> weight_grid(8), weight_grid(4), weight_grid(8, "onednn")
     ((-127, 127, 127.0), (-7, 7, 7.0), (-128, 127, 127.5))
@@ -201,7 +201,7 @@ def round_half_even(F: Any, u: Any) -> Any:
 def fake_quant(F: Any, x: Any, scale: Any, qmin: int, qmax: int, ste: str = "plain",
                rounding: str = "half_even", multiplier: Optional[Any] = None) -> Any:
     """``clip(round(x / s), qmin, qmax) * s`` with a straight-through gradient; with ``multiplier``
-    (``weight_multiplier``, shaped as ``scale``), ``x * multiplier`` replaces ``x / s``.
+    (``weight_scales``, shaped as ``scale``), ``x * multiplier`` replaces ``x / s``.
 
     ``scale`` must have ``x``'s number of dimensions (size-1 axes broadcast) and carries no
     gradient. ``ste="plain"`` passes the gradient unchanged everywhere (the original), as
@@ -211,9 +211,10 @@ def fake_quant(F: Any, x: Any, scale: Any, qmin: int, qmax: int, ste: str = "pla
     Bit-identical to ``fake_quant_np`` in float32.
     """
     s = F.broadcast_like(F.BlockGrad(scale), x)  # then elementwise ops: broadcasting ones are slow here
+    mult = None if multiplier is None else F.broadcast_like(F.BlockGrad(multiplier), x)
 
     def ratio(v: Any) -> Any:
-        return F.elemwise_div(v, s) if multiplier is None else F.broadcast_mul(v, F.BlockGrad(multiplier))
+        return F.elemwise_div(v, s) if mult is None else F.elemwise_mul(v, mult)
 
     if ste == "clipped":
         u = F.clip(ratio(x), qmin, qmax)
@@ -240,13 +241,22 @@ def weight_scale(F: Any, w: Any, divisor: float, per_channel: bool, ndim: int) -
     return F.where(m > 0, m / float(divisor), F.ones_like(m))
 
 
-def weight_multiplier(F: Any, w: Any, divisor: float, per_channel: bool, ndim: int) -> Any:
-    """``divisor / max|w|`` (1 for a zero maximum), shaped as ``weight_scale``: the float32 number
-    MXNet 1.9.1's oneDNN layers multiply their weights by before rounding (scheme ``onednn``).
+def weight_scales(F: Any, w: Any, divisor: float, per_channel: bool, ndim: int,
+                  mxnet_arithmetic: bool = False) -> tuple:
+    """``(s_w, multiplier)`` from one ``max|w|``: ``weight_scale``, and ``None`` (codes are
+    ``round(w / s_w)``) or, with ``mxnet_arithmetic``, ``divisor / max|w|`` (1 for a zero maximum):
+    the float32 number MXNet 1.9.1's oneDNN layers multiply their weights by before rounding.
     ``w * (127.5 / max)`` and ``w / (max / 127.5)`` differ in the last bit for some channels, and
     for ``w = -max`` that bit decides between -127.5 (code -128) and -127.49999 (code -127)."""
     m = _abs_max(F, w, per_channel, ndim)
-    return F.where(m > 0, float(divisor) / m, F.ones_like(m))
+    s = F.where(m > 0, m / float(divisor), F.ones_like(m))
+    return s, (F.where(m > 0, float(divisor) / m, F.ones_like(m)) if mxnet_arithmetic else None)
+
+
+def weight_codes(F: Any, w: Any, s_w: Any, multiplier: Optional[Any], qmin: int, qmax: int) -> Any:
+    """The integer codes ``fake_quant`` rounds to (``x / s`` or ``x * multiplier``), for the export."""
+    ratio = F.broadcast_div(w, s_w) if multiplier is None else F.broadcast_mul(w, multiplier)
+    return F.clip(round_half_even(F, ratio), qmin, qmax)
 
 
 def shuffle_permutation(channels: int, groups: int) -> np.ndarray:

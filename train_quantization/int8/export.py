@@ -1,7 +1,7 @@
 """Turn a trained QAT network into an ``Int8Model`` (integer weights, biases, the op graph).
 
 Weight codes and scales are computed with the very MXNet functions the training graph
-uses (``quant.fold_bn``, ``quant.weight_scale`` on ``mx.nd``), so the codes are the ones
+uses (``quant.fold_bn``, ``quant.weight_scales`` on ``mx.nd``), so the codes are the ones
 fake quantization produced, bit for bit. Then, per quantized layer::
 
     b_q = round(b_f / (s_w * s_a))                      int32 (|b_q| <= 2**22), half to even
@@ -73,19 +73,15 @@ def _quantized(block: gluon.Block, name: str, inputs: list) -> Conv | Dense:
     if isinstance(block, QConv2DBN):
         w_f, b_f = quant.fold_bn(nd, w, None, block.gamma.data(), block.beta.data(),
                                  block.running_mean.data(), block.running_var.data(), BN_EPS,
-                                 inv_in_float64=q.scheme == "onednn")
+                                 inv_in_float64=q.mxnet_arithmetic)
     else:  # QDense, QConv2D: no BatchNorm, a bias or none
         w_f, b_f = w, block.bias.data() if getattr(block, "bias", None) is not None else nd.zeros(w.shape[0])
     ndim = 4 if conv else 2
     if q.range == "lsq":  # the learned step
-        s_w = block.weight_step.data().reshape((-1,) + (1,) * (ndim - 1))
+        s_w, mult = block.weight_step.data().reshape((-1,) + (1,) * (ndim - 1)), None
     else:
-        s_w = quant.weight_scale(nd, w_f, w_div, q.per_channel, ndim)
-    if q.scheme == "onednn":  # the multiplier oneDNN rounds with (quant.weight_multiplier)
-        ratio = nd.broadcast_mul(w_f, quant.weight_multiplier(nd, w_f, w_div, q.per_channel, ndim))
-    else:
-        ratio = nd.broadcast_div(w_f, s_w)
-    codes = nd.clip(quant.round_half_even(nd, ratio), qmin, qmax)
+        s_w, mult = quant.weight_scales(nd, w_f, w_div, q.per_channel, ndim, q.mxnet_arithmetic)
+    codes = quant.weight_codes(nd, w_f, s_w, mult, qmin, qmax)
     s_a = _act_scale(block)
     s_b = nd.broadcast_mul(s_w.reshape((-1,)), s_a)
     b_q = nd.clip(quant.round_half_even(nd, nd.broadcast_div(b_f, s_b)), -quant.BIAS_QMAX, quant.BIAS_QMAX)

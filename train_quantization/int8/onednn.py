@@ -22,7 +22,7 @@ oneDNN's arithmetic is not the original scheme's: int8 inputs at ``127.5/T``, po
 tensors uint8 at ``255.5/T``, weights per output channel at ``127.5/max|w_c|``, round half to
 even. So a model trained with the original scheme agrees with the simulation on most but
 not all images. The ``onednn`` scheme trains with that arithmetic, including how MXNet folds
-BatchNorm (``quant.fold_bn``) and scales weights (``quant.weight_multiplier``), so that each
+BatchNorm (``quant.fold_bn``) and scales weights (``quant.weight_scales``), so that each
 oneDNN layer computes the simulation's codes but for float rounding ties.
 
 ``ptq`` is MXNet's own post-training quantization of the float network (``naive``: max of
@@ -43,7 +43,7 @@ from mxnet.contrib import quantization as mxq
 
 from ..errors import UserError
 from ..layers import quantized_layers
-from .model import Add, Affine, AvgPool, Concat, Conv, Dense, Flatten, MaxPool, Shuffle, Slice
+from .model import Add, Affine, AvgPool, Concat, Conv, Dense, Flatten, Int8Model, MaxPool, Shuffle, Slice
 
 log = logging.getLogger(__name__)
 INT8_DIV, UINT8_DIV = 127.5, 255.5  # oneDNN's quantization divisors (quant.act_grid, scheme onednn)
@@ -170,6 +170,30 @@ def _learned_range(v: int, graph: list, readers: dict, ranges: dict) -> float:
     raise ValueError(f"no learned range for the output of {graph[v].name}")
 
 
+def fused_ops(qsym: mx.sym.Symbol, float_net: gluon.HybridBlock, model: Int8Model) -> dict:
+    """``{fused node name: index of the op of model's graph whose output it computes}`` for each quantized
+    fused layer of ``qsym``: found by its weight's parameter name in ``float_net``; a ``conv + sum`` node
+    computes its add's output."""
+    import json
+
+    graph, readers = model.layers, model.readers()
+    index = {op.name: i for i, op in enumerate(graph)}
+    path_of = {p.name: path.rsplit(".", 1)[0] for path, p in float_net._collect_params_with_prefix().items()}
+    nodes = json.loads(qsym.tojson())["nodes"]
+    out = {}
+    for n in nodes:
+        if not n["name"].startswith("quantized_sg_mkldnn_"):
+            continue
+        layer = path_of.get(nodes[n["inputs"][1][0]]["name"], "")
+        if layer not in index:
+            raise ValueError(f"cannot map oneDNN's {n['name']} (weight of {layer!r}) onto the learned ranges")
+        v = index[layer]
+        if n.get("attrs", {}).get("with_sum") == "true":  # conv + residual add (+ ReLU) fused: the add's output
+            v = next(i for i in readers[v] if isinstance(graph[i], Add))
+        out[n["name"]] = v
+    return out
+
+
 def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_shape: tuple,
                 qsym: mx.sym.Symbol, names: list, logits: float) -> dict:
     """oneDNN's calibration table from the learned ranges: each fused layer's output is found in
@@ -178,8 +202,6 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
     own add's range; a global average pooling left in float (``_global_avg_pools``) gives its output
     the range of the layer that reads it; ``(0, r)`` after a ReLU, ``(-r, r)`` otherwise.
     The network input gets the first layer's range and the logits their largest magnitude."""
-    import json
-
     from .export import export
 
     model = export(qat_net, (0.0,) * 3, (1.0,) * 3, input_shape, [])
@@ -190,25 +212,16 @@ def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_
                         "BatchNorm that no convolution precedes, channel split/concat/shuffle); run it with the numpy "
                         "engines or ONNX Runtime")
     ranges = {name: float(b.input_max.data().asscalar()) for name, b in quantized_layers(qat_net)}
-    index = {op.name: i for i, op in enumerate(graph)}
-    path_of = {p.name: path.rsplit(".", 1)[0] for path, p in float_net._collect_params_with_prefix().items()}
-    nodes = json.loads(qsym.tojson())["nodes"]
 
     def reach(v: int) -> float:
         return _learned_range(v, graph, readers, ranges)
 
     r_in = reach(-1)
     table = {"data": (-r_in, r_in)}
-    for n in nodes:
-        out = n["name"][len("quantized_"):] + "_output"
-        if not n["name"].startswith("quantized_sg_mkldnn_") or out not in names:
+    for node, v in fused_ops(qsym, float_net, model).items():
+        out = node[len("quantized_"):] + "_output"
+        if out not in names:
             continue
-        layer = path_of.get(nodes[n["inputs"][1][0]]["name"], "")
-        if layer not in index:
-            raise ValueError(f"cannot map oneDNN's {out} (weight of {layer!r}) onto the learned ranges")
-        v = index[layer]
-        if n.get("attrs", {}).get("with_sum") == "true":  # conv + residual add (+ ReLU) fused: the add's output
-            v = next(i for i in readers[v] if isinstance(graph[i], Add))
         if _to_output(v, graph, readers):
             table[out] = (-logits, logits)
             continue
