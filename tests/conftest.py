@@ -134,24 +134,3 @@ def layerwise_codes(model, x, ref_engine, other_engine) -> tuple:
     other_engine(model, x, got, force=ref)
     return ref, got
 
-
-def onednn_codes(block, float_net, model, x) -> dict:
-    """What oneDNN's int8 graph ``block`` (``onednn.with_learned_ranges``) feeds each quantized layer of
-    ``model`` that reads a fused layer's output directly: ``{reader name: codes}``, comparable with the
-    codes ``engine.simulate(model, x, record)`` records."""
-    import numpy as np
-
-    from train_quantization.int8 import onednn
-    from train_quantization.int8.model import Conv, Dense
-
-    sym = block._cached_graph[1]
-    graph, readers = model.layers, model.readers()
-    wanted = {}
-    for node, v in onednn.fused_ops(sym, float_net, model).items():
-        first = [i for i in readers.get(v, []) if isinstance(graph[i], (Conv, Dense))]
-        if first:
-            wanted[graph[first[0]].name] = node
-    inter = sym.get_internals()
-    outs = mx.gluon.SymbolBlock(mx.sym.Group([inter[f"{n}_output"] for n in wanted.values()]),
-                                [mx.sym.var("data")], params=block.collect_params())(mx.nd.array(x))
-    return {name: o.asnumpy().astype(np.int32) for name, o in zip(wanted, outs)}

@@ -167,7 +167,6 @@ def test_mobilenet_through_the_clis(tmp_path):
 
 
 def _oneDNN_codes_equal_the_simulation(runs) -> None:
-    from conftest import onednn_codes
     from train_quantization import data as data_mod
     from train_quantization import variants
     from train_quantization.config import load_config
@@ -178,14 +177,15 @@ def _oneDNN_codes_equal_the_simulation(runs) -> None:
     m = variants.from_runs(str(runs / "f"), str(runs / "q"), cfg, ds, 256)
     block = onednn.with_learned_ranges(m.qat_float_graph, m.qat_net, m.shape, m.calib)
     x = engine.normalize(m.int8, ds.test_x[:200])
-    got = onednn_codes(block, m.qat_float_graph, m.int8, x)
+    got = onednn.layer_codes(block, m.qat_float_graph, m.int8, x)
     assert len(got) == 51  # every conv output but the last (pooled in float) and the classifier's
     rec = {}
     engine.simulate(m.int8, x, rec, force=got)  # each layer reads oneDNN's codes: one step of arithmetic
-    # measured: at most 3.5e-5 of a layer's codes differ, by 1 (float32 vs float64 at rounding ties); chained
-    # through the 52 layers such ties spread to 5 % of the deepest layer's codes, and to no top-1
+    # measured (benchmarks/onednn_codes.py, 2 runs): at most 3.5e-5 and 1.4e-4 of a layer's codes differ, by 1
+    # (float32 vs float64 at rounding ties); chained through the 52 layers such ties spread to 5-9 % of a deep
+    # layer's codes, and to no top-1. Before the fold and multiplier matched MXNet's: 1.5e-3 in the first layer
     for name, codes in got.items():
-        assert np.mean(codes != rec[name]) <= 2e-4 and np.abs(codes - rec[name]).max() <= 1, name
+        assert np.mean(codes != rec[name]) <= 5e-4 and np.abs(codes - rec[name]).max() <= 1, name
 
 
 def test_channel_shuffle_permutation_is_what_the_network_computes():

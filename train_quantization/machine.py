@@ -47,8 +47,8 @@ def has_vnni() -> bool:
 def onednn_vnni() -> bool:
     """Whether the ISA oneDNN dispatches (``onednn_isa``, so under ``DNNL_MAX_CPU_ISA`` too) has VNNI. Without
     it oneDNN's convolutions of int8 (signed) inputs compute other codes than the ``onednn`` scheme's
-    (measured with AVX2 and AVX512_CORE kernels: 11 % of a MobileNetV2 first layer's output codes, by up
-    to 2, and as many in every layer that reads a signed tensor); uint8-input layers stay exact."""
+    (``benchmarks/onednn_codes.py`` with AVX2 and AVX512_CORE kernels: 10-16 % of the codes of a
+    MobileNetV2's layers that read a signed tensor, by up to 24); uint8-input layers stay exact."""
     isa = onednn_isa()
     return "DL Boost" in isa or "AMX" in isa
 

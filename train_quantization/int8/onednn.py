@@ -194,6 +194,23 @@ def fused_ops(qsym: mx.sym.Symbol, float_net: gluon.HybridBlock, model: Int8Mode
     return out
 
 
+def layer_codes(block: gluon.SymbolBlock, float_net: gluon.HybridBlock, model: Int8Model, x: np.ndarray) -> dict:
+    """What the int8 graph ``block`` (``with_learned_ranges``) feeds each quantized layer of ``model`` that
+    reads a fused layer's output directly: ``{reader name: codes}``, comparable with the codes
+    ``engine.simulate(model, x, record)`` records (and usable as its ``force``)."""
+    sym = block._cached_graph[1]
+    graph, readers = model.layers, model.readers()
+    wanted = {}
+    for node, v in fused_ops(sym, float_net, model).items():
+        first = [i for i in readers.get(v, []) if isinstance(graph[i], (Conv, Dense))]
+        if first:
+            wanted[graph[first[0]].name] = node
+    inter = sym.get_internals()
+    outs = gluon.SymbolBlock(mx.sym.Group([inter[f"{n}_output"] for n in wanted.values()]),
+                             [mx.sym.var("data")], params=block.collect_params())(mx.nd.array(x))
+    return {name: o.asnumpy().astype(np.int32) for name, o in zip(wanted, outs)}
+
+
 def range_table(float_net: gluon.HybridBlock, qat_net: gluon.HybridBlock, input_shape: tuple,
                 qsym: mx.sym.Symbol, names: list, logits: float) -> dict:
     """oneDNN's calibration table from the learned ranges: each fused layer's output is found in
