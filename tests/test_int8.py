@@ -39,6 +39,39 @@ def test_multiplier_decomposition_error_and_rounding():
     assert out.tolist() == [[0, 2, 2, 0, -2, 127, -128]]
 
 
+def test_rounding_shift_is_exact_half_to_even_at_every_shift():
+    rng = np.random.default_rng(2)
+    for k in range(1, 63):
+        lim = max(1, min(50, 2**max(0, 61 - k)))  # ties (q + 1/2) * 2**k within |p| < 2**62
+        ties = (rng.integers(-lim, lim, 100, dtype=np.int64) << k) + (1 << (k - 1)) * rng.integers(-1, 2, 100)
+        p = np.concatenate([rng.integers(-2**62 + 1, 2**62 - 1, 300, dtype=np.int64), ties])
+        ref = []
+        for v in p.tolist():  # Python integers: q + 1 above half, and at half from an odd quotient
+            q, r = divmod(v, 2**k)
+            ref.append(q + (2 * r > 2**k or (2 * r == 2**k and q % 2 == 1)))
+        assert int8_model.rounding_shift(p, np.int64(k)).tolist() == ref, k
+
+
+def test_exact_gemm_chunks_bound_every_partial_sum_by_the_weights_l1():
+    """One chunk where ``max|a| * sum|b|`` of every column stays within 2**24 (the max-based bound would
+    cut 4,608 terms in five); inputs with the weights' signs reach the bound and the sum stays exact; larger
+    weights make more chunks, each within the bound."""
+    k = 4608
+    b = np.full((k, 2), 28.0, np.float32)
+    b[::3, 0] = -28.0
+    b[:, 1] = -b[:, 0]  # 128 * 28 * 4608 = 16,515,072 <= 2**24
+    a = np.stack([128 * np.sign(b[:, 0]), -128 * np.sign(b[:, 0])]).astype(np.float32)
+    assert engine.exact_chunks(b, 128) == [0, k]
+    ref = (a.astype(np.int64) @ b.astype(np.int64)).astype(np.float64)
+    assert np.abs(ref).max() == 128 * 28 * k and np.array_equal(engine.exact_gemm(a, b, [0, k]), ref)
+    b[:30, 0] = 127.0
+    chunks = engine.exact_chunks(b, 128)
+    assert len(chunks) == 3 and all(128 * np.abs(b[i:j]).sum(axis=0).max() <= 2**24 for i, j in zip(chunks, chunks[1:]))
+    a[0] = 128 * np.sign(b[:, 0])
+    ref = (a.astype(np.int64) @ b.astype(np.int64)).astype(np.float64)
+    assert ref[0, 0] > 2**24 and np.array_equal(engine.exact_gemm(a, b, chunks), ref)
+
+
 @pytest.mark.parametrize("kernel", engine.KERNELS)
 def test_integer_gemms_equal_int64_gemms(kernel):
     rng = np.random.default_rng(1)

@@ -18,9 +18,13 @@ goes into the next multiplier), and logits dequantized at the end only.
 
 The accumulators are exact integers either way (``kernel``): ``reference`` runs float64 BLAS (exact
 below 2**53); ``fast`` (the default) runs float32 BLAS on chunks of the reduction short enough that
-every partial sum stays below 2**24 (``exact_gemm``): a 3x3 conv over 512 channels sums 4,608 products
-of up to 127 * 128, beyond float32's integer range in one GEMM, so it takes five. Both give the same
-codes; the tests compare them code for code.
+every partial sum stays below 2**24 (``exact_chunks``, ``exact_gemm``): a partial sum is at most
+``max|code| * sum|w|`` over the chunk's weights of one output channel, so the chunks are set once per
+layer from its weight codes and input grid. A 3x3 conv over 512 channels (4,608 terms) needs five
+chunks with all-maximal weights, three with uniform random ones (mean |w| half the maximum), fewer as
+the weights concentrate near zero. The fast path also lays activations out
+channels-last for the im2col, keeps weights as prepared float32 matrices, and works in place. Both
+kernels give the same codes; the tests compare them code for code.
 """
 from __future__ import annotations
 
@@ -52,39 +56,106 @@ from .model import (
 # ----------------------------------------------------------------------------- kernels
 KERNELS = ("fast", "reference")
 F32_EXACT = 2**24  # float32 holds every integer up to 2**24
+try:  # scipy's OpenBLAS runs the tall, narrow GEMMs of convolutions faster than numpy's; optional
+    from scipy.linalg.blas import sgemm as _sgemm
+except ImportError:  # pragma: no cover - numpy's matmul gives the same (exact) integers
+    _sgemm = None
 
 
-def exact_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` of integer-valued float32 matrices, exactly, in float32 BLAS: the reduction is cut into
-    chunks of ``k`` terms with ``k * max|a| * max|b| <= 2**24``, so every partial sum a GEMM can form in
-    any order is an integer float32 holds exactly; the chunks are added in float64 (exact below 2**53).
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` in float32: scipy's sgemm on contiguous operands (as the transposed product
+    ``b.T @ a.T`` in Fortran order, no copies), else numpy."""
+    if _sgemm is None or not (a.flags.c_contiguous and b.flags.c_contiguous) or min(a.shape + b.shape) == 0:
+        return a @ b
+    return _sgemm(1.0, b.T, a.T).T
+
+
+def exact_chunks(b: np.ndarray, amax: float) -> list:
+    """Split points of the reduction of ``a @ b`` for integer-valued ``|a| <= amax``, so that every partial
+    sum a float32 GEMM can form is an integer float32 holds: within a chunk, each column's
+    ``amax * sum |b|`` stays within 2**24, and any partial sum (any order, any FMA) is at most that.
+    Weights are far from all-maximal, so the chunks are longer than the bound ``amax * max|b| * k`` allows.
+
+    >>> exact_chunks(np.full((4608, 2), 127.0), 128)  # all-maximal weights: 1,032 terms a chunk
+    [0, 1032, 2064, 3096, 4128, 4608]
+    >>> exact_chunks(np.full((4608, 2), 20.0), 128)
+    [0, 4608]
+    """
+    cum = np.zeros((b.shape[0] + 1, b.shape[1]), np.float64)
+    np.cumsum(np.abs(b), axis=0, dtype=np.float64, out=cum[1:])
+    limit = F32_EXACT / max(float(amax), 1.0)
+    out = [0]
+    while out[-1] < b.shape[0]:
+        s = out[-1]
+        reach = (cum[s + 1:] - cum[s]).max(axis=1)  # non-decreasing in the chunk's end
+        out.append(s + max(1, int(np.searchsorted(reach, limit, side="right"))))
+    return out
+
+
+def exact_gemm(a: np.ndarray, b: np.ndarray, chunks: Optional[list] = None,
+               bias: Optional[np.ndarray] = None) -> np.ndarray:
+    """``a @ b (+ bias)`` of integer-valued float32 matrices, exactly, in float32 BLAS: the reduction runs in
+    ``chunks`` (``exact_chunks``; by default from ``max|a|``), whose results are added in float64 (exact
+    below 2**53).
 
     >>> a = np.full((1, 4608), 127, np.float32); b = np.full((4608, 1), 127, np.float32); b[0] = 126
     >>> int(exact_gemm(a, b)[0, 0]) == 127 * 127 * 4607 + 127 * 126
     True
     """
-    top = float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0))
-    k_all = a.shape[1]
-    k = k_all if top == 0 else max(1, int(F32_EXACT // top))
-    if k >= k_all:
-        return (a @ b).astype(np.float64)
-    out = np.zeros((a.shape[0], b.shape[1]), np.float64)
-    for i in range(0, k_all, k):
-        out += a[:, i:i + k] @ b[i:i + k]
+    if chunks is None:
+        chunks = exact_chunks(b, float(np.abs(a).max(initial=0)))
+    out = None
+    for i, j in zip(chunks[:-1], chunks[1:]):
+        part = _matmul(a, b) if j - i == a.shape[1] else a[:, i:j] @ b[i:j]
+        if out is None:  # the first chunk becomes the float64 result (with the bias) in one pass
+            out = part.astype(np.float64) if bias is None else np.add(part, bias, dtype=np.float64)
+        else:
+            out += part
     return out
 
 
+@dataclass
+class _Gemm:
+    """A quantized layer's weight codes prepared for ``exact_gemm``: the float32 (K, O) operand and its
+    chunks for inputs within ``amax``."""
+
+    w: np.ndarray
+    chunks: list
+    amax: float
+
+
+_PREPARED: dict = {}  # id(weight codes) -> (codes, _Gemm); weights are prepared once per array
+
+
+def _prepared(w: np.ndarray, amax: float) -> _Gemm:
+    """The ``_Gemm`` of int weight codes ``w`` (O, ...), cached by array identity (replace an op's ``w``
+    rather than writing into it); conv weights are laid out (kh, kw, C) along K, as ``_conv2d_fast``."""
+    hit = _PREPARED.get(id(w))
+    if hit is not None and hit[0] is w and hit[1].amax >= amax:
+        return hit[1]
+    wm = np.asarray(w, np.float32)
+    wm = np.ascontiguousarray(wm.transpose(2, 3, 1, 0).reshape(-1, wm.shape[0]) if wm.ndim == 4 else wm.T)
+    g = _Gemm(wm, exact_chunks(wm, amax), float(amax))
+    if len(_PREPARED) > 512:
+        _PREPARED.clear()
+    _PREPARED[id(w)] = (w, g)
+    return g
+
+
 def conv2d_int(x: np.ndarray, w: np.ndarray, pad: int, stride: int = 1, groups: int = 1,
-               kernel: str = "reference") -> np.ndarray:
-    """Exact integer convolution of integer-valued arrays via im2col + GEMM (per group): ``reference``
-    in float64, ``fast`` in float32 with ``exact_gemm`` (the same integers).
+               kernel: str = "reference", bias: Optional[np.ndarray] = None, amax: Optional[float] = None
+               ) -> np.ndarray:
+    """Exact integer convolution (plus ``bias``) of integer-valued arrays via im2col + GEMM (per group):
+    ``reference`` in float64, ``fast`` in float32 with ``exact_gemm`` for inputs within ``amax`` (by
+    default ``max|x|``). The same integers either way.
 
     ``x``: (N, C, H, W), ``w``: (O, C / groups, kh, kw) -> (N, O, H', W') float64 with integral values.
     """
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     if kernel == "fast" and groups == 1:
-        return _conv2d_fast(x, w, pad, stride)
+        top = float(np.abs(x).max(initial=0)) if amax is None else amax
+        return _conv2d_fast(x, _prepared(w, top), (kh, kw), pad, stride, bias)
     dtype = np.float32 if kernel == "fast" else np.float64
     xp = np.pad(np.asarray(x, dtype), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
@@ -97,31 +168,41 @@ def conv2d_int(x: np.ndarray, w: np.ndarray, pad: int, stride: int = 1, groups: 
         out = np.einsum("pgk,gok->pgo", cols.astype(np.float64), wg.astype(np.float64))
     else:
         out = exact_gemm(cols[:, 0], wg[0].T) if kernel == "fast" else cols[:, 0] @ wg[0].T
-    return out.reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
+    out = out.reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
+    return out if bias is None else out + np.asarray(bias, np.float64).reshape(1, -1, 1, 1)
 
 
-def _conv2d_fast(x: np.ndarray, w: np.ndarray, pad: int, stride: int) -> np.ndarray:
+def _conv2d_fast(x: np.ndarray, g: _Gemm, k: tuple, pad: int, stride: int,
+                 bias: Optional[np.ndarray]) -> np.ndarray:
     """``conv2d_int``'s fast path: im2col on channels-last data, so each gathered run is ``C`` contiguous
     values (on NCHW the gather reads one value per stride and costs as much as the GEMM), then
     ``exact_gemm``. The result is a channels-first view, as ``conv2d_int`` returns."""
     n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    xp = np.zeros((n, h + 2 * pad, wd + 2 * pad, c), np.float32)
-    xp[:, pad:pad + h, pad:pad + wd] = x.transpose(0, 2, 3, 1)
+    (kh, kw), o = k, g.w.shape[1]
     ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
-    s = xp.strides
-    cols = np.lib.stride_tricks.as_strided(
-        xp, (n, ho, wo, kh, kw, c), (s[0], s[1] * stride, s[2] * stride, s[1], s[2], s[3]),
-        writeable=False).reshape(n * ho * wo, kh * kw * c)
-    wm = np.asarray(w, np.float32).transpose(2, 3, 1, 0).reshape(kh * kw * c, o)
-    return exact_gemm(cols, wm).reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
+    if kh == kw == 1 and pad == 0:
+        cols = np.ascontiguousarray(x[:, :, ::stride, ::stride].transpose(0, 2, 3, 1), np.float32)
+    else:
+        xp = np.zeros((n, h + 2 * pad, wd + 2 * pad, c), np.float32)
+        xp[:, pad:pad + h, pad:pad + wd] = x.transpose(0, 2, 3, 1)
+        s = xp.strides
+        cols = np.lib.stride_tricks.as_strided(
+            xp, (n, ho, wo, kh, kw, c), (s[0], s[1] * stride, s[2] * stride, s[1], s[2], s[3]), writeable=False)
+    b = None if bias is None else np.asarray(bias, np.float64)
+    return exact_gemm(cols.reshape(n * ho * wo, kh * kw * c), g.w, g.chunks, b).reshape(
+        n, ho, wo, o).transpose(0, 3, 1, 2)
 
 
-def dense_int(x: np.ndarray, w: np.ndarray, kernel: str = "reference") -> np.ndarray:
-    """Exact integer matrix product ``x @ w.T``: ``reference`` float64 GEMM, ``fast`` ``exact_gemm``."""
+def dense_int(x: np.ndarray, w: np.ndarray, kernel: str = "reference", bias: Optional[np.ndarray] = None,
+              amax: Optional[float] = None) -> np.ndarray:
+    """Exact integer matrix product ``x @ w.T (+ bias)``: ``reference`` float64 GEMM, ``fast`` ``exact_gemm``
+    for inputs within ``amax`` (by default ``max|x|``)."""
+    b = None if bias is None else np.asarray(bias, np.float64)
     if kernel == "fast":
-        return exact_gemm(np.asarray(x, np.float32), np.asarray(w, np.float32).T)
-    return np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+        g = _prepared(w, float(np.abs(x).max(initial=0)) if amax is None else amax)
+        return exact_gemm(np.asarray(x, np.float32), g.w, g.chunks, b)
+    out = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    return out if b is None else out + b
 
 
 def maxpool(x: np.ndarray, size: int, stride: int, ceil: bool) -> np.ndarray:
@@ -138,17 +219,18 @@ def maxpool(x: np.ndarray, size: int, stride: int, ceil: bool) -> np.ndarray:
     return win.max(axis=(4, 5))
 
 
-def _accumulate(op: Conv | Dense, codes: np.ndarray, kernel: str) -> np.ndarray:
+def _accumulate(op: Conv | Dense, codes: np.ndarray, kernel: str, amax: float) -> np.ndarray:
+    """The layer's exact accumulators plus its int32 bias, float64; ``amax`` bounds ``|codes|``."""
     if isinstance(op, Conv):
-        acc = conv2d_int(codes, op.w, op.pad, op.stride, op.groups, kernel)
-        return acc + op.b.astype(np.float64).reshape(1, -1, 1, 1)
-    return dense_int(codes, op.w, kernel) + op.b.astype(np.float64)
+        return conv2d_int(codes, op.w, op.pad, op.stride, op.groups, kernel, op.b, amax)
+    return dense_int(codes, op.w, kernel, op.b, amax)
 
 
 def input_codes(grid: InGrid, x: np.ndarray) -> np.ndarray:
     """``clip(round(x / s_a), qmin, qmax)`` in float32 (bit-identical to the training graph)."""
-    x = np.asarray(x, np.float32)
-    return np.clip(np.rint(x / np.float32(grid.scale)), grid.qmin, grid.qmax)
+    q = np.divide(x, np.float32(grid.scale), dtype=np.float32)  # float64 x is rounded to float32 first
+    np.rint(q, out=q)
+    return np.clip(q, grid.qmin, grid.qmax, out=q)
 
 
 def normalize(model: Int8Model, images_nhwc_uint8: np.ndarray) -> np.ndarray:
@@ -201,14 +283,18 @@ class _Run:
 def _quantized(r: _Run, op: Conv | Dense, ins: list) -> tuple:
     v = _flatten(ins[0]) if isinstance(op, Dense) and ins[0][0].ndim > 2 else ins[0]
     codes = _codes(op.act, v)
+    amax = float(max(-op.act.qmin, op.act.qmax))
     if r.record is not None:
         r.record[op.name] = codes.astype(np.int32)
     if r.force is not None and op.name in r.force:
         codes = r.force[op.name]
-    acc = _accumulate(op, codes, r.kernel)
+        amax = float(np.abs(codes).max(initial=0))
+    acc = _accumulate(op, codes, r.kernel, amax)
     scale = (op.w_scale.astype(np.float64) * np.float64(op.act.scale)).reshape(
         (1, -1, 1, 1) if isinstance(op, Conv) else (1, -1))
-    return (np.rint(acc).astype(np.int64), scale) if r.integer else (acc * scale, None)
+    if r.integer:  # the accumulators are exact integers: the cast does not round
+        return acc.astype(np.int64), scale
+    return np.multiply(acc, scale, out=acc), None
 
 
 ADD_FRAC_BITS = 20  # sums stay below 2**28, so the next requantization (times m0 < 2**31) fits int64
@@ -308,8 +394,8 @@ def _run(model: Int8Model, x: np.ndarray, r: _Run) -> np.ndarray:
         if handler is None:
             raise ValueError(f"the numpy engines cannot run op type {op.type!r}")
         out = handler(r, op, [vals[j] for j in op.inputs])
-        if getattr(op, "relu", False):
-            out = (np.maximum(out[0], 0), out[1])
+        if getattr(op, "relu", False):  # the ops with a ReLU return arrays of their own: in place
+            out = (np.maximum(out[0], 0, out=out[0]), out[1])
         vals[i] = out
         for j in op.inputs:
             if last[j] == i and j != -1:

@@ -304,18 +304,21 @@ def quantize_multiplier(m: np.ndarray) -> tuple:
 
 
 def rounding_shift(p: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """``round(p / 2**k)`` for int64 ``p`` and ``k >= 1``, ties to even (the project convention).
+    """``round(p / 2**k)`` for int64 ``|p| < 2**62`` and ``1 <= k <= 62``, ties to even (the project
+    convention): ``(p + 2**(k-1) - 1 + floor(p / 2**k) mod 2) >> k`` rounds a remainder above half up and
+    a tie up only from an odd quotient.
 
     >>> rounding_shift(np.array([5, 6, 7, -5, -6, -7, 10]), np.array(2)).tolist()
     [1, 2, 2, -1, -2, -2, 2]
     """
     p = np.asarray(p, dtype=np.int64)
     k = np.asarray(k, dtype=np.int64)
-    q = p >> k  # floor
-    rem = p - (q << k)
-    half = np.int64(1) << (k - 1)
-    up = (rem > half) | ((rem == half) & (q & 1 == 1))
-    return q + up
+    out = p >> k
+    out &= 1
+    out += (np.int64(1) << (k - 1)) - 1
+    out += p
+    out >>= k
+    return out
 
 
 def requantize(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray, qmin: int, qmax: int,
@@ -329,18 +332,19 @@ def requantize(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray, qmin: int, qm
     >>> requantize(np.array([[1000, 3]]), m0, sh, -128, 127).tolist()
     [[0, 12]]
     """
-    shape = [1] * acc.ndim
+    shape = [1] * np.ndim(acc)
     shape[channel_axis] = -1
     m0 = np.asarray(m0, np.int64).reshape(shape)
     k = (31 - np.asarray(shift, np.int64)).reshape(shape)
-    acc = acc.astype(np.int64)
-    if np.abs(acc).max(initial=0) >= 2**31:
+    acc = np.asarray(acc, np.int64)
+    if acc.size and max(acc.max(), -acc.min()) >= 2**31:
         raise ValueError("requantize: accumulators must stay below 2**31 (their product with m0 below 2**62)")
     out = rounding_shift(acc * m0, np.clip(k, 1, 62))
-    out = np.where(k > 62, 0, out)
+    if np.any(k > 62):
+        out = np.where(k > 62, 0, out)
     if np.any(k < 1):  # multipliers of 1 and more: exact products, saturated
         out = np.where(k < 1, np.clip(acc * (m0 * 2.0 ** (1 - np.minimum(k, 1))) / 2, qmin, qmax), out)
-    return np.clip(out, qmin, qmax).astype(np.int64)
+    return np.clip(out, qmin, qmax, out=out) if out.dtype == np.int64 else np.clip(out, qmin, qmax).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- artifact
