@@ -107,10 +107,15 @@ def build(models: Models, keys: Optional[list] = None) -> dict:
     return out
 
 
+SETTLE_S = 0.3  # seconds between timed variants
+
+
 def speeds(fns: dict, x: np.ndarray, repeats: int = 5) -> dict:
     """Median images/s at batch 64 and median latency (ms) at batch 1 of each ``{key: f}``, timed in
     this process after a warm-up, alternating between the variants ``repeats`` times (a numpy
-    engine runs 1 batch and 2 single images per repeat, the others 5 and 20)."""
+    engine runs 3 batches and 4 single images per repeat, the others 5 and 20). Each variant starts
+    after a pause of ``SETTLE_S``: the previous runtime's idle worker threads spin-wait for a while
+    (OpenMP, ONNX Runtime) and would take the cores from the next."""
     b64 = np.concatenate([x] * (64 // len(x) + 1))[:64]
     b1 = x[:1]
     for f in fns.values():
@@ -120,7 +125,8 @@ def speeds(fns: dict, x: np.ndarray, repeats: int = 5) -> dict:
     lat: dict = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            n64, n1 = (1, 2) if BY_KEY.get(k, VARIANTS[0]).numpy else (5, 20)
+            n64, n1 = (3, 4) if BY_KEY.get(k, VARIANTS[0]).numpy else (5, 20)
+            time.sleep(SETTLE_S)
             t = time.perf_counter()
             for _ in range(n64):
                 f(b64)
