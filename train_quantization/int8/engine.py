@@ -125,6 +125,7 @@ class _Gemm:
 
 
 _PREPARED: dict = {}  # id(weight codes) -> (codes, _Gemm); weights are prepared once per array
+PREPARED_MAX_BYTES = 2**28  # the cache starts over beyond this (a full-width VGG16 takes 60 MB)
 
 
 def _prepared(w: np.ndarray, amax: float) -> _Gemm:
@@ -136,7 +137,7 @@ def _prepared(w: np.ndarray, amax: float) -> _Gemm:
     wm = np.asarray(w, np.float32)
     wm = np.ascontiguousarray(wm.transpose(2, 3, 1, 0).reshape(-1, wm.shape[0]) if wm.ndim == 4 else wm.T)
     g = _Gemm(wm, exact_chunks(wm, amax), float(amax))
-    if len(_PREPARED) > 512:
+    if sum(e[1].w.nbytes for e in _PREPARED.values()) + wm.nbytes > PREPARED_MAX_BYTES:
         _PREPARED.clear()
     _PREPARED[id(w)] = (w, g)
     return g
