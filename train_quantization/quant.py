@@ -237,8 +237,7 @@ def weight_scale(F: Any, w: Any, divisor: float, per_channel: bool, ndim: int) -
 
     Per tensor: shape (1,)*ndim; per channel: (C, 1, ...). Zero maxima give scale 1.
     """
-    m = _abs_max(F, w, per_channel, ndim)
-    return F.where(m > 0, m / float(divisor), F.ones_like(m))
+    return weight_scales(F, w, divisor, per_channel, ndim)[0]
 
 
 def weight_scales(F: Any, w: Any, divisor: float, per_channel: bool, ndim: int,

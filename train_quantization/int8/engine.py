@@ -106,7 +106,7 @@ def exact_gemm(a: np.ndarray, b: np.ndarray, chunks: Optional[list] = None,
         chunks = exact_chunks(b, float(np.abs(a).max(initial=0)))
     out = None
     for i, j in zip(chunks[:-1], chunks[1:]):
-        part = _matmul(a, b) if j - i == a.shape[1] else a[:, i:j] @ b[i:j]
+        part = _matmul(a[:, i:j], b[i:j])
         if out is None:  # the first chunk becomes the float64 result (with the bias) in one pass
             out = part.astype(np.float64) if bias is None else np.add(part, bias, dtype=np.float64)
         else:
@@ -128,9 +128,12 @@ _PREPARED: dict = {}  # id(weight codes) -> (codes, _Gemm); weights are prepared
 PREPARED_MAX_BYTES = 2**28  # the cache starts over beyond this (a full-width VGG16 takes 60 MB)
 
 
-def _prepared(w: np.ndarray, amax: float) -> _Gemm:
-    """The ``_Gemm`` of int weight codes ``w`` (O, ...), cached by array identity (replace an op's ``w``
-    rather than writing into it); conv weights are laid out (kh, kw, C) along K, as ``_conv2d_fast``."""
+def _prepared(w: np.ndarray, x: np.ndarray, amax: Optional[float]) -> _Gemm:
+    """The ``_Gemm`` of int weight codes ``w`` (O, ...) for inputs ``x`` within ``amax`` (default
+    ``max|x|``), cached by array identity (replace an op's ``w`` rather than writing into it); conv weights
+    are laid out (kh, kw, C) along K, as ``_conv2d_fast``."""
+    if amax is None:
+        amax = float(np.abs(x).max(initial=0))
     hit = _PREPARED.get(id(w))
     if hit is not None and hit[0] is w and hit[1].amax >= amax:
         return hit[1]
@@ -155,8 +158,7 @@ def conv2d_int(x: np.ndarray, w: np.ndarray, pad: int, stride: int = 1, groups: 
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     if kernel == "fast" and groups == 1:
-        top = float(np.abs(x).max(initial=0)) if amax is None else amax
-        return _conv2d_fast(x, _prepared(w, top), (kh, kw), pad, stride, bias)
+        return _conv2d_fast(x, _prepared(w, x, amax), (kh, kw), pad, stride, bias)
     dtype = np.float32 if kernel == "fast" else np.float64
     xp = np.pad(np.asarray(x, dtype), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
@@ -170,7 +172,7 @@ def conv2d_int(x: np.ndarray, w: np.ndarray, pad: int, stride: int = 1, groups: 
     else:
         out = exact_gemm(cols[:, 0], wg[0].T) if kernel == "fast" else cols[:, 0] @ wg[0].T
     out = out.reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
-    return out if bias is None else out + np.asarray(bias, np.float64).reshape(1, -1, 1, 1)
+    return out if bias is None else out + np.reshape(bias, (1, -1, 1, 1))
 
 
 def _conv2d_fast(x: np.ndarray, g: _Gemm, k: tuple, pad: int, stride: int,
@@ -189,8 +191,7 @@ def _conv2d_fast(x: np.ndarray, g: _Gemm, k: tuple, pad: int, stride: int,
         s = xp.strides
         cols = np.lib.stride_tricks.as_strided(
             xp, (n, ho, wo, kh, kw, c), (s[0], s[1] * stride, s[2] * stride, s[1], s[2], s[3]), writeable=False)
-    b = None if bias is None else np.asarray(bias, np.float64)
-    return exact_gemm(cols.reshape(n * ho * wo, kh * kw * c), g.w, g.chunks, b).reshape(
+    return exact_gemm(cols.reshape(n * ho * wo, kh * kw * c), g.w, g.chunks, bias).reshape(
         n, ho, wo, o).transpose(0, 3, 1, 2)
 
 
@@ -198,12 +199,11 @@ def dense_int(x: np.ndarray, w: np.ndarray, kernel: str = "reference", bias: Opt
               amax: Optional[float] = None) -> np.ndarray:
     """Exact integer matrix product ``x @ w.T (+ bias)``: ``reference`` float64 GEMM, ``fast`` ``exact_gemm``
     for inputs within ``amax`` (by default ``max|x|``)."""
-    b = None if bias is None else np.asarray(bias, np.float64)
     if kernel == "fast":
-        g = _prepared(w, float(np.abs(x).max(initial=0)) if amax is None else amax)
-        return exact_gemm(np.asarray(x, np.float32), g.w, g.chunks, b)
+        g = _prepared(w, x, amax)
+        return exact_gemm(np.asarray(x, np.float32), g.w, g.chunks, bias)
     out = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
-    return out if b is None else out + b
+    return out if bias is None else out + bias
 
 
 def maxpool(x: np.ndarray, size: int, stride: int, ceil: bool) -> np.ndarray:
@@ -220,8 +220,9 @@ def maxpool(x: np.ndarray, size: int, stride: int, ceil: bool) -> np.ndarray:
     return win.max(axis=(4, 5))
 
 
-def _accumulate(op: Conv | Dense, codes: np.ndarray, kernel: str, amax: float) -> np.ndarray:
-    """The layer's exact accumulators plus its int32 bias, float64; ``amax`` bounds ``|codes|``."""
+def _accumulate(op: Conv | Dense, codes: np.ndarray, kernel: str, amax: Optional[float]) -> np.ndarray:
+    """The layer's exact accumulators plus its int32 bias, float64; ``amax`` bounds ``|codes|`` (None:
+    measured)."""
     if isinstance(op, Conv):
         return conv2d_int(codes, op.w, op.pad, op.stride, op.groups, kernel, op.b, amax)
     return dense_int(codes, op.w, kernel, op.b, amax)
@@ -284,12 +285,11 @@ class _Run:
 def _quantized(r: _Run, op: Conv | Dense, ins: list) -> tuple:
     v = _flatten(ins[0]) if isinstance(op, Dense) and ins[0][0].ndim > 2 else ins[0]
     codes = _codes(op.act, v)
-    amax = float(max(-op.act.qmin, op.act.qmax))
+    amax: Optional[float] = float(max(-op.act.qmin, op.act.qmax))  # the grid bounds the codes
     if r.record is not None:
         r.record[op.name] = codes.astype(np.int32)
     if r.force is not None and op.name in r.force:
-        codes = r.force[op.name]
-        amax = float(np.abs(codes).max(initial=0))
+        codes, amax = r.force[op.name], None
     acc = _accumulate(op, codes, r.kernel, amax)
     scale = (op.w_scale.astype(np.float64) * np.float64(op.act.scale)).reshape(
         (1, -1, 1, 1) if isinstance(op, Conv) else (1, -1))

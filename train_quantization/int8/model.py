@@ -343,8 +343,9 @@ def requantize(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray, qmin: int, qm
     if np.any(k > 62):
         out = np.where(k > 62, 0, out)
     if np.any(k < 1):  # multipliers of 1 and more: exact products, saturated
-        out = np.where(k < 1, np.clip(acc * (m0 * 2.0 ** (1 - np.minimum(k, 1))) / 2, qmin, qmax), out)
-    return np.clip(out, qmin, qmax, out=out) if out.dtype == np.int64 else np.clip(out, qmin, qmax).astype(np.int64)
+        exact = np.clip(acc * (m0 * 2.0 ** (1 - np.minimum(k, 1))) / 2, qmin, qmax).astype(np.int64)
+        out = np.where(k < 1, exact, out)
+    return np.clip(out, qmin, qmax, out=out)
 
 
 # ----------------------------------------------------------------------------- artifact
