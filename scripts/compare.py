@@ -53,6 +53,7 @@ def main() -> None:
     n = args.limit or len(ds.test_x)
     x, labels = engine.normalize(m.int8, ds.test_x[:n]), ds.test_y[:n]
     rows, preds = variants.evaluate(fns, x, labels, args.batches)
+    variants.kernel_agreement(m, x, rows, preds)
     out = {"float_run": str(args.float_run), "qat_run": str(qrun), "images": n, "calib_images": args.calib,
            "machine": machine.facts(), "onnx_target": onnx_export.resolve_target(args.onnx_target),
            "int8_over_float_b64": variants.int8_over_float({r["key"]: r for r in rows}),

@@ -89,6 +89,41 @@ def test_integer_gemms_equal_int64_gemms(kernel):
     assert np.array_equal(engine.dense_int(a, b, kernel), ref)
 
 
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_s16_pairs_saturate_each_pair_of_input_channels(kind):
+    """oneDNN's u8 x s8 kernels without VNNI: ``sum_k sat16(x_2k w_2k + x_2k+1 w_2k+1)`` per kernel tap,
+    against an int64 reference over every pair (an odd last channel pairs with zero)."""
+    rng = np.random.default_rng(5)
+    c = 5
+    x = rng.integers(0, 256, (3, c, 6, 6)).astype(np.float32)
+    w = rng.integers(-128, 128, (4, c, 3, 3)).astype(np.int8)
+    w[:2, :2] = 127  # channels 0 and 1 of outputs 0 and 1: pairs up to 255 * 254
+    w[2, :2] = -128
+    grid = int8_model.InGrid(0.1, 0, 255)
+    common = dict(name="l", inputs=[-1], act=grid, w_scale=np.ones(4), b=np.arange(4, dtype=np.int32),
+                  b_float=np.zeros(4, np.float32))
+    if kind == "dense":
+        x, w = x[:, :, 2, 2], w[:, :, 1, 1]
+        op = int8_model.Dense(w=w, **common)
+        cols = x[:, None, :, None]  # (N, positions, C, taps)
+        wt = w[:, :, None]
+    else:
+        op = int8_model.Conv(w=w, kernel=3, pad=1, stride=2, **common)
+        xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        cols = np.stack([xp[:, :, i:i + 6:2, j:j + 6:2] for i in range(3) for j in range(3)], -1)  # N C 3 3 9
+        cols = cols.transpose(0, 2, 3, 1, 4).reshape(3, 9, c, 9)
+        wt = w.reshape(4, c, 9)
+    prod = cols[:, :, None].astype(np.int64) * wt[None, None].astype(np.int64)  # N, P, O, C, taps
+    prod = np.concatenate([prod, np.zeros_like(prod[:, :, :, :1])], 3)  # C even
+    want = np.clip(prod[:, :, :, 0:c:2] + prod[:, :, :, 1:c + 1:2], -32768, 32767).sum((3, 4)) + op.b
+    plain = engine._accumulate(op, x, "reference", None)
+    sat = engine._accumulate(dataclasses.replace(op, s16_pairs=True), x, "reference", None)
+    if kind == "conv":
+        sat, plain = (a.transpose(0, 2, 3, 1).reshape(3, 9, 4) for a in (sat, plain))
+    assert np.array_equal(sat.reshape(want.shape), want)
+    assert (plain != sat).sum() >= 3 and np.all(plain[..., 0] >= sat.reshape(plain.shape)[..., 0])
+
+
 def test_float32_accumulation_would_be_wrong_but_ours_is_exact():
     # a 3x3 conv over 512 channels: 4,608 products of up to 127*128, near 2**26 in all
     x = np.full((1, 512, 3, 3), 127.0)

@@ -46,9 +46,8 @@ def has_vnni() -> bool:
 
 def onednn_vnni() -> bool:
     """Whether the ISA oneDNN dispatches (``onednn_isa``, so under ``DNNL_MAX_CPU_ISA`` too) has VNNI. Without
-    it oneDNN's convolutions of int8 (signed) inputs compute other codes than the ``onednn`` scheme's
-    (``benchmarks/onednn_codes.py`` with AVX2 and AVX512_CORE kernels: 10-16 % of the codes of a
-    MobileNetV2's layers that read a signed tensor, by up to 24); uint8-input layers stay exact."""
+    it oneDNN's convolutions of int8 (signed) inputs run on weights scaled by 0.5, so on other codes than the
+    ``onednn`` scheme's (``onednn.kernel_model`` computes them); uint8-input layers keep theirs."""
     isa = onednn_isa()
     return "DL Boost" in isa or "AMX" in isa
 

@@ -207,6 +207,19 @@ def evaluate(fns: dict, x: np.ndarray, labels: np.ndarray, repeats: int) -> tupl
     return rows, preds
 
 
+def kernel_agreement(m: Models, x: np.ndarray, rows: list, preds: dict) -> None:
+    """Add to the oneDNN row ``agree_kernel_sim``: its top-1 agreement with the simulation of the arithmetic
+    this CPU's oneDNN kernels run (``onednn.kernel_model``; the artifact's simulation on a CPU with VNNI)."""
+    if "onednn" not in preds or "sim" not in preds:
+        return
+    kernels = onednn.kernel_model(m.qat_net, m.int8)
+    sim = preds["sim"] if kernels is m.int8 else np.concatenate(
+        [kernels.simulate(x[i:i + 250]) for i in range(0, len(x), 250)]).argmax(1)
+    for r in rows:
+        if r["key"] == "onednn":
+            r["agree_kernel_sim"] = float((preds["onednn"] == sim).mean())
+
+
 def write_comparison(run: Path, out: dict, preds: dict, labels: np.ndarray) -> str:
     """``compare.json`` (``out``), ``predictions.npz`` (every variant's top-1, for report.py's disagreement
     matrix) and ``compare.md`` into the QAT run folder; returns the markdown table."""
@@ -218,5 +231,10 @@ def write_comparison(run: Path, out: dict, preds: dict, labels: np.ndarray) -> s
                         names=np.array([BY_KEY[k].name for k in preds]))
     os.replace(tmp, run / "predictions.npz")
     text = table(out["rows"], accuracy=True)
+    kernel = [r["agree_kernel_sim"] for r in out["rows"] if "agree_kernel_sim" in r]
+    if kernel:
+        text += ("\n\noneDNN int8 = the simulation of this CPU's oneDNN kernels (without VNNI: int8-input "
+                 "convolutions on even weight codes, products summed in pairs in int16; onednn.kernel_model): "
+                 f"{100 * kernel[0]:.2f} %")
     (run / "compare.md").write_text(text + "\n")
     return text

@@ -224,8 +224,39 @@ def _accumulate(op: Conv | Dense, codes: np.ndarray, kernel: str, amax: Optional
     """The layer's exact accumulators plus its int32 bias, float64; ``amax`` bounds ``|codes|`` (None:
     measured)."""
     if isinstance(op, Conv):
-        return conv2d_int(codes, op.w, op.pad, op.stride, op.groups, kernel, op.b, amax)
-    return dense_int(codes, op.w, kernel, op.b, amax)
+        acc = conv2d_int(codes, op.w, op.pad, op.stride, op.groups, kernel, op.b, amax)
+    else:
+        acc = dense_int(codes, op.w, kernel, op.b, amax)
+    if op.s16_pairs:
+        _saturate_pairs(op, codes, acc)
+    return acc
+
+
+S16_MAX = 32767
+
+
+def _saturate_pairs(op: Conv | Dense, codes: np.ndarray, acc: np.ndarray) -> None:
+    """Add to ``acc`` (in place) what int16 saturation takes from each pair sum
+    ``p = x[2k] w[2k] + x[2k+1] w[2k+1]`` (input channels 2k and 2k+1 at one kernel tap):
+    ``clip(p, -32768, 32767) - p``. Only the pairs whose weights can reach the bound are computed."""
+    if isinstance(op, Conv) and op.groups != 1:
+        return  # depthwise and grouped kernels widen to int16 before multiplying: no pair sums
+    w = op.w.astype(np.int64)
+    pad, stride = (op.pad, op.stride) if isinstance(op, Conv) else (0, 1)
+    if w.ndim == 2:  # a fully connected layer: a 1x1 convolution of a 1x1 input
+        w, codes, acc = w[:, :, None, None], codes[:, :, None, None], acc[:, :, None, None]
+    c = w.shape[1]
+    xmax = float(np.abs(codes).max(initial=0))
+    risky = (np.abs(w[:, 0:c - 1:2]) + np.abs(w[:, 1:c:2])) * xmax > S16_MAX  # (O, C // 2, kh, kw)
+    if not risky.any():
+        return
+    xp = np.pad(codes.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    ho, wo = acc.shape[2:]
+    for k, i, j in zip(*np.nonzero(risky.any(axis=0))):
+        outs = np.nonzero(risky[:, k, i, j])[0]
+        xa, xb = (xp[:, 2 * k + d, None, i:i + stride * ho:stride, j:j + stride * wo:stride] for d in (0, 1))
+        p = xa * w[outs, 2 * k, i, j, None, None] + xb * w[outs, 2 * k + 1, i, j, None, None]
+        acc[:, outs] += np.clip(p, -S16_MAX - 1, S16_MAX) - p
 
 
 def input_codes(grid: InGrid, x: np.ndarray) -> np.ndarray:

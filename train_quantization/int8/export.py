@@ -65,9 +65,11 @@ def _grid(block: gluon.Block, s_a: Optional[nd.NDArray] = None) -> InGrid:
     return InGrid(float(s_a.asscalar()), lo, hi, block.spec.act_bits)
 
 
-def _quantized(block: gluon.Block, name: str, inputs: list) -> Conv | Dense:
+def folded(block: gluon.Block) -> tuple:
+    """``(w_f, b_f, s_w, multiplier)`` of a quantized layer as its training graph computes them (``mx.nd``):
+    BatchNorm folded into the weights and bias, the weight scale (the learned step, or from ``max|w|``) and the
+    float32 number the scheme multiplies the weights by before rounding (None: it divides by ``s_w``)."""
     q = block.spec
-    qmin, qmax, w_div = quant.weight_grid(q.weight_bits, q.scheme)
     w = block.weight.data()
     conv = isinstance(block, (QConv2DBN, QConv2D))
     if isinstance(block, QConv2DBN):
@@ -78,9 +80,17 @@ def _quantized(block: gluon.Block, name: str, inputs: list) -> Conv | Dense:
         w_f, b_f = w, block.bias.data() if getattr(block, "bias", None) is not None else nd.zeros(w.shape[0])
     ndim = 4 if conv else 2
     if q.range == "lsq":  # the learned step
-        s_w, mult = block.weight_step.data().reshape((-1,) + (1,) * (ndim - 1)), None
-    else:
-        s_w, mult = quant.weight_scales(nd, w_f, w_div, q.per_channel, ndim, q.mxnet_arithmetic)
+        return w_f, b_f, block.weight_step.data().reshape((-1,) + (1,) * (ndim - 1)), None
+    _, _, w_div = quant.weight_grid(q.weight_bits, q.scheme)
+    return (w_f, b_f) + quant.weight_scales(nd, w_f, w_div, q.per_channel, ndim, q.mxnet_arithmetic)
+
+
+def _quantized(block: gluon.Block, name: str, inputs: list) -> Conv | Dense:
+    q = block.spec
+    qmin, qmax, _ = quant.weight_grid(q.weight_bits, q.scheme)
+    w = block.weight.data()
+    conv = isinstance(block, (QConv2DBN, QConv2D))
+    w_f, b_f, s_w, mult = folded(block)
     codes = quant.weight_codes(nd, w_f, s_w, mult, qmin, qmax)
     s_a = _act_scale(block)
     s_b = nd.broadcast_mul(s_w.reshape((-1,)), s_a)

@@ -69,6 +69,9 @@ class _Weighted:
     relu: bool = False
     weight_bits: int = 8
     per_channel: bool = False
+    # products of input channels 2k and 2k+1 summed in int16, saturating, before the int32 sum: what
+    # oneDNN's u8 x s8 kernels without VNNI compute (onednn.kernel_model); never set in an artifact
+    s16_pairs: Optional[bool] = None
 
 
 @dataclass

@@ -34,6 +34,7 @@ import logging
 import os
 import sys
 import tempfile
+from dataclasses import replace
 from typing import Optional
 
 import mxnet as mx
@@ -41,12 +42,15 @@ import numpy as np
 from mxnet import gluon
 from mxnet.contrib import quantization as mxq
 
+from .. import machine
 from ..errors import UserError
 from ..layers import quantized_layers
+from .export import folded
 from .model import Add, Affine, AvgPool, Concat, Conv, Dense, Flatten, Int8Model, MaxPool, Shuffle, Slice
 
 log = logging.getLogger(__name__)
 INT8_DIV, UINT8_DIV = 127.5, 255.5  # oneDNN's quantization divisors (quant.act_grid, scheme onednn)
+S8_WEIGHT_ADJUST = 0.5  # oneDNN's weight scale for int8-input convolutions on CPUs without VNNI
 
 
 def _export(net: gluon.HybridBlock, input_shape: tuple) -> tuple:
@@ -283,6 +287,46 @@ def calib_table(block: gluon.SymbolBlock) -> dict:
     graph = json.loads(block._cached_graph[1].tojson())
     return {n["name"]: (float(n["attrs"]["min_calib_range"]), float(n["attrs"]["max_calib_range"]))
             for n in graph["nodes"] if "max_calib_range" in n.get("attrs", {})}
+
+
+def kernel_model(qat_net: gluon.HybridBlock, model: Int8Model, vnni: Optional[bool] = None) -> Int8Model:
+    """``model`` (exported from ``qat_net``) as oneDNN's int8 kernels compute it on this CPU (``vnni``:
+    default ``machine.onednn_vnni()``, so ``DNNL_MAX_CPU_ISA`` counts); ``engine.simulate`` runs it.
+
+    With VNNI that is ``model``. Without VNNI (AVX2, AVX-512 without DL Boost) oneDNN multiplies u8 by s8
+    with VPMADDUBSW, which adds the products of input channels 2k and 2k+1 in int16, saturating, before the
+    int32 sum (oneDNN's "Nuances of int8 computations"):
+
+    * a layer of uint8 input computes ``sum_k sat16(x_2k w_2k + x_2k+1 w_2k+1)`` (``s16_pairs``); a pair
+      saturates where both inputs and both weights are large, rarely;
+    * a convolution of int8 (signed) input shifts its codes by 128 to u8 and, so that no pair can saturate,
+      its weight reorder scales the weights by 0.5 (one rounding of the float weights) while the kernel
+      scales the bias by 0.5 and the output scale by 2 (``sa0.5`` in ``DNNL_VERBOSE``)::
+
+          w'_c = clip(round(0.5 * w_f * m_c), -128, 127)      m_c: the scheme's weight multiplier
+          y    = (sum x * w' + 0.5 * b_q) * 2 M  =  (sum x * 2 w' + b_q) * M
+
+      so it runs on the even codes ``2 w'`` (int16: ``2 w'`` reaches 128) in place of ``round(w_f * m_c)``,
+      one bit of weight resolution fewer.
+
+    Depthwise and grouped convolutions widen to int16 before multiplying (no pair sums); their int8-input
+    weights are halved all the same. A fully connected layer's pairs are taken along its flattened input;
+    one of int8 input (oneDNN's s8 x s8 GEMM shifts it and may saturate) is left as it is.
+    """
+    if machine.onednn_vnni() if vnni is None else vnni:
+        return model
+    blocks = dict(quantized_layers(qat_net, weights_only=True))
+    layers = []
+    for op in model.layers:
+        if isinstance(op, Conv) and op.act.qmin < 0:
+            w_f, _, s_w, mult = folded(blocks[op.name])
+            t = (mx.nd.broadcast_mul(w_f, mult) if mult is not None else mx.nd.broadcast_div(w_f, s_w)).asnumpy()
+            half = np.clip(np.rint(t * np.float32(S8_WEIGHT_ADJUST)), -128, 127)
+            op = replace(op, w=(2 * half).astype(np.int16))
+        elif isinstance(op, (Conv, Dense)) and op.act.qmin >= 0:
+            op = replace(op, s16_pairs=True)
+        layers.append(op)
+    return replace(model, layers=layers)
 
 
 def logits(block: gluon.Block, x: np.ndarray, batch: int = 250) -> np.ndarray:
