@@ -106,6 +106,40 @@ def test_learned_steps_through_both_engines_code_for_code(float_run, tiny_ds, bi
         assert top1_agreement(sim, fq) >= 0.99
 
 
+def test_lsq_initialization_against_a_float64_reference(float_run, tiny_ds):
+    """``qat.calib: lsq``: every step starts at LSQ's ``2 mean|v| / sqrt(Q_P)``: weights per output channel
+    (folded with their BatchNorm), activations over the calibration batches' inputs (as a range: times the
+    grid's divisor)."""
+    from conftest import tiny_config
+    from train_quantization import cli, ptq
+    from train_quantization.data import calib_loader, normalizer
+    from train_quantization.layers import BN_EPS, QConv2DBN, input_grid, quantized_layers
+    from train_quantization.qat import calibrate
+
+    cfg = tiny_config(float_run["run"].parent, weight_bits=3, act_bits=3, range="lsq", per_channel=True,
+                      calib="lsq")
+    net, _ = cli.qat_from_float(cfg, tiny_ds, float_run["run"] / "best.params", [mx.cpu()])
+    net.hybridize(static_alloc=True)
+    calibrate(net, cfg, tiny_ds, [mx.cpu()])
+    loader = calib_loader(tiny_ds, cfg.data.batch_size, cfg.qat.calib_batches, cfg.seed)
+    stats = ptq.collect_inputs(net, loader, normalizer(*tiny_ds.mean_std()), mx.cpu(), cfg.qat.calib_batches)
+    for name, b in quantized_layers(net):
+        _, qmax, divisor = input_grid(b)
+        want = 2 * np.abs(stats[name][1].astype(np.float64)).mean() / np.sqrt(qmax) * divisor
+        assert float(b.input_max.data().asscalar()) == pytest.approx(want, rel=1e-5), name
+        if isinstance(b, QConv2DBN):
+            k = b.gamma.data().asnumpy().astype(np.float64) / np.sqrt(b.running_var.data().asnumpy() + BN_EPS)
+            w_f = b.weight.data().asnumpy() * k[:, None, None, None]
+            want = 2 * np.abs(w_f).reshape(len(w_f), -1).mean(1) / np.sqrt(3)
+            assert np.allclose(b.weight_step.data().asnumpy(), want, rtol=1e-5), name
+    from conftest import ROOT
+    from train_quantization.config import load_config
+    from train_quantization.errors import UserError
+
+    with pytest.raises(UserError, match="'qat.calib' lsq .* needs quant.range lsq"):
+        load_config(ROOT / "configs" / "synthetic_tiny.yaml", {"qat.calib": "lsq"})
+
+
 def test_lsq_with_a_setting_it_cannot_honour_is_one_line(tmp_path, float_run):
     import subprocess
     import sys

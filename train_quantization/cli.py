@@ -86,8 +86,8 @@ QUANT_FLAGS = (
 QAT_FLAGS = RUN_FLAGS + QUANT_FLAGS + (
     Flag("--epochs", "qat.epochs", int, "QAT epochs"),
     Flag("--lr", "qat.lr", float, "QAT peak learning rate"),
-    Flag("--calib", "qat.calib", choices=("ema", "max", "mse"),
-         help="how the ranges start (mse: MSE-optimal clipping, see ptq.py)"),
+    Flag("--calib", "qat.calib", choices=("ema", "max", "mse", "lsq"),
+         help="how the ranges start (mse: MSE-optimal clipping, see ptq.py; lsq: LSQ's 2 mean|x| / sqrt(Q_P))"),
     Flag("--delay-steps", "qat.delay_steps", int, "float steps before fake quantization switches on"),
     Flag("--freeze-ranges-step", "qat.freeze_ranges_step", int, "the range EMA stops from this step on, -1 never"),
     Flag("--bn-freeze-step", "qat.bn_freeze_step", int, "paper BN mode: steps on batch statistics"),

@@ -112,7 +112,7 @@ class QATConfig:
 
     epochs: int = 2  # QAT fine-tuning epochs
     lr: float = 0.005  # peak learning rate (cosine to 0, no warm-up)
-    calib: str = "ema"  # how ranges start: ema (training-mode EMA, the original) | max | mse (float eval batches)
+    calib: str = "ema"  # how ranges start: ema (training-mode EMA, the original) | max | mse | lsq (LSQ init)
     calib_batches: int = 10  # training batches that initialize the ranges before QAT
     delay_steps: int = 0  # steps that train in float (BN folded) before fake quantization switches on
     freeze_ranges_step: int = -1  # >=0: activation ranges stop updating from this QAT step on
@@ -147,7 +147,7 @@ _CHOICES = {
     "quant.kernel": ("auto", "fused", "stock"),
     "quant.scheme": ("original", "onednn"),
     "quant.range": ("ema", "mse", "lsq"),
-    "qat.calib": ("ema", "max", "mse"),
+    "qat.calib": ("ema", "max", "mse", "lsq"),
     "kvstore": ("device", "local", "dist_sync"),
 }
 
@@ -223,6 +223,9 @@ def _validate(cfg: Config) -> Config:
     if q.range == "lsq" and (q.scheme == "onednn" or q.kernel == "fused"):
         raise UserError("config key 'quant.range' lsq learns step sizes on the original scheme's grids with stock "
                         "MXNet ops: use quant.scheme original and quant.kernel auto or stock")
+    if cfg.qat.calib == "lsq" and q.range != "lsq":
+        raise UserError("config key 'qat.calib' lsq is LSQ's initialization of learned step sizes: it needs "
+                        "quant.range lsq (train_qat.py --range lsq)")
     if cfg.qat.distill < 0 or not 0.0 <= cfg.qat.distill_weight <= 1.0:
         raise UserError("config keys 'qat.distill' (a temperature, 0 = off) must be >= 0 and "
                         "'qat.distill_weight' in [0, 1]")

@@ -562,9 +562,10 @@ def set_quant_state(net: gluon.Block, enabled: Optional[bool] = None, freeze_ran
             block.ranges_frozen = freeze_ranges
 
 
-def init_weight_steps(net: gluon.Block) -> None:
+def init_weight_steps(net: gluon.Block, lsq_init: bool = False) -> None:
     """Learned ranges: give every weighted quantized layer a trainable ``weight_step`` (per output channel
-    or one), initialized at ``max|w_f| / qmax`` (what the max scale would use; 1 for an all-zero channel)."""
+    or one), initialized at ``max|w_f| / qmax`` (what the max scale would use; 1 for an all-zero channel),
+    or with ``lsq_init`` at LSQ's own ``2 mean|w_f| / sqrt(Q_P)`` (``quant.lsq_init_step``)."""
     for _, block in quantized_layers(net, weights_only=True):
         q = block.spec
         if q.range != "lsq":
@@ -574,7 +575,14 @@ def init_weight_steps(net: gluon.Block) -> None:
             w, _ = quant.fold_bn(mx.nd, w, None, block.gamma.data(), block.beta.data(), block.running_mean.data(),
                                  block.running_var.data(), BN_EPS)
         _, qmax, divisor = quant.weight_grid(q.weight_bits, q.scheme)
-        step = quant.weight_scale(mx.nd, w, divisor, q.per_channel, w.ndim).reshape((-1,))
+        if lsq_init:
+            step = quant.lsq_init_step(w.asnumpy(), qmax, 0 if q.per_channel else None).reshape((-1,))
+            step = mx.nd.array(step.astype(np.float32), ctx=w.context)
+        else:
+            step = quant.weight_scale(mx.nd, w, divisor, q.per_channel, w.ndim).reshape((-1,))
+        if getattr(block, "weight_step", None) is not None and block.weight_step._data is not None:
+            block.weight_step.set_data(step)
+            continue
         block.weight_step = block.params.get("weight_step", shape=step.shape, init="ones", differentiable=True)
         block.weight_step._load_init(step, block.weight.list_ctx())
 

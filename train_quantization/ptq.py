@@ -22,7 +22,7 @@ from mxnet import gluon
 from . import quant
 from .layers import BN_EPS, QConv2DBN, input_grid, quantized_layers, set_quant_state, visit_layer_inputs
 
-METHODS = ("max", "mse")
+METHODS = ("max", "mse", "lsq")
 
 
 def collect_inputs(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: Any, ctx: mx.Context,
@@ -51,7 +51,8 @@ def collect_inputs(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: 
 
 def calibrate_ranges(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm: Any, ctx: mx.Context,
                      batches: int, method: str) -> dict:
-    """Set every quantized layer's ``input_max`` by ``method`` (``max`` or ``mse``); returns them."""
+    """Set every quantized layer's ``input_max`` by ``method`` (``max``, ``mse``, or ``lsq``: LSQ's own
+    initial step ``2 mean|x| / sqrt(Q_P)`` times the grid's divisor); returns them."""
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
     stats = collect_inputs(net, loader, norm, ctx, batches)
@@ -61,10 +62,12 @@ def calibrate_ranges(net: gluon.HybridBlock, loader: gluon.data.DataLoader, norm
             ranges[name] = float(block.input_max.data().asscalar())
             continue
         top, x = stats[name]
+        qmin, qmax, divisor = input_grid(block)
         if method == "max":
             t = top
+        elif method == "lsq":  # LSQ's own step, as the range it is the step of
+            t = float(quant.lsq_init_step(x, qmax)) * divisor
         else:
-            qmin, qmax, divisor = input_grid(block)
             t = quant.mse_threshold_np(x, qmin, qmax, divisor)
         block.input_max.set_data(mx.nd.array([t]))
         ranges[name] = t

@@ -24,9 +24,10 @@ log = logging.getLogger("train_quantization")
 def calibrate(net: mx.gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, ctxs: list) -> None:
     """Set the ranges before QAT: ``qat.calib`` ``ema`` (training-mode forwards, the original) or
     ``max``/``mse`` (float evaluation batches, ``ptq.calibrate_ranges``; ``quant.range: mse`` always),
-    from ``qat.calib_batches`` training batches. Learned ranges (``quant.range: lsq``) start there, then
-    get their gradient scales from one batch."""
-    from .layers import ema_ranges, set_lsq_scales
+    from ``qat.calib_batches`` training batches. Learned ranges (``quant.range: lsq``) start there (or, with
+    ``lsq``, at LSQ's own ``2 mean|x| / sqrt(Q_P)`` for activations and weights), then get their gradient
+    scales from one batch."""
+    from .layers import ema_ranges, init_weight_steps, set_lsq_scales
 
     norm = data_mod.normalizer(*ds.mean_std())
     r = cfg.qat
@@ -40,6 +41,8 @@ def calibrate(net: mx.gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, ctxs
 
         loader = data_mod.calib_loader(ds, cfg.data.batch_size, r.calib_batches, cfg.seed)
         ptq.calibrate_ranges(net, loader, norm, ctxs[0], r.calib_batches, method)
+    if method == "lsq":
+        init_weight_steps(net, lsq_init=True)
     set_lsq_scales(net, loader, norm, ctxs[0])
 
 

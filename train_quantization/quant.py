@@ -150,6 +150,20 @@ def weight_scale_np(w: np.ndarray, qmax: int, per_channel: bool = False) -> np.n
     return safe_scale_np(m, qmax)
 
 
+def lsq_init_step(x: np.ndarray, qmax: int, axis: Optional[int] = None) -> np.ndarray:
+    """LSQ's initial step size (Esser et al. 2019): ``2 mean|x| / sqrt(Q_P)``, over all of ``x`` or per index
+    of ``axis`` (a weight's output channels); 1 where ``x`` is all zeros.
+
+    >>> float(lsq_init_step(np.array([1.0, -3.0, 0.0, 4.0]), 15).round(4))  # 2 * 2 / sqrt(15)
+    1.0328
+    >>> lsq_init_step(np.array([[1.0, -1.0], [0.0, 0.0]]), 7, axis=0).round(4)
+    array([0.7559, 1.    ])
+    """
+    a = np.abs(np.asarray(x, np.float64))
+    m = a.mean() if axis is None else a.reshape(a.shape[axis], -1).mean(axis=1)
+    return np.where(m > 0, 2.0 * m / np.sqrt(qmax), 1.0)
+
+
 def mse_threshold_np(x: np.ndarray, qmin: int, qmax: int, divisor: float, grid: int = 100) -> float:
     """Clipping threshold ``t`` in ``(0, max|x|]`` that minimizes the fake-quant error
     ``mean((fake_quant(x, t / divisor) - x)**2)``, searched on ``t = max|x| * k / grid``,
