@@ -266,10 +266,14 @@ def weight_scales(F: Any, w: Any, divisor: float, per_channel: bool, ndim: int,
     return s, (F.where(m > 0, float(divisor) / m, F.ones_like(m)) if mxnet_arithmetic else None)
 
 
+def weight_ratio(F: Any, w: Any, s_w: Any, multiplier: Optional[Any]) -> Any:
+    """What ``fake_quant`` rounds: ``w / s_w``, or ``w * multiplier`` (MXNet's arithmetic)."""
+    return F.broadcast_div(w, s_w) if multiplier is None else F.broadcast_mul(w, multiplier)
+
+
 def weight_codes(F: Any, w: Any, s_w: Any, multiplier: Optional[Any], qmin: int, qmax: int) -> Any:
-    """The integer codes ``fake_quant`` rounds to (``x / s`` or ``x * multiplier``), for the export."""
-    ratio = F.broadcast_div(w, s_w) if multiplier is None else F.broadcast_mul(w, multiplier)
-    return F.clip(round_half_even(F, ratio), qmin, qmax)
+    """The integer codes ``fake_quant`` rounds to (``weight_ratio``), for the export."""
+    return F.clip(round_half_even(F, weight_ratio(F, w, s_w, multiplier)), qmin, qmax)
 
 
 def shuffle_permutation(channels: int, groups: int) -> np.ndarray:

@@ -195,11 +195,15 @@ def from_runs(float_run: str, qat_run: str, cfg: Any, ds: Any, calib_images: int
 
 
 
+def _batched(f: Callable, x: np.ndarray, batch: int = 250) -> np.ndarray:
+    """``f`` over ``x`` in batches, concatenated."""
+    return np.concatenate([f(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
 def evaluate(fns: dict, x: np.ndarray, labels: np.ndarray, repeats: int) -> tuple:
     """``(rows, top-1 predictions)`` of the variants ``{key: (f, bytes)}`` on normalized images ``x``:
     accuracy, agreement with the simulated engine, speed (``speeds``), model bytes."""
-    n = len(x)
-    preds = {k: np.concatenate([f(x[i:i + 250]) for i in range(0, n, 250)]).argmax(1) for k, (f, _) in fns.items()}
+    preds = {k: _batched(f, x).argmax(1) for k, (f, _) in fns.items()}
     speed = speeds({k: f for k, (f, _) in fns.items()}, x, repeats)
     rows = [{"key": k, "variant": BY_KEY[k].name, "acc": float((preds[k] == labels).mean()),
              "agree_sim": float((preds[k] == preds["sim"]).mean()), "images_per_s_b64": round(speed[k][0], 1),
@@ -213,8 +217,7 @@ def kernel_agreement(m: Models, x: np.ndarray, rows: list, preds: dict) -> None:
     if "onednn" not in preds or "sim" not in preds:
         return
     kernels = onednn.kernel_model(m.qat_net, m.int8)
-    sim = preds["sim"] if kernels is m.int8 else np.concatenate(
-        [kernels.simulate(x[i:i + 250]) for i in range(0, len(x), 250)]).argmax(1)
+    sim = preds["sim"] if kernels is m.int8 else _batched(kernels.simulate, x).argmax(1)
     for r in rows:
         if r["key"] == "onednn":
             r["agree_kernel_sim"] = float((preds["onednn"] == sim).mean())

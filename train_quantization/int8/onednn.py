@@ -42,7 +42,7 @@ import numpy as np
 from mxnet import gluon
 from mxnet.contrib import quantization as mxq
 
-from .. import machine
+from .. import machine, quant
 from ..errors import UserError
 from ..layers import quantized_layers
 from .export import folded
@@ -320,7 +320,7 @@ def kernel_model(qat_net: gluon.HybridBlock, model: Int8Model, vnni: Optional[bo
     for op in model.layers:
         if isinstance(op, Conv) and op.act.qmin < 0:
             w_f, _, s_w, mult = folded(blocks[op.name])
-            t = (mx.nd.broadcast_mul(w_f, mult) if mult is not None else mx.nd.broadcast_div(w_f, s_w)).asnumpy()
+            t = quant.weight_ratio(mx.nd, w_f, s_w, mult).asnumpy()
             half = np.clip(np.rint(t * np.float32(S8_WEIGHT_ADJUST)), -128, 127)
             op = replace(op, w=(2 * half).astype(np.int16))
         elif isinstance(op, (Conv, Dense)) and op.act.qmin >= 0:
