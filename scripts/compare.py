@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--qat", required=True, help="QAT run folder (train_qat.py) fine-tuned from it")
     p.add_argument("--data", help="dataset (default: the QAT run's data.source)")
     p.add_argument("--calib", type=int, default=1000, help="calibration images for PTQ (from the training set)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N test images (0: all)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate N test images drawn at random (0: all)")
     p.add_argument("--batches", type=int, default=5, help="timing repeats per variant (medians)")
     p.add_argument("--onnx-target", choices=onnx_export.TARGETS, default="auto",
                    help="ONNX Runtime int8 kernels to export for (auto: vnni on a CPU with VNNI, else avx2)")
@@ -50,8 +50,8 @@ def main() -> None:
     fns = variants.build(m)
     if not onnx_export.available():
         print(f"ONNX Runtime rows skipped (not installed: {onnx_export.INSTALL})")
-    n = args.limit or len(ds.test_x)
-    x, labels = engine.normalize(m.int8, ds.test_x[:n]), ds.test_y[:n]
+    idx = data_mod.sample(len(ds.test_x), args.limit)
+    n, x, labels = len(idx), engine.normalize(m.int8, ds.test_x[idx]), ds.test_y[idx]
     rows, preds = variants.evaluate(fns, x, labels, args.batches)
     variants.kernel_agreement(m, x, rows, preds)
     out = {"float_run": str(args.float_run), "qat_run": str(qrun), "images": n, "calib_images": args.calib,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from train_quantization import data as data_mod  # noqa: E402
 from train_quantization import evaluate  # noqa: E402
 from train_quantization.errors import cli_main  # noqa: E402
 
@@ -35,18 +36,18 @@ def main() -> None:
     p.add_argument("--onnx", help="also write the QDQ ONNX model to this file")
     p.add_argument("--onnx-target", choices=("auto", "avx2", "vnni"), default="auto",
                    help="ONNX Runtime int8 kernels to export for (auto: vnni on a CPU with VNNI, else avx2)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N test images (0: all)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate N test images drawn at random (0: all)")
     p.add_argument("--json", help="write the report here (default: <run>/int8_eval.json with --qat)")
     args = p.parse_args()
     model, ds, fq_logits, report = evaluate.load_model(args.qat, args.artifact, args.data, args.checkpoint,
                                                        args.export)
-    n = args.limit or len(ds.test_x)
+    idx = data_mod.sample(len(ds.test_x), args.limit)
     engines = {"both": ["sim", "integer"], "all": ["sim", "integer", "onnx"]}.get(args.engine, [args.engine])
     if args.onnx:
         report["onnx"] = str(model.to_onnx(args.onnx, args.onnx_target))
-    report.update(evaluate.evaluate(model, ds.test_x[:n], ds.test_y[:n], engines,
-                                    None if fq_logits is None else fq_logits[:n], args.onnx_target))
-    report["images"] = int(n)
+    report.update(evaluate.evaluate(model, ds.test_x[idx], ds.test_y[idx], engines,
+                                    None if fq_logits is None else fq_logits[idx], args.onnx_target))
+    report["images"] = len(idx)
     evaluate.write(report, args.json or (str(Path(args.qat) / "int8_eval.json") if args.qat else None),
                    args.onnx_target if "onnx" in engines or args.onnx else None)
     for k, v in report.items():

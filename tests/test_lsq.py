@@ -223,6 +223,7 @@ def test_sensitivity_proposes_widths_for_a_budget_that_train_qat_takes(tmp_path,
     assert len(res["layers"]) == 15 and all(0 <= row["acc_2"] <= 1 and "sqnr_db_4" in row for row in res["layers"])
     bits = yaml.safe_load((tmp_path / "s" / "layer_bits.yaml").read_text())
     assert bits == res["proposal"] and packed_bytes(res["layers"], {k: v[0] for k, v in bits.items()}) <= total / 2
+    assert res["act_bits"] == 8 and bits and all(v[1] == 8 for v in bits.values())  # the budget counts weights
     assert (tmp_path / "s" / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
     r = run("scripts/train_qat.py", "--pretrained", str(float_run["run"]), "--out", str(tmp_path), "--name", "q",
             "--epochs", "1", "--layer-bits", str(tmp_path / "s" / "layer_bits.yaml"))

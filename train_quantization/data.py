@@ -63,6 +63,19 @@ class Dataset:
         return self._mean_std
 
 
+def sample(count: int, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``n`` of ``count`` images drawn at random (in order; all when ``n`` is 0 or ``count``
+    or more). Not the first ``n``: the shared CIFAR-10 copy is sorted by class, its first 2,000 test images
+    are airplanes and cars.
+
+    >>> sample(10, 4).tolist(), sample(3, 0).tolist()
+    ([2, 4, 8, 9], [0, 1, 2])
+    """
+    if n <= 0 or n >= count:
+        return np.arange(count)
+    return np.sort(np.random.RandomState(seed).permutation(count)[:n])
+
+
 # ----------------------------------------------------------------------------- synthetic
 def synthetic(n_train: int, n_test: int, size: int = 16, channels: int = 3, seed: int = 0,
               noise: float = 22.0) -> Dataset:

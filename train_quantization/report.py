@@ -343,21 +343,27 @@ def summarize(runs: list) -> str:
 def write_sensitivity(run: Path, result: dict, proposal: dict | None) -> None:
     """sensitivity.md (per layer: weights, top-1 and logit SQNR at each width) and sensitivity.png."""
     widths, rows = result["widths"], result["layers"]
-    head = "| layer | weights | " + " | ".join(f"top-1 % at W{b}A{b} | SQNR dB" for b in widths)
-    lines = [f"W8A8 top-1: {pct(result['base'])} % on {result['images']} test images", "", head + " |",
+    tag = {b: f"W{b}A{result.get('act_bits') or b}" for b in widths}
+    head = "| layer | weights | " + " | ".join(f"top-1 % at {tag[b]} | SQNR dB" for b in widths)
+    lines = [f"W8A8 top-1: {pct(result['base'])} % on {result['images']} training images (drawn at random)", "",
+             head + " |",
              "|---|---|" + "---|---|" * len(widths)]
     for r in rows:
         cells = " | ".join(f"{pct(r[f'acc_{b}'])} | {r[f'sqnr_db_{b}']:.1f}" for b in widths)
         lines.append(f"| {r['layer']} | {r['weights']:,} | {cells} |")
     if proposal is not None:
+        packed = sum(r["weights"] * proposal.get(r["layer"], [8])[0] / 8 for r in rows)
+        total = sum(r["weights"] for r in rows)
         lines += ["", "Proposed `quant.layer_bits` (others at 8 bits): " +
-                  (", ".join(f"{k}: {v}" for k, v in proposal.items()) or "none needed")]
+                  (", ".join(f"{k}: {v}" for k, v in proposal.items()) or "none needed"),
+                  "", f"Packed weights: {packed:,.0f} bytes (all at 8 bits: "
+                      f"{total:,}; all at 4 bits: {total / 2:,.0f})"]
     (run / "sensitivity.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 3.6))
     x = np.arange(len(rows))
     for i, b in enumerate(widths):
         drop = [100 * (result["base"] - r[f"acc_{b}"]) for r in rows]
-        ax.bar(x + (i - (len(widths) - 1) / 2) * 0.8 / len(widths), drop, 0.8 / len(widths), label=f"W{b}A{b}")
+        ax.bar(x + (i - (len(widths) - 1) / 2) * 0.8 / len(widths), drop, 0.8 / len(widths), label=tag[b])
     ax.set_xticks(list(x), [r["layer"] for r in rows], rotation=60, fontsize=7)
     ax.set(ylabel="top-1 drop, points", title="each layer alone at a lower width (others W8A8)")
     ax.grid(alpha=0.3, axis="y")

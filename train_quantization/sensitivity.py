@@ -1,8 +1,10 @@
 """Per-layer sensitivity to low bit widths, and per-layer widths for a model-size budget.
 
 From a float checkpoint, the network is converted at W8A8 and its ranges calibrated (EMA, as QAT
-starts); then each quantized layer alone goes to ``b``-bit weights and input (``b`` in ``widths``),
-and the test accuracy and the logits' SQNR against the W8A8 network are measured. ``propose`` turns
+starts); then each quantized layer alone goes to ``b``-bit weights (``b`` in ``widths``) with its input at
+``act_bits`` (8 by default: the budget counts weight bytes, and a narrower input saves none of them; ``None``
+lowers the input to ``b`` as well), and the accuracy and the logits' SQNR against the W8A8 network are measured on
+training images drawn at random (choosing widths on the test set would leak it into the result). ``propose`` turns
 the table into ``quant.layer_bits`` for a budget of weight bytes: starting from 8 bits everywhere,
 it lowers, one layer at a time, the width that costs the least accuracy per byte saved, until the
 weights fit (bytes counted packed: ``weights * bits / 8``).
@@ -30,9 +32,11 @@ def _evaluate(net: mx.gluon.HybridBlock, x: mx.nd.NDArray, batch: int = 250) -> 
     return np.concatenate([net(x[i:i + batch]).asnumpy() for i in range(0, x.shape[0], batch)])
 
 
-def measure(cfg: Config, weights: str, widths: tuple = (4, 2), images: int = 2000) -> dict:
-    """``{"base": acc at W8A8, "layers": [{"layer", "weights", "acc_<b>", "sqnr_db_<b>"}...]}`` on the first
-    ``images`` test images."""
+def measure(cfg: Config, weights: str, widths: tuple = (4, 2), images: int = 2000,
+            act_bits: int | None = 8) -> dict:
+    """``{"base": acc at W8A8, "act_bits", "layers": [{"layer", "weights", "acc_<b>", "sqnr_db_<b>"}...]}`` on
+    ``images`` training images drawn at random (``act_bits``: the lowered layer's input width, ``None``: its
+    weights')."""
     from .qat import calibrate
 
     ctxs = train.parse_ctx(cfg.ctx)
@@ -42,22 +46,23 @@ def measure(cfg: Config, weights: str, widths: tuple = (4, 2), images: int = 200
     net, _ = cli.qat_from_float(q8, ds, cli.resolve_params(weights), ctxs)
     net.hybridize(static_alloc=True)
     calibrate(net, q8, ds, ctxs)
-    x = data_mod.normalizer(*ds.mean_std())(mx.nd.array(ds.test_x[:images], dtype="uint8"))
-    labels = ds.test_y[:images]
+    idx = data_mod.sample(len(ds.train_x), images)  # training images: the test set stays for the result
+    x = data_mod.normalizer(*ds.mean_std())(mx.nd.array(ds.train_x[idx], dtype="uint8"))
+    labels = ds.train_y[idx]
     ref = _evaluate(net, x)
     rows = []
     for name, count in weight_count(net).items():
         row: dict[str, Any] = {"layer": name, "weights": count}
         for b in widths:
-            set_layer_widths(net, dataclasses.replace(q8.quant, layer_bits={name: [b, b]}))
+            set_layer_widths(net, dataclasses.replace(q8.quant, layer_bits={name: [b, act_bits or b]}))
             net.hybridize(static_alloc=True)
             out = _evaluate(net, x)
             row[f"acc_{b}"] = float((out.argmax(1) == labels).mean())
             row[f"sqnr_db_{b}"] = float(10 * np.log10(np.sum(ref ** 2) / max(np.sum((out - ref) ** 2), 1e-30)))
         rows.append(row)
     set_layer_widths(net, q8.quant)
-    return {"base": float((ref.argmax(1) == labels).mean()), "images": images, "widths": list(widths),
-            "layers": rows}
+    return {"base": float((ref.argmax(1) == labels).mean()), "images": len(idx), "widths": list(widths),
+            "act_bits": act_bits, "layers": rows}
 
 
 def packed_bytes(rows: list, bits: dict) -> float:
@@ -83,4 +88,4 @@ def propose(result: dict, budget_bytes: float) -> dict:
             raise ValueError(f"no widths fit {budget_bytes:.0f} bytes (smallest: "
                              f"{packed_bytes(rows, {r['layer']: min(result['widths']) for r in rows}):.0f})")
         bits[best[1]] = best[2]
-    return {name: [b, b] for name, b in bits.items()}
+    return {name: [b, result.get("act_bits") or b] for name, b in bits.items()}
