@@ -1,6 +1,6 @@
 #!/bin/bash
 # The CIFAR-10 tables of docs/results.md besides the full-width VGG16 (benchmarks/full_width.sh): width 0.25
-# VGG16-BN, MobileNetV2 (width 0.5) and the pre-activation ResNet-20, each float, QAT and every variant.
+# VGG16-BN, the pre-activation ResNet-20 and MobileNetV2 (width 0.5), each float, QAT and every variant.
 # usage: benchmarks/cifar_models.sh [OUT_DIR]   (hours on a 2-core CPU; finished steps are skipped)
 set -e
 cd "$(dirname "$0")/.." && . .venv/bin/activate
@@ -12,6 +12,7 @@ step() {  # step NAME CONFIG [train_qat flags...]: float run NAME-fp32-s0, QAT r
   [ -f $O/$n-qat-s0/compare.json ] || python scripts/compare.py --float $O/$n-fp32-s0 --qat $O/$n-qat-s0
 }
 step w025 configs/cifar10_vgg16_w025.yaml
+step r20v2 configs/cifar10_resnet20_v2.yaml
 step mnv2 configs/cifar10_mobilenetv2.yaml --per-channel 1   # QAT with every layer per channel
 for pc in 0 1; do  # PTQ with every layer per tensor, then per channel
   [ -f $O/mnv2-ptq-pc$pc-s0/sweep.json ] || python scripts/sweep_bits.py --config configs/cifar10_mobilenetv2.yaml \
@@ -19,5 +20,4 @@ for pc in 0 1; do  # PTQ with every layer per tensor, then per channel
 done
 [ -f $O/mnv2-qat-w4a8-s0/result.json ] || python scripts/train_qat.py --pretrained $O/mnv2-fp32-s0 --out $O \
   --name mnv2-qat-w4a8-s0 --weight-bits 4 --act-bits 8 --per-channel 1
-step r20v2 configs/cifar10_resnet20_v2.yaml
 echo done
