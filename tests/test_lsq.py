@@ -233,3 +233,12 @@ def test_sensitivity_proposes_widths_for_a_budget_that_train_qat_takes(tmp_path,
     bad = run("scripts/sensitivity.py", "--pretrained", str(float_run["run"]), "--out", str(tmp_path), "--name", "b",
               "--images", "100", "--budget-bytes", "1")
     assert bad.returncode == 2 and "no widths fit" in bad.stderr and not (tmp_path / "b").exists()
+
+
+def test_sensitivity_is_the_same_on_every_run(float_run):
+    """Two measurements of one checkpoint give the same table to the last bit: the calibration batches (shuffled)
+    and the classifier's dropout during calibration are seeded from the config."""
+    from train_quantization import sensitivity
+
+    first, second = (sensitivity.measure(float_run["cfg"], str(float_run["run"]), (2,), 100) for _ in range(2))
+    assert first == second and len(first["layers"]) == 15

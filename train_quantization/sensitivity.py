@@ -39,6 +39,7 @@ def measure(cfg: Config, weights: str, widths: tuple = (4, 2), images: int = 200
     weights')."""
     from .qat import calibrate
 
+    train.seed_all(cfg.seed)  # the calibration batches (shuffle, dropout): the same table on every run
     ctxs = train.parse_ctx(cfg.ctx)
     ds = data_mod.dataset_from_config(cfg.data)
     q8 = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, weight_bits=8, act_bits=8, layer_bits={},
