@@ -13,14 +13,7 @@ O=${1:-runs}; C=configs/cifar10_vgg16_w025.yaml; F=$O/w025-fp32-s0
   --name w025-lsq-sweep-s0 --pairs 4/4,3/3,2/2 --first-last-bits 8 --epochs 3 --lsq
 [ -f $O/w025-lsq-w4a4-s1/result.json ] || python scripts/train_qat.py --config $C --pretrained $F --out $O \
   --name w025-lsq-w4a4-s1 --seed 1 --weight-bits 4 --act-bits 4 --first-last-bits 8 --epochs 3 --range lsq
-qat() {  # qat NAME [train_qat flags...]: run, resume, or skip when finished; then the int8 engines
-  local n=$1; shift
-  if [ ! -f $O/$n/result.json ]; then
-    if [ -f $O/$n/state.json ]; then python scripts/train_qat.py --resume $O/$n; else
-      python scripts/train_qat.py --config $C --pretrained $F --out $O --name $n "$@"; fi
-  fi
-  [ -f $O/$n/int8_eval.json ] || python scripts/sim_int8_infer.py --qat $O/$n --engine both
-}
+. benchmarks/lib.sh
 LSQ="--first-last-bits 8 --range lsq --distill 4 --distill-weight 0.5"
 qat w025-lsq-kd-w4a4-e10-s0 --weight-bits 4 --act-bits 4 --epochs 10 $LSQ
 qat w025-lsq-kd-w4a4-e10-s1 --weight-bits 4 --act-bits 4 --epochs 10 --seed 1 $LSQ

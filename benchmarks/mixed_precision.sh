@@ -13,15 +13,8 @@ O=${1:-runs}; S=${2:-0}; C=configs/cifar10_vgg16_w025.yaml; F=$O/w025-fp32-s0
   --out $O --name w025-sens-s0
 [ -f $O/w025-sens432-s0/layer_bits.yaml ] || python scripts/sensitivity.py --pretrained $F --widths 4,3,2 \
   --budget-bytes 400000 --out $O --name w025-sens432-s0
-qat() {  # qat NAME [train_qat flags...]: run, resume, or skip when finished; then the int8 engines
-  local n=$1; shift
-  if [ ! -f $O/$n/result.json ]; then
-    if [ -f $O/$n/state.json ]; then python scripts/train_qat.py --resume $O/$n; else
-      python scripts/train_qat.py --config $C --pretrained $F --out $O --name $n --seed $S "$@"; fi
-  fi
-  [ -f $O/$n/int8_eval.json ] || python scripts/sim_int8_infer.py --qat $O/$n --engine both
-}
-LSQ="--epochs 3 --range lsq --distill 4 --distill-weight 0.5"
+. benchmarks/lib.sh
+LSQ="--seed $S --epochs 3 --range lsq --distill 4 --distill-weight 0.5"
 qat w025-mixed-400k-s$S --layer-bits $O/w025-sens-s0/layer_bits.yaml $LSQ
 qat w025-mixed432-400k-s$S --layer-bits $O/w025-sens432-s0/layer_bits.yaml $LSQ
 qat w025-lsq-kd-w4a8-s$S --weight-bits 4 --act-bits 8 $LSQ

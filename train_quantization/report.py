@@ -352,7 +352,9 @@ def write_sensitivity(run: Path, result: dict, proposal: dict | None) -> None:
         cells = " | ".join(f"{pct(r[f'acc_{b}'])} | {r[f'sqnr_db_{b}']:.1f}" for b in widths)
         lines.append(f"| {r['layer']} | {r['weights']:,} | {cells} |")
     if proposal is not None:
-        packed = sum(r["weights"] * proposal.get(r["layer"], [8])[0] / 8 for r in rows)
+        from .sensitivity import packed_bytes  # imports mxnet: not at the top of a plotting module
+
+        packed = packed_bytes(rows, {name: wa[0] for name, wa in proposal.items()})
         total = sum(r["weights"] for r in rows)
         lines += ["", "Proposed `quant.layer_bits` (others at 8 bits): " +
                   (", ".join(f"{k}: {v}" for k, v in proposal.items()) or "none needed"),
