@@ -20,9 +20,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import mxnet as mx  # noqa: E402
+# train_quantization first: it sets OMP_NUM_THREADS (all cores) before MXNet sizes its thread pool, so MXNet,
+# the compiled quantizers, numpy's BLAS and ONNX Runtime all run on the same number of threads
+from train_quantization import machine, variants  # noqa: E402, I001
 
-from train_quantization import machine, variants  # noqa: E402
+import mxnet as mx  # noqa: E402, I001
 from train_quantization.bench import inference, training  # noqa: E402
 from train_quantization.config import load_config  # noqa: E402
 from train_quantization.errors import cli_main  # noqa: E402

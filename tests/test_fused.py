@@ -62,3 +62,75 @@ def test_fused_and_stock_paths_agree(tmp_path, ste):
         assert r["fused"] == r["stock"]
     x = mx.nd.array(rng.standard_normal((8, 3, 16, 16)), dtype="float32")
     assert np.array_equal(nets["fused"](x).asnumpy(), nets["stock"](x).asnumpy())  # evaluation
+
+
+def _weight_case(seed: int, channels: int = 6):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((channels, 4, 3, 3)).astype(np.float32) * rng.uniform(0.01, 2, (channels, 1, 1, 1))
+    w[1] = 0.0  # an all-zero channel: scale 1, codes 0
+    w[2, 0, 0, 0] = -np.abs(w[2]).max() * 1.5  # -max|w_f| of its channel sits on the lower bound
+    gamma = rng.uniform(0.2, 2.0, channels).astype(np.float32)
+    gamma[3] = 0.0  # a dead BN channel folds to all-zero weights
+    beta, mean = (rng.standard_normal(channels).astype(np.float32) for _ in range(2))
+    var = rng.uniform(0.1, 3.0, channels).astype(np.float32)
+    return w, gamma, beta, mean, var, np.array([0.03], np.float32)
+
+
+@pytest.mark.parametrize("per_channel,scheme,bits,ste", [
+    (False, "original", 8, "plain"), (True, "original", 8, "clipped"), (False, "original", 4, "clipped"),
+    (True, "original", 2, "plain"), (True, "onednn", 8, "plain"), (True, "onednn", 8, "clipped")])
+def test_weight_op_equals_the_stock_graph(per_channel, scheme, bits, ste):
+    """tq_weight_quant (BN fold + weight and bias fake quantization) gives the stock graph's w_q and b_q
+    bit for bit, and its gradients to 1e-6 of the stock graph's."""
+    from types import SimpleNamespace
+
+    from train_quantization.config import QuantSpec
+    from train_quantization.layers import fold_and_quantize
+
+    spec = QuantSpec(weight_bits=bits, per_channel=per_channel, scheme=scheme, ste=ste)
+    arrays = [mx.nd.array(a) for a in _weight_case(bits)]
+    rng = np.random.default_rng(1)
+    heads = [mx.nd.array(rng.standard_normal(a.shape).astype(np.float32)) for a in arrays[:2]]
+    res = {}
+    for fused_op in (True, False):
+        block = SimpleNamespace(spec=spec, fused=fused_op, quant_enabled=True)
+        inputs = [a.copy() for a in arrays]
+        for a in inputs[:3]:
+            a.attach_grad()
+        with autograd.record():
+            w_q, b_q = fold_and_quantize(mx.nd, block, *inputs)
+        autograd.backward([w_q, b_q], heads)
+        res[fused_op] = [w_q.asnumpy(), b_q.asnumpy()] + [a.grad.asnumpy() for a in inputs[:3]]
+    for name, a, b in zip(("w_q", "b_q"), res[True][:2], res[False][:2]):
+        assert np.array_equal(a, b), name
+    for name, a, b in zip(("dw", "dgamma", "dbeta"), res[True][2:], res[False][2:]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weight_op_against_a_float64_reference(per_channel):
+    """Codes from a float64 fold and scale; gradients the straight-through fold's: dw = g * inv,
+    dbeta = g_b, dgamma = (sum g * w - g_b * mean) / sqrt(var + eps)."""
+    w, gamma, beta, mean, var, s_a = _weight_case(5)
+    args = dict(qmin=-127, qmax=127, divisor=127.0, eps=1e-5, bias_qmax=2**22, per_channel=int(per_channel),
+                mxnet_arithmetic=0, ste="plain")
+    inputs = [mx.nd.array(a) for a in (w, gamma, beta, mean, var, s_a)]
+    for a in inputs[:3]:
+        a.attach_grad()
+    g, g_b = np.random.default_rng(2).standard_normal(w.shape), np.random.default_rng(3).standard_normal(6)
+    with autograd.record():
+        w_q, b_q = mx.nd.tq_weight_quant(*inputs, **args)
+    autograd.backward([w_q, b_q], [mx.nd.array(g), mx.nd.array(g_b)])
+    inv = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + 1e-5)
+    w_f = w * inv[:, None, None, None]
+    m = np.abs(w_f).max(axis=(1, 2, 3), keepdims=True) if per_channel else np.abs(w_f).max() + 0 * w_f[:, :1, :1, :1]
+    s_w = np.where(m > 0, m / 127.0, 1.0)
+    codes = w_q.asnumpy() / s_w
+    assert np.abs(codes - np.rint(w_f / s_w)).max() < 1e-3 and np.abs(np.rint(codes)).max() == 127
+    assert not codes[1].any() and not codes[3].any()
+    b_codes = b_q.asnumpy() / (s_w.reshape(-1) * s_a[0])
+    assert np.abs(b_codes - np.rint((beta - mean * inv) / (s_w.reshape(-1) * s_a[0]))).max() < 1e-2
+    np.testing.assert_allclose(inputs[0].grad.asnumpy(), g * inv[:, None, None, None], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(inputs[2].grad.asnumpy(), g_b, rtol=1e-6)
+    dgamma = ((g * w).sum(axis=(1, 2, 3)) - g_b * mean) / np.sqrt(var.astype(np.float64) + 1e-5)
+    np.testing.assert_allclose(inputs[1].grad.asnumpy(), dgamma, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
-"""The compiled activation quantizer (``csrc/tq_ops.cc``): build, load, or fall back.
+"""The compiled quantizers (``csrc/tq_ops.cc``: activations, and the BN fold with the weight and bias
+quantization): build, load, or fall back.
 
 ``available()`` compiles the operator with g++ against the ``lib_api.h`` that ships with
 MXNet (once per source/MXNet version, cached), loads it with ``mx.library.load`` and
@@ -19,7 +20,7 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 SRC = Path(__file__).resolve().parent / "csrc" / "tq_ops.cc"
-OP = "tq_act_quant"
+OPS = ("tq_act_quant", "tq_weight_quant")
 _STATE: dict = {}
 
 
@@ -68,9 +69,9 @@ def available() -> bool:
         try:
             import mxnet as mx
 
-            if not hasattr(mx.nd, OP):
+            if not all(hasattr(mx.nd, op) for op in OPS):
                 mx.library.load(str(build()), verbose=False)
-            ok = hasattr(mx.nd, OP)
+            ok = all(hasattr(mx.nd, op) for op in OPS)
         except Exception as exc:  # noqa: BLE001 - any build/load failure means: use the fallback
             log.warning("fused quantizer unavailable (%s); using the stock-MXNet path", str(exc)[:200])
     _STATE["ok"] = ok

@@ -193,6 +193,22 @@ def quantize_weights(F: Any, block: gluon.HybridBlock, w_f: Any, b_f: Any, s_a: 
             quant.fake_quant_bias(F, b_f, s_w, s_a, q.ste))
 
 
+def fold_and_quantize(F: Any, block: gluon.HybridBlock, weight: Any, gamma: Any, beta: Any, mean: Any, var: Any,
+                      s_a: Any, weight_step: Optional[Any] = None) -> tuple:
+    """BN fold (``quant.fold_bn``) then ``quantize_weights``: ``(w_q, b_q)``. ``block.fused`` with EMA
+    ranges and quantization on: one compiled op over the weights (``tq_weight_quant`` in
+    ``csrc/tq_ops.cc``), bit-identical outputs, the same gradients up to summation order."""
+    q = block.spec
+    if block.fused and block.quant_enabled and weight_step is None:
+        qmin, qmax, divisor = quant.weight_grid(q.weight_bits, q.scheme)
+        out = _positional_op(F, "tq_weight_quant", [weight, gamma, beta, mean, var, s_a], qmin=qmin, qmax=qmax,
+                             divisor=divisor, eps=BN_EPS, bias_qmax=quant.BIAS_QMAX,
+                             per_channel=int(q.per_channel), mxnet_arithmetic=int(q.mxnet_arithmetic), ste=q.ste)
+        return out[0], out[1]
+    w_f, b_f = quant.fold_bn(F, weight, None, gamma, beta, mean, var, BN_EPS, inv_in_float64=q.mxnet_arithmetic)
+    return quantize_weights(F, block, w_f, b_f, s_a, 4, weight_step)
+
+
 class Conv2DBN(gluon.HybridBlock):
     """Float convolution (no bias; ``groups`` > 1: grouped, ``groups == channels``: depthwise),
     BatchNorm, optional ReLU."""
@@ -262,9 +278,7 @@ class QConv2DBN(Conv2DBN):
     def hybrid_forward(self, F: Any, x: Any, weight: Any, gamma: Any, beta: Any, running_mean: Any,
                        running_var: Any, input_max: Any, weight_step: Optional[Any] = None) -> Any:
         xq, s_a = quantize_input(F, self, x, input_max, ndim=4)
-        w_f, b_f = quant.fold_bn(F, weight, None, gamma, beta, running_mean, running_var, BN_EPS,
-                                 inv_in_float64=self.spec.mxnet_arithmetic)
-        w_q, b_q = quantize_weights(F, self, w_f, b_f, s_a, 4, weight_step)
+        w_q, b_q = fold_and_quantize(F, self, weight, gamma, beta, running_mean, running_var, s_a, weight_step)
         if self.bn_frozen:
             y = self._conv(F, xq, w_q, b_q)
         else:

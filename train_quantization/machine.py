@@ -73,12 +73,15 @@ def onednn_isa() -> str:
 
 
 def facts() -> dict:
-    """CPU model, ISA flags, the oneDNN ISA and its cap, core count: the machine of a measurement."""
+    """The machine of a measurement: CPU model, ISA flags, the oneDNN ISA and its cap, core count and
+    ``OMP_NUM_THREADS`` (unset: MXNet picks its own count, one thread on the 2-CPU VMs measured; float
+    results and speeds depend on it)."""
     return {"cpu": _cpuinfo()[0], "isa_flags": isa_flags(), "onednn_isa": onednn_isa(),
             "dnnl_max_cpu_isa": os.environ.get("DNNL_MAX_CPU_ISA"), "cpus": os.cpu_count(),
-            "machine": platform.machine()}
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "machine": platform.machine()}
 
 
 def describe(f: dict) -> str:
-    """One line for tables: ``AMD EPYC (avx2 avx512f ...; oneDNN: Intel AVX2)``."""
-    return f"{f['cpu']} ({' '.join(f['isa_flags']) or 'no AVX2'}; oneDNN: {f['onednn_isa']})"
+    """One line for tables: ``AMD EPYC (avx2 avx512f ...; oneDNN: Intel AVX2; OMP threads: 2)``."""
+    threads = f.get("omp_num_threads") or "default"
+    return f"{f['cpu']} ({' '.join(f['isa_flags']) or 'no AVX2'}; oneDNN: {f['onednn_isa']}; OMP threads: {threads})"

@@ -1,17 +1,33 @@
-// Fused activation quantizer for MXNet 1.9 (loaded with mx.library.load).
+// Fused quantizers for MXNet 1.9 (loaded with mx.library.load).
 //
 // tq_act_quant(x, state, flag) -> (y, scale), mutates state:
 //   if flag > 0 (training):  b = max|x|;  state = state > 0 ? m*state + (1-m)*b : b
 //   scale = (state > 0 ? state : 1) / divisor
 //   y = clip(round_half_even(x / scale), qmin, qmax) * scale
 // Backward: dy passes unchanged (ste=plain) or masked where x/scale is outside
-// [qmin, qmax] (ste=clipped). Every step is float32 arithmetic in the same order as the
-// stock-op graph in quant.py/layers.py, so both paths give bit-identical outputs.
-// Library ops do not see is_train (hence the flag input) and ignore req (gradients are
+// [qmin, qmax] (ste=clipped).
+//
+// tq_weight_quant(w, gamma, beta, mean, var, s_a) -> (w_q, b_q): the BatchNorm fold and the
+// weight and bias fake quantization of a QConv2DBN in one pass over the weights:
+//   inv = gamma / sqrt(var + eps)   (float64, rounded to float32, with mxnet_arithmetic=1)
+//   w_f = w * inv[c],  b_f = beta - mean * inv
+//   m = max|w_f| (per tensor or per output channel c),  s_w = m > 0 ? m / divisor : 1
+//   w_q = clip(round_half_even(w_f / s_w), qmin, qmax) * s_w   (w_f * divisor/m with mxnet_arithmetic=1)
+//   b_q = clip(round_half_even(b_f / (s_w * s_a)), -bias_qmax, bias_qmax) * (s_w * s_a)
+// Backward (straight through the rounding, through the fold): dw = dw_f * inv[c],
+// dbeta = db_f, dgamma = (sum_k dw_f * w - db_f * mean) / sqrt(var + eps); dw_f, db_f are
+// dw_q, db_q (masked outside the clip range with ste=clipped). No gradient to mean, var, s_a.
+//
+// Every forward step is float32 arithmetic in the same order as the stock-op graph in
+// quant.py/layers.py, so both paths give bit-identical outputs; gradients sum in another
+// order. Library ops do not see is_train (hence the flag input) and ignore req (gradients are
 // written, not accumulated).
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <string>
+#include <vector>
 #include <omp.h>
 #include "mxnet/lib_api.h"
 
@@ -28,6 +44,40 @@ static int n_threads() {
 
 static float attr_f(const std::unordered_map<std::string, std::string>& a, const char* k) {
   return std::stof(a.at(k));
+}
+
+// Elementwise kernels over one block, compiled for AVX-512, AVX2 and baseline x86-64 (chosen at load
+// time): the same IEEE operations (no FMA: -ffp-contract=off), so the same bits on every CPU.
+static const int64_t kBlock = 1 << 14;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TQ_CLONES
+#endif
+
+TQ_CLONES static float abs_max(const float* x, int64_t n) {
+  float b = 0.0f;
+#pragma omp simd reduction(max : b)
+  for (int64_t i = 0; i < n; ++i) b = std::max(b, std::fabs(x[i]));
+  return b;
+}
+
+TQ_CLONES static void fake_quant(const float* x, float* y, int64_t n, float s, float qmin, float qmax) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float u = x[i] / s;
+    u = u < qmin ? qmin : (u > qmax ? qmax : u);
+    y[i] = ((u + kMagic) - kMagic) * s;  // half to even, exact for |u| <= 2**22
+  }
+}
+
+TQ_CLONES static void clipped_ste(const float* dy, const float* x, float* dx, int64_t n, float s, float qmin,
+                                  float qmax) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = x[i] / s;
+    dx[i] = (u >= qmin && u <= qmax) ? dy[i] : 0.0f;
+  }
 }
 
 MXReturnValue act_forward(const std::unordered_map<std::string, std::string>& attrs,
@@ -47,10 +97,7 @@ MXReturnValue act_forward(const std::unordered_map<std::string, std::string>& at
   if (flag > 0.5f) {
     float b = 0.0f;
 #pragma omp parallel for num_threads(nt) reduction(max : b) if (n >= kSerialBelow)
-    for (int64_t i = 0; i < n; ++i) {
-      const float a = std::fabs(x[i]);
-      b = a > b ? a : b;
-    }
+    for (int64_t j = 0; j < n; j += kBlock) b = std::max(b, abs_max(x + j, std::min(kBlock, n - j)));
     volatile float a1 = static_cast<float>(m) * st;  // volatile: no fused multiply-add
     volatile float a2 = static_cast<float>(1.0 - m) * b;
     st = st > 0.0f ? a1 + a2 : b;
@@ -59,11 +106,7 @@ MXReturnValue act_forward(const std::unordered_map<std::string, std::string>& at
   const float s = (st > 0.0f ? st : 1.0f) / divisor;
   scale_out[0] = s;
 #pragma omp parallel for num_threads(nt) if (n >= kSerialBelow)
-  for (int64_t i = 0; i < n; ++i) {
-    float u = x[i] / s;
-    u = u < qmin ? qmin : (u > qmax ? qmax : u);
-    y[i] = ((u + kMagic) - kMagic) * s;  // half to even, exact for |u| <= 2**22
-  }
+  for (int64_t j = 0; j < n; j += kBlock) fake_quant(x + j, y + j, std::min(kBlock, n - j), s, qmin, qmax);
   return MX_SUCCESS;
 }
 
@@ -80,13 +123,12 @@ MXReturnValue act_backward(const std::unordered_map<std::string, std::string>& a
   const float qmin = attr_f(attrs, "qmin"), qmax = attr_f(attrs, "qmax");
   const int nt = n_threads();
 #pragma omp parallel for num_threads(nt) if (n >= kSerialBelow)
-  for (int64_t i = 0; i < n; ++i) {
-    if (clipped) {
-      const float u = x[i] / s;
-      dx[i] = (u >= qmin && u <= qmax) ? dy[i] : 0.0f;
-    } else {
-      dx[i] = dy[i];
-    }
+  for (int64_t j = 0; j < n; j += kBlock) {
+    const int64_t len = std::min(kBlock, n - j);
+    if (clipped)
+      clipped_ste(dy + j, x + j, dx + j, len, s, qmin, qmax);
+    else
+      std::memcpy(dx + j, dy + j, len * sizeof(float));
   }
   outputs->at(1).data<float>()[0] = 0.0f;
   outputs->at(2).data<float>()[0] = 0.0f;
@@ -138,6 +180,198 @@ REGISTER_OP(tq_act_quant)
     .setInferType(act_type)
     .setInferShape(act_shape)
     .setMutateInputs(act_mutate);
+
+// ---------------------------------------------------------------- tq_weight_quant
+struct WeightAttrs {
+  float qmin, qmax, divisor, eps_f, bias_qmax;
+  double eps;
+  bool per_channel, mxnet_arithmetic, clipped;
+};
+
+static WeightAttrs weight_attrs(const std::unordered_map<std::string, std::string>& a) {
+  WeightAttrs w;
+  w.qmin = attr_f(a, "qmin");
+  w.qmax = attr_f(a, "qmax");
+  w.divisor = attr_f(a, "divisor");
+  w.eps = std::stod(a.at("eps"));
+  w.eps_f = static_cast<float>(w.eps);
+  w.bias_qmax = attr_f(a, "bias_qmax");
+  w.per_channel = a.at("per_channel") == "1";
+  w.mxnet_arithmetic = a.at("mxnet_arithmetic") == "1";
+  w.clipped = a.count("ste") && a.at("ste") == "clipped";
+  return w;
+}
+
+// gamma / sqrt(var + eps) as the stock graph computes it (quant.fold_bn)
+static float fold_inv(const WeightAttrs& a, float gamma, float var) {
+  if (a.mxnet_arithmetic)
+    return static_cast<float>(static_cast<double>(gamma) / std::sqrt(static_cast<double>(var) + a.eps));
+  return gamma / std::sqrt(var + a.eps_f);
+}
+
+static float round_clip(float u, float lo, float hi) {
+  u = u < lo ? lo : (u > hi ? hi : u);
+  return (u + kMagic) - kMagic;  // half to even (-ffp-contract=off, no -ffast-math)
+}
+
+MXReturnValue weight_forward(const std::unordered_map<std::string, std::string>& attrs,
+                             std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                             const OpResource& res) {
+  const WeightAttrs a = weight_attrs(attrs);
+  const float* w = inputs->at(0).data<float>();
+  const float *gamma = inputs->at(1).data<float>(), *beta = inputs->at(2).data<float>();
+  const float *mean = inputs->at(3).data<float>(), *var = inputs->at(4).data<float>();
+  const float s_a = inputs->at(5).data<float>()[0];
+  float* wq = outputs->at(0).data<float>();
+  float* bq = outputs->at(1).data<float>();
+  const int64_t c_n = inputs->at(1).size(), k_n = inputs->at(0).size() / c_n;
+  const int nt = n_threads();
+  const bool par = inputs->at(0).size() >= kSerialBelow;
+  std::vector<float> inv(c_n), m(c_n);
+#pragma omp parallel for num_threads(nt) if (par)
+  for (int64_t c = 0; c < c_n; ++c) {  // fold into wq (w_f), and each channel's max|w_f|
+    inv[c] = fold_inv(a, gamma[c], var[c]);
+    float mx = 0.0f;
+    for (int64_t k = 0; k < k_n; ++k) {
+      const float f = w[c * k_n + k] * inv[c];
+      wq[c * k_n + k] = f;
+      const float af = std::fabs(f);
+      mx = af > mx ? af : mx;
+    }
+    m[c] = mx;
+  }
+  if (!a.per_channel) {
+    float mx = 0.0f;
+    for (float v : m) mx = v > mx ? v : mx;
+    for (float& v : m) v = mx;
+  }
+#pragma omp parallel for num_threads(nt) if (par)
+  for (int64_t c = 0; c < c_n; ++c) {
+    const float s = m[c] > 0.0f ? m[c] / a.divisor : 1.0f;
+    const float mult = m[c] > 0.0f ? a.divisor / m[c] : 1.0f;
+    for (int64_t k = 0; k < k_n; ++k) {
+      float& f = wq[c * k_n + k];
+      const float u = a.mxnet_arithmetic ? f * mult : f / s;
+      f = round_clip(u, a.qmin, a.qmax) * s + 0.0f;  // the stock graph adds (w_f - w_f): -0 becomes +0
+    }
+    const float b_f = beta[c] - mean[c] * inv[c];
+    const float s_b = s * s_a;
+    bq[c] = round_clip(b_f / s_b, -a.bias_qmax, a.bias_qmax) * s_b + 0.0f;
+  }
+  return MX_SUCCESS;
+}
+
+MXReturnValue weight_backward(const std::unordered_map<std::string, std::string>& attrs,
+                              std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                              const OpResource& res) {
+  // inputs: dw_q, db_q, w, gamma, beta, mean, var, s_a, w_q, b_q
+  // outputs: dw, dgamma, dbeta, dmean, dvar, ds_a
+  const WeightAttrs a = weight_attrs(attrs);
+  const float *dwq = inputs->at(0).data<float>(), *dbq = inputs->at(1).data<float>();
+  const float* w = inputs->at(2).data<float>();
+  const float *gamma = inputs->at(3).data<float>(), *mean = inputs->at(5).data<float>();
+  const float* var = inputs->at(6).data<float>();
+  const float s_a = inputs->at(7).data<float>()[0];
+  const float *wq = inputs->at(8).data<float>(), *bq = inputs->at(9).data<float>();
+  float *dw = outputs->at(0).data<float>(), *dgamma = outputs->at(1).data<float>();
+  float* dbeta = outputs->at(2).data<float>();
+  const int64_t c_n = inputs->at(3).size(), k_n = inputs->at(2).size() / c_n;
+  const int nt = n_threads();
+  std::vector<float> m(c_n);  // with ste=clipped: max|w_f| again, for the scale
+  if (a.clipped) {
+#pragma omp parallel for num_threads(nt) if (inputs->at(2).size() >= kSerialBelow)
+    for (int64_t c = 0; c < c_n; ++c) {
+      const float inv = fold_inv(a, gamma[c], var[c]);
+      float mx = 0.0f;
+      for (int64_t k = 0; k < k_n; ++k) {
+        const float af = std::fabs(w[c * k_n + k] * inv);
+        mx = af > mx ? af : mx;
+      }
+      m[c] = mx;
+    }
+    if (!a.per_channel) {
+      float mx = 0.0f;
+      for (float v : m) mx = v > mx ? v : mx;
+      for (float& v : m) v = mx;
+    }
+  }
+#pragma omp parallel for num_threads(nt) if (inputs->at(2).size() >= kSerialBelow)
+  for (int64_t c = 0; c < c_n; ++c) {
+    const float inv = fold_inv(a, gamma[c], var[c]);
+    const float s = a.clipped && m[c] > 0.0f ? m[c] / a.divisor : 1.0f;
+    const float mult = a.clipped && m[c] > 0.0f ? a.divisor / m[c] : 1.0f;
+    double dinv = 0.0;
+    for (int64_t k = 0; k < k_n; ++k) {
+      const int64_t i = c * k_n + k;
+      float g = dwq[i];
+      if (a.clipped) {
+        const float f = w[i] * inv;
+        const float u = a.mxnet_arithmetic ? f * mult : f / s;
+        g = (u >= a.qmin && u <= a.qmax) ? g : 0.0f;
+      }
+      dw[i] = g * inv;
+      dinv += static_cast<double>(g) * w[i];
+    }
+    float db = dbq[c];
+    if (a.clipped) {
+      const float b_f = inputs->at(4).data<float>()[c] - mean[c] * inv;
+      const float u = b_f / (s * s_a);
+      db = (u >= -a.bias_qmax && u <= a.bias_qmax) ? db : 0.0f;
+    }
+    dinv -= static_cast<double>(db) * mean[c];
+    dbeta[c] = db;
+    dgamma[c] = static_cast<float>(dinv / std::sqrt(static_cast<double>(var[c]) + a.eps));
+  }
+  for (int j = 3; j < 6; ++j)
+    for (int64_t i = 0; i < outputs->at(j).size(); ++i) outputs->at(j).data<float>()[i] = 0.0f;
+  (void)wq;
+  (void)bq;
+  return MX_SUCCESS;
+}
+
+MXReturnValue weight_parse(const std::unordered_map<std::string, std::string>& attrs,
+                           int* num_in, int* num_out) {
+  *num_in = 6;
+  *num_out = 2;
+  for (const char* k : {"qmin", "qmax", "divisor", "eps", "bias_qmax", "per_channel", "mxnet_arithmetic"})
+    if (!attrs.count(k)) {
+      MX_ERROR_MSG << "tq_weight_quant needs attribute " << k;
+      return MX_FAIL;
+    }
+  return MX_SUCCESS;
+}
+
+MXReturnValue weight_type(const std::unordered_map<std::string, std::string>& attrs,
+                          std::vector<int>* in, std::vector<int>* out) {
+  for (int t : *in)
+    if (t != kFloat32) {
+      MX_ERROR_MSG << "tq_weight_quant supports float32 only";
+      return MX_FAIL;
+    }
+  out->at(0) = kFloat32;
+  out->at(1) = kFloat32;
+  return MX_SUCCESS;
+}
+
+MXReturnValue weight_shape(const std::unordered_map<std::string, std::string>& attrs,
+                           std::vector<std::vector<unsigned int>>* in,
+                           std::vector<std::vector<unsigned int>>* out) {
+  if (in->at(0).empty() || in->at(1).size() != 1 || in->at(0)[0] != in->at(1)[0]) {
+    MX_ERROR_MSG << "tq_weight_quant: weight (C, ...) and gamma (C,) must agree";
+    return MX_FAIL;
+  }
+  out->at(0) = in->at(0);
+  out->at(1) = in->at(1);
+  return MX_SUCCESS;
+}
+
+REGISTER_OP(tq_weight_quant)
+    .setForward(weight_forward, "cpu")
+    .setBackward(weight_backward, "cpu")
+    .setParseAttrs(weight_parse)
+    .setInferType(weight_type)
+    .setInferShape(weight_shape);
+
 
 MXReturnValue initialize(int version) {
   return version >= 10700 ? MX_SUCCESS : MX_FAIL;
