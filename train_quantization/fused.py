@@ -69,9 +69,12 @@ def available() -> bool:
         try:
             import mxnet as mx
 
-            if not all(hasattr(mx.nd, op) for op in OPS):
+            def loaded() -> bool:
+                return all(hasattr(mx.nd, op) for op in OPS)
+
+            if not loaded():
                 mx.library.load(str(build()), verbose=False)
-            ok = all(hasattr(mx.nd, op) for op in OPS)
+            ok = loaded()
         except Exception as exc:  # noqa: BLE001 - any build/load failure means: use the fallback
             log.warning("fused quantizer unavailable (%s); using the stock-MXNet path", str(exc)[:200])
     _STATE["ok"] = ok

@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstring>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 #include <vector>
 #include <omp.h>
@@ -46,6 +47,32 @@ static float attr_f(const std::unordered_map<std::string, std::string>& a, const
   return std::stof(a.at(k));
 }
 
+// Parse-time checks shared by the ops: the attributes each needs, and float32 in and out.
+static MXReturnValue need_attrs(const char* op, const std::unordered_map<std::string, std::string>& attrs,
+                                std::initializer_list<const char*> keys) {
+  for (const char* k : keys)
+    if (!attrs.count(k)) {
+      MX_ERROR_MSG << op << " needs attribute " << k;
+      return MX_FAIL;
+    }
+  return MX_SUCCESS;
+}
+
+static MXReturnValue float32_only(const char* op, std::vector<int>* in, std::vector<int>* out) {
+  for (int t : *in)
+    if (t != kFloat32) {
+      MX_ERROR_MSG << op << " supports float32 only";
+      return MX_FAIL;
+    }
+  for (int& t : *out) t = kFloat32;
+  return MX_SUCCESS;
+}
+
+static float round_clip(float u, float lo, float hi) {
+  u = u < lo ? lo : (u > hi ? hi : u);
+  return (u + kMagic) - kMagic;  // half to even, exact for |u| <= 2**22 (-ffp-contract=off, no -ffast-math)
+}
+
 // Elementwise kernels over one block, compiled for AVX-512, AVX2 and baseline x86-64 (chosen at load
 // time): the same IEEE operations (no FMA: -ffp-contract=off), so the same bits on every CPU.
 static const int64_t kBlock = 1 << 14;
@@ -64,11 +91,7 @@ TQ_CLONES static float abs_max(const float* x, int64_t n) {
 
 TQ_CLONES static void fake_quant(const float* x, float* y, int64_t n, float s, float qmin, float qmax) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    float u = x[i] / s;
-    u = u < qmin ? qmin : (u > qmax ? qmax : u);
-    y[i] = ((u + kMagic) - kMagic) * s;  // half to even, exact for |u| <= 2**22
-  }
+  for (int64_t i = 0; i < n; ++i) y[i] = round_clip(x[i] / s, qmin, qmax) * s;
 }
 
 TQ_CLONES static void clipped_ste(const float* dy, const float* x, float* dx, int64_t n, float s, float qmin,
@@ -139,24 +162,12 @@ MXReturnValue act_parse(const std::unordered_map<std::string, std::string>& attr
                         int* num_in, int* num_out) {
   *num_in = 3;
   *num_out = 2;
-  for (const char* k : {"momentum", "qmin", "qmax", "divisor"})
-    if (!attrs.count(k)) {
-      MX_ERROR_MSG << "tq_act_quant needs attribute " << k;
-      return MX_FAIL;
-    }
-  return MX_SUCCESS;
+  return need_attrs("tq_act_quant", attrs, {"momentum", "qmin", "qmax", "divisor"});
 }
 
 MXReturnValue act_type(const std::unordered_map<std::string, std::string>& attrs,
                        std::vector<int>* in, std::vector<int>* out) {
-  for (int t : *in)
-    if (t != kFloat32) {
-      MX_ERROR_MSG << "tq_act_quant supports float32 only";
-      return MX_FAIL;
-    }
-  out->at(0) = kFloat32;
-  out->at(1) = kFloat32;
-  return MX_SUCCESS;
+  return float32_only("tq_act_quant", in, out);
 }
 
 MXReturnValue act_shape(const std::unordered_map<std::string, std::string>& attrs,
@@ -209,10 +220,33 @@ static float fold_inv(const WeightAttrs& a, float gamma, float var) {
   return gamma / std::sqrt(var + a.eps_f);
 }
 
-static float round_clip(float u, float lo, float hi) {
-  u = u < lo ? lo : (u > hi ? hi : u);
-  return (u + kMagic) - kMagic;  // half to even (-ffp-contract=off, no -ffast-math)
+// Each output channel's max|w_f| (the layer's maximum in every entry when per tensor); writes w_f to wf
+// unless it is null.
+static std::vector<float> fold_maxima(const WeightAttrs& a, const float* w, const float* gamma, const float* var,
+                                      int64_t c_n, int64_t k_n, float* wf) {
+  std::vector<float> m(c_n);
+#pragma omp parallel for num_threads(n_threads()) if (c_n * k_n >= kSerialBelow)
+  for (int64_t c = 0; c < c_n; ++c) {
+    const float inv = fold_inv(a, gamma[c], var[c]);
+    float mx = 0.0f;
+    for (int64_t k = 0; k < k_n; ++k) {
+      const float f = w[c * k_n + k] * inv;
+      if (wf) wf[c * k_n + k] = f;
+      mx = std::max(mx, std::fabs(f));
+    }
+    m[c] = mx;
+  }
+  if (!a.per_channel) std::fill(m.begin(), m.end(), *std::max_element(m.begin(), m.end()));
+  return m;
 }
+
+// What is rounded, as quant.weight_ratio: w_f / s_w, or w_f * (divisor / max) with mxnet_arithmetic.
+struct ChannelScale {
+  float s, mult;
+  ChannelScale(const WeightAttrs& a, float m)
+      : s(m > 0.0f ? m / a.divisor : 1.0f), mult(m > 0.0f ? a.divisor / m : 1.0f) {}
+  float ratio(const WeightAttrs& a, float f) const { return a.mxnet_arithmetic ? f * mult : f / s; }
+};
 
 MXReturnValue weight_forward(const std::unordered_map<std::string, std::string>& attrs,
                              std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
@@ -225,37 +259,16 @@ MXReturnValue weight_forward(const std::unordered_map<std::string, std::string>&
   float* wq = outputs->at(0).data<float>();
   float* bq = outputs->at(1).data<float>();
   const int64_t c_n = inputs->at(1).size(), k_n = inputs->at(0).size() / c_n;
-  const int nt = n_threads();
-  const bool par = inputs->at(0).size() >= kSerialBelow;
-  std::vector<float> inv(c_n), m(c_n);
-#pragma omp parallel for num_threads(nt) if (par)
-  for (int64_t c = 0; c < c_n; ++c) {  // fold into wq (w_f), and each channel's max|w_f|
-    inv[c] = fold_inv(a, gamma[c], var[c]);
-    float mx = 0.0f;
-    for (int64_t k = 0; k < k_n; ++k) {
-      const float f = w[c * k_n + k] * inv[c];
-      wq[c * k_n + k] = f;
-      const float af = std::fabs(f);
-      mx = af > mx ? af : mx;
-    }
-    m[c] = mx;
-  }
-  if (!a.per_channel) {
-    float mx = 0.0f;
-    for (float v : m) mx = v > mx ? v : mx;
-    for (float& v : m) v = mx;
-  }
-#pragma omp parallel for num_threads(nt) if (par)
+  const std::vector<float> m = fold_maxima(a, w, gamma, var, c_n, k_n, wq);  // wq holds w_f until rounded
+#pragma omp parallel for num_threads(n_threads()) if (c_n * k_n >= kSerialBelow)
   for (int64_t c = 0; c < c_n; ++c) {
-    const float s = m[c] > 0.0f ? m[c] / a.divisor : 1.0f;
-    const float mult = m[c] > 0.0f ? a.divisor / m[c] : 1.0f;
+    const ChannelScale cs(a, m[c]);
     for (int64_t k = 0; k < k_n; ++k) {
       float& f = wq[c * k_n + k];
-      const float u = a.mxnet_arithmetic ? f * mult : f / s;
-      f = round_clip(u, a.qmin, a.qmax) * s + 0.0f;  // the stock graph adds (w_f - w_f): -0 becomes +0
+      f = round_clip(cs.ratio(a, f), a.qmin, a.qmax) * cs.s + 0.0f;  // the stock graph adds (w_f - w_f): -0 -> +0
     }
-    const float b_f = beta[c] - mean[c] * inv[c];
-    const float s_b = s * s_a;
+    const float b_f = beta[c] - mean[c] * fold_inv(a, gamma[c], var[c]);
+    const float s_b = cs.s * s_a;
     bq[c] = round_clip(b_f / s_b, -a.bias_qmax, a.bias_qmax) * s_b + 0.0f;
   }
   return MX_SUCCESS;
@@ -272,41 +285,22 @@ MXReturnValue weight_backward(const std::unordered_map<std::string, std::string>
   const float *gamma = inputs->at(3).data<float>(), *mean = inputs->at(5).data<float>();
   const float* var = inputs->at(6).data<float>();
   const float s_a = inputs->at(7).data<float>()[0];
-  const float *wq = inputs->at(8).data<float>(), *bq = inputs->at(9).data<float>();
   float *dw = outputs->at(0).data<float>(), *dgamma = outputs->at(1).data<float>();
   float* dbeta = outputs->at(2).data<float>();
   const int64_t c_n = inputs->at(3).size(), k_n = inputs->at(2).size() / c_n;
-  const int nt = n_threads();
-  std::vector<float> m(c_n);  // with ste=clipped: max|w_f| again, for the scale
-  if (a.clipped) {
-#pragma omp parallel for num_threads(nt) if (inputs->at(2).size() >= kSerialBelow)
-    for (int64_t c = 0; c < c_n; ++c) {
-      const float inv = fold_inv(a, gamma[c], var[c]);
-      float mx = 0.0f;
-      for (int64_t k = 0; k < k_n; ++k) {
-        const float af = std::fabs(w[c * k_n + k] * inv);
-        mx = af > mx ? af : mx;
-      }
-      m[c] = mx;
-    }
-    if (!a.per_channel) {
-      float mx = 0.0f;
-      for (float v : m) mx = v > mx ? v : mx;
-      for (float& v : m) v = mx;
-    }
-  }
-#pragma omp parallel for num_threads(nt) if (inputs->at(2).size() >= kSerialBelow)
+  // ste=clipped needs the scales again (recomputed: the op's outputs do not carry them)
+  const std::vector<float> m =
+      a.clipped ? fold_maxima(a, w, gamma, var, c_n, k_n, nullptr) : std::vector<float>(c_n);
+#pragma omp parallel for num_threads(n_threads()) if (c_n * k_n >= kSerialBelow)
   for (int64_t c = 0; c < c_n; ++c) {
     const float inv = fold_inv(a, gamma[c], var[c]);
-    const float s = a.clipped && m[c] > 0.0f ? m[c] / a.divisor : 1.0f;
-    const float mult = a.clipped && m[c] > 0.0f ? a.divisor / m[c] : 1.0f;
+    const ChannelScale cs(a, m[c]);
     double dinv = 0.0;
     for (int64_t k = 0; k < k_n; ++k) {
       const int64_t i = c * k_n + k;
       float g = dwq[i];
       if (a.clipped) {
-        const float f = w[i] * inv;
-        const float u = a.mxnet_arithmetic ? f * mult : f / s;
+        const float u = cs.ratio(a, w[i] * inv);
         g = (u >= a.qmin && u <= a.qmax) ? g : 0.0f;
       }
       dw[i] = g * inv;
@@ -315,7 +309,7 @@ MXReturnValue weight_backward(const std::unordered_map<std::string, std::string>
     float db = dbq[c];
     if (a.clipped) {
       const float b_f = inputs->at(4).data<float>()[c] - mean[c] * inv;
-      const float u = b_f / (s * s_a);
+      const float u = b_f / (cs.s * s_a);
       db = (u >= -a.bias_qmax && u <= a.bias_qmax) ? db : 0.0f;
     }
     dinv -= static_cast<double>(db) * mean[c];
@@ -324,8 +318,6 @@ MXReturnValue weight_backward(const std::unordered_map<std::string, std::string>
   }
   for (int j = 3; j < 6; ++j)
     for (int64_t i = 0; i < outputs->at(j).size(); ++i) outputs->at(j).data<float>()[i] = 0.0f;
-  (void)wq;
-  (void)bq;
   return MX_SUCCESS;
 }
 
@@ -333,24 +325,13 @@ MXReturnValue weight_parse(const std::unordered_map<std::string, std::string>& a
                            int* num_in, int* num_out) {
   *num_in = 6;
   *num_out = 2;
-  for (const char* k : {"qmin", "qmax", "divisor", "eps", "bias_qmax", "per_channel", "mxnet_arithmetic"})
-    if (!attrs.count(k)) {
-      MX_ERROR_MSG << "tq_weight_quant needs attribute " << k;
-      return MX_FAIL;
-    }
-  return MX_SUCCESS;
+  return need_attrs("tq_weight_quant", attrs,
+                    {"qmin", "qmax", "divisor", "eps", "bias_qmax", "per_channel", "mxnet_arithmetic"});
 }
 
 MXReturnValue weight_type(const std::unordered_map<std::string, std::string>& attrs,
                           std::vector<int>* in, std::vector<int>* out) {
-  for (int t : *in)
-    if (t != kFloat32) {
-      MX_ERROR_MSG << "tq_weight_quant supports float32 only";
-      return MX_FAIL;
-    }
-  out->at(0) = kFloat32;
-  out->at(1) = kFloat32;
-  return MX_SUCCESS;
+  return float32_only("tq_weight_quant", in, out);
 }
 
 MXReturnValue weight_shape(const std::unordered_map<std::string, std::string>& attrs,
@@ -371,7 +352,6 @@ REGISTER_OP(tq_weight_quant)
     .setParseAttrs(weight_parse)
     .setInferType(weight_type)
     .setInferShape(weight_shape);
-
 
 MXReturnValue initialize(int version) {
   return version >= 10700 ? MX_SUCCESS : MX_FAIL;
