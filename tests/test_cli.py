@@ -237,6 +237,28 @@ def test_benchmark_prints_training_ratio_and_inference_table():
     assert res["int8_over_float_b64"]["ONNX Runtime int8 / float"] > 0
 
 
+@pytest.mark.parametrize("cap", [None, "AVX2"])
+def test_openblas_runs_the_kernels_of_the_cpu(cap):
+    """The package names OpenBLAS's kernel family before numpy loads: the bundled OpenBLAS releases take
+    Sapphire Rapids and Zen 4/5 for SSE3 CPUs. Under ``DNNL_MAX_CPU_ISA=AVX2`` the AVX2 kernels."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "DNNL_MAX_CPU_ISA")}
+    if cap:
+        env["DNNL_MAX_CPU_ISA"] = cap
+    code = ("import train_quantization; from train_quantization import machine; "
+            "print(machine.blas_core(), machine.openblas_coretype() or '-')")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    core, expected = out.stdout.split()
+    from train_quantization import machine
+
+    flags = machine._cpuinfo()[1]
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        assert expected == ("Haswell" if cap else "SkylakeX")
+    if expected != "-":
+        assert core == expected
+
+
 def test_more_bad_input_and_all_zero_layer(tmp_path, float_run):
     from PIL import Image
 

@@ -8,8 +8,15 @@ here: ``tq.convert``, ``tq.calibrate``, ``tq.fit``, ``tq.train_float``, ``tq.tra
 """
 import os
 
+from .machine import openblas_coretype
+
 # MXNet sizes its OpenMP pool at import; without this it uses half the cores here.
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+# OpenBLAS reads this when it loads (numpy's, scipy's and MXNet's copies): its releases that these wheels
+# bundle do not recognize newer CPUs (Sapphire Rapids, Zen 4/5) and fall back to SSE3 kernels, which run the
+# numpy engines' GEMMs 3-4x slower. Set before numpy loads; a value already set wins.
+if openblas_coretype():
+    os.environ.setdefault("OPENBLAS_CORETYPE", openblas_coretype())
 
 __version__ = "0.1.0"
 

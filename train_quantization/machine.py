@@ -72,16 +72,65 @@ def onednn_isa() -> str:
     return "unknown"
 
 
+def openblas_coretype(flags: frozenset | None = None, cap: str | None = None) -> str:
+    """The OpenBLAS kernel family for this CPU's flags under oneDNN's ISA cap ``DNNL_MAX_CPU_ISA`` (so a
+    capped run gets the kernels a CPU of that ISA gets): ``SkylakeX`` (AVX-512 F/BW/DQ/VL), ``Haswell``
+    (AVX2 + FMA), or "" (OpenBLAS's own detection).
+
+    >>> openblas_coretype(frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"}), None)
+    'SkylakeX'
+    >>> openblas_coretype(frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"}), "AVX2")
+    'Haswell'
+    >>> openblas_coretype(frozenset({"sse4_2"}), None)
+    ''
+    """
+    flags = _cpuinfo()[1] if flags is None else flags
+    cap = (os.environ.get("DNNL_MAX_CPU_ISA", "") if cap is None else cap).upper()
+    below_avx2 = cap.startswith("SSE") or cap == "AVX"  # oneDNN's cap names: SSE41, AVX, AVX2, AVX2_VNNI, ...
+    below_avx512 = below_avx2 or cap.startswith("AVX2")
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags and not below_avx512:
+        return "SkylakeX"
+    avx2 = {"avx2", "fma"} <= flags and not below_avx2
+    return "Haswell" if avx2 else ""
+
+
+def blas_core() -> str:
+    """The kernel family of the OpenBLAS that runs the numpy engines' GEMMs (scipy's, else numpy's:
+    ``openblas_get_corename``), or ``unknown``."""
+    import ctypes
+
+    try:
+        import scipy.linalg.blas  # noqa: F401  (loads scipy's OpenBLAS, which the engines use when present)
+        owner = "scipy"
+    except ImportError:
+        import numpy  # noqa: F401
+        owner = "numpy"
+    try:
+        path = next(ln.split()[-1] for ln in open("/proc/self/maps") if "openblas" in ln and f"/{owner}" in ln)
+        lib = ctypes.CDLL(path)
+    except (OSError, StopIteration):
+        return "unknown"
+    for name in ("openblas_get_corename64_", "openblas_get_corename"):
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.restype = ctypes.c_char_p
+            return fn().decode()
+    return "unknown"
+
+
 def facts() -> dict:
-    """The machine of a measurement: CPU model, ISA flags, the oneDNN ISA and its cap, core count and
-    ``OMP_NUM_THREADS`` (unset: MXNet picks its own count, one thread on the 2-CPU VMs measured; float
-    results and speeds depend on it)."""
+    """The machine of a measurement: CPU model, ISA flags, the oneDNN ISA and its cap, core count,
+    the OpenBLAS kernels of the numpy engines' GEMMs and ``OMP_NUM_THREADS`` (unset: MXNet picks its own
+    count, one thread on the 2-CPU VMs measured; float results and speeds depend on it)."""
     return {"cpu": _cpuinfo()[0], "isa_flags": isa_flags(), "onednn_isa": onednn_isa(),
             "dnnl_max_cpu_isa": os.environ.get("DNNL_MAX_CPU_ISA"), "cpus": os.cpu_count(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "machine": platform.machine()}
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "openblas_core": blas_core(),
+            "machine": platform.machine()}
 
 
 def describe(f: dict) -> str:
     """One line for tables: ``AMD EPYC (avx2 avx512f ...; oneDNN: Intel AVX2; OMP threads: 2)``."""
     threads = f.get("omp_num_threads") or "default"
-    return f"{f['cpu']} ({' '.join(f['isa_flags']) or 'no AVX2'}; oneDNN: {f['onednn_isa']}; OMP threads: {threads})"
+    blas = f"; OpenBLAS: {f['openblas_core']}" if f.get("openblas_core") else ""
+    return (f"{f['cpu']} ({' '.join(f['isa_flags']) or 'no AVX2'}; oneDNN: {f['onednn_isa']}{blas}; "
+            f"OMP threads: {threads})")

@@ -111,11 +111,14 @@ SETTLE_S = 0.3  # seconds between timed variants
 
 
 def speeds(fns: dict, x: np.ndarray, repeats: int = 5) -> dict:
-    """Median images/s at batch 64 and median latency (ms) at batch 1 of each ``{key: f}``, timed in
-    this process after a warm-up, alternating between the variants ``repeats`` times (a numpy
-    engine runs 3 batches and 4 single images per repeat, the others 5 and 20). Each variant starts
-    after a pause of ``SETTLE_S``: the previous runtime's idle worker threads spin-wait for a while
-    (OpenMP, ONNX Runtime) and would take the cores from the next."""
+    """Median images/s at batch 64 (of the repeats) and median latency (ms) at batch 1 (of every call) of
+    each ``{key: f}``, timed in this process after a warm-up, alternating between the variants ``repeats``
+    times (a numpy engine runs 3 batches and 4 single images per repeat, the others 5 and 20). Each block
+    follows one untimed call at its batch size, as a deployment at a fixed batch size runs: a hybridized
+    static-shape graph re-plans its memory when the batch size changes (for the full-width oneDNN int8
+    VGG16 at batch 1, that one call costs more than the 20 timed ones together). Each variant starts after a pause of
+    ``SETTLE_S``: the previous runtime's idle worker threads spin-wait for a while (OpenMP, ONNX Runtime)
+    and would take the cores from the next."""
     b64 = np.concatenate([x] * (64 // len(x) + 1))[:64]
     b1 = x[:1]
     for f in fns.values():
@@ -127,14 +130,16 @@ def speeds(fns: dict, x: np.ndarray, repeats: int = 5) -> dict:
         for k, f in fns.items():
             n64, n1 = (3, 4) if BY_KEY.get(k, VARIANTS[0]).numpy else (5, 20)
             time.sleep(SETTLE_S)
+            f(b64)  # untimed: a static-shape MXNet graph re-plans its memory at each change of batch size
             t = time.perf_counter()
             for _ in range(n64):
                 f(b64)
             ips[k].append(n64 * 64 / (time.perf_counter() - t))
-            t = time.perf_counter()
+            f(b1)
             for _ in range(n1):
+                t = time.perf_counter()
                 f(b1)
-            lat[k].append(1000 * (time.perf_counter() - t) / n1)
+                lat[k].append(1000 * (time.perf_counter() - t))
     return {k: (statistics.median(ips[k]), statistics.median(lat[k])) for k in fns}
 
 
