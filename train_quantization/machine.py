@@ -77,11 +77,15 @@ def openblas_coretype(flags: frozenset | None = None, cap: str | None = None) ->
     capped run gets the kernels a CPU of that ISA gets): ``SkylakeX`` (AVX-512 F/BW/DQ/VL), ``Haswell``
     (AVX2 + FMA), or "" (OpenBLAS's own detection).
 
-    >>> openblas_coretype(frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"}), None)
+    ``flags`` None: this CPU's; ``cap`` None: the environment's ("": no cap).
+
+    >>> openblas_coretype(frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"}), "")
     'SkylakeX'
     >>> openblas_coretype(frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"}), "AVX2")
     'Haswell'
-    >>> openblas_coretype(frozenset({"sse4_2"}), None)
+    >>> openblas_coretype(frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"}), "AVX512_CORE")
+    'SkylakeX'
+    >>> openblas_coretype(frozenset({"sse4_2"}), "")
     ''
     """
     flags = _cpuinfo()[1] if flags is None else flags
