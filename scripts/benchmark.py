@@ -6,7 +6,8 @@ compiled quantizer (``qat_fused``, when it builds) and the stock-MXNet fallback
 (``qat_stock``). Inference (``--inference``, default on): images/s at batch 64 and latency
 at batch 1 of the variants of ``train_quantization.variants`` that need no trained model or data
 (float and int8 in MXNet/oneDNN, the numpy engines, ONNX Runtime), plus artifact sizes and the
-int8/float ratios. Weights are random (speed does not depend on them). Everything is measured in
+int8/float ratios. Weights are random (speed does not depend on them; the numpy engines' float32 fallback,
+used without the compiled int8 GEMM, needs more GEMM chunks for larger weights). Everything is measured in
 one process after warm-up, alternating between variants, as medians over the repeats. Prints
 JSON, a markdown table and the machine (CPU, ISA flags, the ISA oneDNN dispatched).
 """
@@ -28,7 +29,7 @@ import mxnet as mx  # noqa: E402, I001
 from train_quantization.bench import inference, training  # noqa: E402
 from train_quantization.config import load_config  # noqa: E402
 from train_quantization.errors import cli_main  # noqa: E402
-from train_quantization.int8 import onnx_export  # noqa: E402
+from train_quantization.int8 import engine, igemm, onnx_export  # noqa: E402
 
 
 @cli_main
@@ -41,6 +42,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="alternating float/QAT blocks")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--per-channel", action="store_true")
+    p.add_argument("--training", type=int, choices=(0, 1), default=1, help="time training steps (0/1)")
     p.add_argument("--inference", type=int, choices=(0, 1), default=1, help="also time inference (0/1)")
     p.add_argument("--onnx-target", choices=onnx_export.TARGETS, default="auto",
                    help="ONNX Runtime int8 kernels to export for (auto: vnni on a CPU with VNNI, else avx2)")
@@ -58,12 +60,15 @@ def main() -> None:
         res["inference"] = inference(cfg, qnet, nets["float"], x, args.repeats, args.onnx_target)
         res["onnx_target"] = onnx_export.resolve_target(args.onnx_target)
         res["int8_over_float_b64"] = variants.int8_over_float(res["inference"])
+        res["numpy_gemm"] = f"int8 ({igemm.isa()})" if engine.resolve("fast") == "int8" else "float32 BLAS"
     print(json.dumps(res, indent=2))
     if args.inference:
         print("\n" + variants.table(list(res["inference"].values()), accuracy=False))
         ratios = ", ".join(f"{k} {v:.2f}" for k, v in res["int8_over_float_b64"].items())
-        print(f"int8 / float images/s at batch 64: {ratios} (ONNX target {res['onnx_target']})")
-    print(f"QAT / float training step: {', '.join(f'{k} {v:.3f}' for k, v in res['ratio'].items())}")
+        print(f"int8 / float images/s at batch 64: {ratios} (ONNX target {res['onnx_target']}; numpy engines' "
+              f"GEMM: {res['numpy_gemm']})")
+    if args.training:
+        print(f"QAT / float training step: {', '.join(f'{k} {v:.3f}' for k, v in res['ratio'].items())}")
     print(f"machine: {machine.describe(res['machine'])}")
 
 

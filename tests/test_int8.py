@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import FLOAT_TOL, layerwise_codes, top1_agreement
+from train_quantization import machine
 from train_quantization.errors import UserError
-from train_quantization.int8 import engine
+from train_quantization.int8 import engine, igemm
 from train_quantization.int8 import model as int8_model
 from train_quantization.int8.export import export
 
@@ -72,21 +73,77 @@ def test_exact_gemm_chunks_bound_every_partial_sum_by_the_weights_l1():
     assert ref[0, 0] > 2**24 and np.array_equal(engine.exact_gemm(a, b, chunks), ref)
 
 
+def needs_kernel(kernel: str) -> None:
+    if kernel == "int8" and not igemm.available():
+        pytest.skip("the int8 GEMM did not build (g++ missing?); the engines use float32 BLAS")
+
+
 @pytest.mark.parametrize("kernel", engine.KERNELS)
 def test_integer_gemms_equal_int64_gemms(kernel):
+    needs_kernel(kernel)
     rng = np.random.default_rng(1)
-    x = rng.integers(-128, 128, (2, 5, 6, 6))
-    w = rng.integers(-127, 128, (4, 5, 3, 3))
-    got = engine.conv2d_int(x, w, pad=1, kernel=kernel)
-    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (1, 1), (1, 1)))
-    ref = np.zeros((2, 4, 6, 6), np.int64)
-    for i in range(6):
-        for j in range(6):
-            ref[:, :, i, j] = np.einsum("ncij,ocij->no", xp[:, :, i:i + 3, j:j + 3], w.astype(np.int64))
-    assert np.array_equal(got, ref.astype(np.float64))
+    for lo, hi, stride, k in ((-128, 128, 1, 3), (0, 128, 2, 3), (0, 256, 1, 3), (-128, 128, 2, 1)):
+        x = rng.integers(lo, hi, (2, 5, 6, 6))
+        w = rng.integers(-127, 128, (4, 5, k, k))
+        got = engine.conv2d_int(x, w, pad=k // 2, stride=stride, kernel=kernel, bias=np.arange(4) - 2**30)
+        xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (k // 2, k // 2), (k // 2, k // 2)))
+        ref = np.zeros(got.shape, np.int64)
+        for i in range(got.shape[2]):
+            for j in range(got.shape[3]):
+                win = xp[:, :, i * stride:i * stride + k, j * stride:j * stride + k]
+                ref[:, :, i, j] = np.einsum("ncij,ocij->no", win, w.astype(np.int64)) + np.arange(4) - 2**30
+        assert got.dtype == np.float64 and np.array_equal(got, ref.astype(np.float64)), (lo, stride, k)
     a, b = rng.integers(-128, 128, (7, 300)), rng.integers(-127, 128, (9, 300))
     ref = (a.astype(np.int64) @ b.astype(np.int64).T).astype(np.float64)
     assert np.array_equal(engine.dense_int(a, b, kernel), ref)
+
+
+def test_int8_gemm_kernels_against_int64():
+    """Every kernel this CPU has (scalar, AVX2, AVX-512 VNNI) equals int64 products on tails of every dimension
+    (M, N, K off their block sizes), the extreme codes (-128 x +-127: the AVX2 kernel's pairs reach 32,512)
+    and, with VNNI, uint8 codes up to 255."""
+    if not igemm.available():
+        pytest.skip("the int8 GEMM did not build (g++ missing?)")
+    rng = np.random.default_rng(3)
+    have = list(igemm.ISA_CODES)[:igemm.ISA_CODES[machine.int8_gemm_isa(cap="")] + 1]
+    for m, k, n in ((1, 1, 1), (13, 27, 33), (130, 4608, 70)):
+        b = rng.integers(-127, 128, (k, n))
+        b[:, 0] = 127 * np.where(np.arange(k) % 2, 1, -1)
+        p = igemm.pack(b)
+        for kernel in have:
+            for dtype, lo, hi in ((np.int8, -128, 128), (np.int8, 0, 128), (np.uint8, 0, 256)):
+                if dtype == np.uint8 and kernel != "avx512_vnni":
+                    continue
+                a = rng.integers(lo, hi, (m, k))
+                a[0] = -128 if lo < 0 else hi - 1  # times +-127 in column 0
+                got = igemm.gemm(igemm.pad_k(a.astype(dtype), p.k4), p, signed=lo < 0, kernel=kernel)
+                assert np.array_equal(got, a @ b), (m, k, n, kernel, lo, hi)
+    assert igemm.gemm(igemm.pad_k(np.full((1, 4608), -128, np.int8), 4608), igemm.pack(np.full((4608, 1), 127)),
+                      signed=True)[0, 0] == -128 * 127 * 4608
+
+
+def test_compiled_requantization_equals_the_reference():
+    """``igemm.requantize`` against ``model.requantize`` (int64 numpy): random accumulators, exact ties of both
+    signs at every shift, saturation at both ends; None (the reference's business) beyond int32 or for a
+    multiplier of 2**30 or more (a shift below 1)."""
+    if not igemm.available():
+        pytest.skip("the int8 GEMM library did not build (g++ missing?)")
+    rng = np.random.default_rng(4)
+    mult = np.exp(rng.uniform(np.log(2.0**-31), np.log(0.999), 64))
+    m0, sh = int8_model.quantize_multiplier(mult)
+    acc = rng.integers(-2**31 + 1, 2**31, (500, 64))
+    k = (31 - sh).astype(np.int64)
+    ties = (rng.integers(-1000, 1000, (50, 64)) * 2 + 1) * (np.int64(1) << (k - 1)) // m0  # p near q + 1/2
+    acc = np.concatenate([acc, np.clip(ties, -2**31 + 1, 2**31 - 1), -acc[:5]])
+    for qmin, qmax in ((-128, 127), (0, 255), (-8, 7)):
+        want = int8_model.requantize(acc, m0, sh, qmin, qmax)
+        assert np.array_equal(igemm.requantize(acc, m0, sh, qmin, qmax), want)
+    exact = np.array([[6, 10, -6, -10]]) * (1 << 20)  # / 2**22: 1.5 2.5 -1.5 -2.5 -> 2 2 -2 -2
+    m0, sh = int8_model.quantize_multiplier(np.array([2.0**-22]))
+    assert igemm.requantize(exact, m0, sh, -128, 127).tolist() == [[2, 2, -2, -2]]
+    assert igemm.requantize(np.array([[2**31]]), m0, sh, -128, 127) is None
+    assert igemm.requantize(np.array([[3]]), *int8_model.quantize_multiplier(np.array([4.0])), -128, 127) == 12
+    assert igemm.requantize(np.array([[3]]), *int8_model.quantize_multiplier(np.array([2.0**31])), -128, 127) is None
 
 
 @pytest.mark.parametrize("kind", ["conv", "dense"])
@@ -290,7 +347,7 @@ def test_a_new_op_is_one_dataclass_and_one_handler_per_engine(qat_run, tiny_ds, 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_fast_kernels_equal_the_reference_code_for_code(float_run, tiny_ds, bits):
-    """float32 GEMMs over exact chunks (the default) vs float64 GEMMs: identical codes at every layer and
+    """The int8 GEMM and float32 GEMMs over exact chunks vs float64 GEMMs: identical codes at every layer and
     identical logits, in both engines, at 8 and 4 bits (per-channel weights: per-channel maxima differ)."""
     from conftest import tiny_config
     from train_quantization import cli
@@ -302,10 +359,16 @@ def test_fast_kernels_equal_the_reference_code_for_code(float_run, tiny_ds, bits
     with mx.autograd.train_mode():
         net(mx.nd.array(x))  # ranges from one batch
     m = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
+    kernels = ["float32"] + (["int8"] if igemm.available() else [])
     for run in (engine.simulate, engine.run_integer):
-        fast, ref = {}, {}
-        lf, lr = run(m, x, fast, kernel="fast"), run(m, x, ref, kernel="reference")
-        assert all(np.array_equal(fast[n], ref[n]) for n in ref) and np.array_equal(lf, lr)
+        ref = {}
+        lr = run(m, x, ref, kernel="reference")
+        for kernel in kernels:
+            fast = {}
+            lf = run(m, x, fast, kernel=kernel)
+            assert all(np.array_equal(fast[n], ref[n]) for n in ref) and np.array_equal(lf, lr), kernel
     big = np.full((1, 512, 3, 3), 127.0)  # one output sums 4,608 products: five float32 chunks
-    w = np.full((1, 512, 3, 3), -128.0)
-    assert engine.conv2d_int(big, w, 0, kernel="fast")[0, 0, 0, 0] == -127 * 128 * 4608
+    for kernel in kernels:
+        w = np.full((1, 512, 3, 3), -128.0)  # beyond int8 weights: the int8 kernel hands over to float32
+        assert engine.conv2d_int(big, w, 0, kernel=kernel)[0, 0, 0, 0] == -127 * 128 * 4608
+        assert engine.conv2d_int(-big - 1, w + 1, 0, kernel=kernel)[0, 0, 0, 0] == 128 * 127 * 4608

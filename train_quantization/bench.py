@@ -41,7 +41,8 @@ def _time(step, n: int) -> float:  # noqa: ANN001
 
 
 def training(cfg, args: argparse.Namespace, x: mx.nd.NDArray, y: mx.nd.NDArray) -> tuple:  # noqa: ANN001
-    """Median step times of float and QAT (fused, stock) training, alternating; returns the result and nets."""
+    """Median step times of float and QAT (fused, stock) training, alternating; returns the result and nets
+    (with ``args.training`` 0: no timing, an empty result, the nets after one step)."""
     fnet = build_model(cfg.model, 10, 3, args.image_size)
     fnet.initialize(mx.init.Xavier(magnitude=2.0))
     fnet(x)
@@ -55,7 +56,9 @@ def training(cfg, args: argparse.Namespace, x: mx.nd.NDArray, y: mx.nd.NDArray) 
     for k, net in nets.items():
         net.hybridize(static_alloc=True, static_shape=True)
         steps[k] = _stepper(net, x, y)
-        _time(steps[k], args.warmup)
+        _time(steps[k], args.warmup if args.training else 1)
+    if not args.training:
+        return {}, nets
     times: dict = {k: [] for k in steps}
     for _ in range(args.repeats):
         for k, s in steps.items():

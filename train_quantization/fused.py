@@ -30,34 +30,44 @@ def _mx_dir() -> Path:
     return Path(mxnet.__file__).resolve().parent
 
 
-def library_path() -> Path:
-    import mxnet
-
-    key = hashlib.sha1(SRC.read_bytes() + mxnet.__version__.encode()).hexdigest()[:12]
-    for base in (SRC.parent / "build", Path.home() / ".cache" / "train_quantization"):
+def library_path(src: Path = SRC, salt: str = "") -> Path:
+    """Where the library of ``src`` lives: keyed by its source and ``salt`` (MXNet's version for an operator
+    library), in ``csrc/build`` when writable, else the user's cache."""
+    key = hashlib.sha1(src.read_bytes() + salt.encode()).hexdigest()[:12]
+    name = f"lib{src.stem}-{key}.so"
+    for base in (src.parent / "build", Path.home() / ".cache" / "train_quantization"):
         try:
             base.mkdir(parents=True, exist_ok=True)
             if os.access(base, os.W_OK):
-                return base / f"libtq_ops-{key}.so"
+                return base / name
         except OSError:
             continue
-    return Path(tempfile.gettempdir()) / f"libtq_ops-{key}.so"
+    return Path(tempfile.gettempdir()) / name
 
 
-def build(path: Optional[Path] = None) -> Path:
-    """Compile the operator library (portable flags: no -march) and return its path."""
-    path = path or library_path()
+def compile_library(src: Path, path: Path, extra: tuple = ()) -> Path:
+    """``g++`` ``src`` (plus ``extra`` arguments) into the shared library ``path`` unless it is there; portable
+    flags (no -march: the kernels pick their ISA at run time). Written to a temporary name, then renamed, so
+    concurrent builds never load half a file."""
     if path.is_file():
         return path
-    mx_dir = _mx_dir()
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    cmd = ["g++", "-shared", "-fPIC", "-std=c++17", "-O3", "-ffp-contract=off", "-fopenmp",
-           f"-I{mx_dir / 'include'}", str(SRC), str(mx_dir / "src" / "lib_api.cc"), "-o", str(tmp)]
+    cmd = ["g++", "-shared", "-fPIC", "-std=c++17", "-O3", "-ffp-contract=off", "-fopenmp", str(src), *extra,
+           "-o", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"g++ failed: {proc.stderr.strip()[-500:]}")
     os.replace(tmp, path)
     return path
+
+
+def build(path: Optional[Path] = None) -> Path:
+    """Compile the operator library against MXNet's ``lib_api`` and return its path."""
+    import mxnet
+
+    mx_dir = _mx_dir()
+    path = path or library_path(SRC, mxnet.__version__)
+    return compile_library(SRC, path, (f"-I{mx_dir / 'include'}", str(mx_dir / "src" / "lib_api.cc")))
 
 
 def available() -> bool:

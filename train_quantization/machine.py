@@ -98,6 +98,25 @@ def openblas_coretype(flags: frozenset | None = None, cap: str | None = None) ->
     return "Haswell" if avx2 else ""
 
 
+def int8_gemm_isa(flags: frozenset | None = None, cap: str | None = None) -> str:
+    """The kernel of the numpy engines' int8 GEMM (``int8/igemm.py``) for this CPU's flags under
+    ``DNNL_MAX_CPU_ISA`` (as ``openblas_coretype``): ``avx512_vnni``, ``avx2`` or ``scalar``.
+
+    >>> vnni = frozenset({"avx2", "avx512f", "avx512bw", "avx512_vnni"})
+    >>> [int8_gemm_isa(vnni, c) for c in ("", "AVX512_CORE_AMX", "AVX512_CORE", "AVX2")]
+    ['avx512_vnni', 'avx512_vnni', 'avx2', 'avx2']
+    >>> int8_gemm_isa(frozenset({"sse4_2"}), "")
+    'scalar'
+    """
+    flags = _cpuinfo()[1] if flags is None else flags
+    cap = (os.environ.get("DNNL_MAX_CPU_ISA", "") if cap is None else cap).upper()
+    below_avx2 = cap.startswith("SSE") or cap == "AVX"
+    below_vnni512 = below_avx2 or cap.startswith("AVX2") or cap == "AVX512_CORE"  # oneDNN: AVX512_CORE_VNNI and up
+    if {"avx512bw", "avx512_vnni"} <= flags and not below_vnni512:
+        return "avx512_vnni"
+    return "avx2" if "avx2" in flags and not below_avx2 else "scalar"
+
+
 def blas_core() -> str:
     """The kernel family of the OpenBLAS that runs the numpy engines' GEMMs (scipy's, else numpy's:
     ``openblas_get_corename``), or ``unknown``."""

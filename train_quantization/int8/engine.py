@@ -16,15 +16,15 @@ with half-to-even rounding, ReLU as a clamp at 0, max pooling on integers, a res
 the sum of both branches' codes on its grid, global average pooling as a sum (the division
 goes into the next multiplier), and logits dequantized at the end only.
 
-The accumulators are exact integers either way (``kernel``): ``reference`` runs float64 BLAS (exact
-below 2**53); ``fast`` (the default) runs float32 BLAS on chunks of the reduction short enough that
-every partial sum stays below 2**24 (``exact_chunks``, ``exact_gemm``): a partial sum is at most
-``max|code| * sum|w|`` over the chunk's weights of one output channel, so the chunks are set once per
-layer from its weight codes and input grid. A 3x3 conv over 512 channels (4,608 terms) needs five
-chunks with all-maximal weights, three with uniform random ones (mean |w| half the maximum), fewer as
-the weights concentrate near zero. The fast path also lays activations out
-channels-last for the im2col, keeps weights as prepared float32 matrices, and works in place. Both
-kernels give the same codes; the tests compare them code for code.
+The accumulators are exact integers whatever the ``kernel``: ``int8`` multiplies the int8 codes in a
+compiled int8 GEMM (``igemm``: int32 sums, exact); ``float32`` runs float32 BLAS on chunks of the reduction
+short enough that every partial sum stays below 2**24 (``exact_chunks``, ``exact_gemm``): a partial sum is at
+most ``max|code| * sum|w|`` over the chunk's weights of one output channel, so the chunks are set once per
+layer from its weight codes and input grid (a 3x3 conv over 512 channels, 4,608 terms, needs five chunks
+with all-maximal weights, three with uniform random ones, fewer as the weights concentrate near zero);
+``reference`` runs float64 BLAS (exact below 2**53). ``fast`` (the default) is ``int8`` when the library
+loads, else ``float32``. The fast kernels lay activations out channels-last for the im2col and keep weights
+prepared once per array. Every kernel gives the same codes; the tests compare them code for code.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..quant import shuffle_permutation
+from . import igemm
 from .model import (
     Add,
     Affine,
@@ -54,7 +55,7 @@ from .model import (
 )
 
 # ----------------------------------------------------------------------------- kernels
-KERNELS = ("fast", "reference")
+KERNELS = ("int8", "float32", "reference")  # "fast": the fastest that runs here (``resolve``)
 F32_EXACT = 2**24  # float32 holds every integer up to 2**24
 try:  # scipy's OpenBLAS runs the tall, narrow GEMMs of convolutions faster than numpy's; optional
     from scipy.linalg.blas import sgemm as _sgemm
@@ -114,6 +115,15 @@ def exact_gemm(a: np.ndarray, b: np.ndarray, chunks: Optional[list] = None,
     return out
 
 
+def resolve(kernel: str) -> str:
+    """``fast`` -> ``int8`` when the compiled int8 GEMM loads, else ``float32``; other names are checked."""
+    if kernel == "fast":
+        return "int8" if igemm.available() else "float32"
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown GEMM kernel {kernel!r}; use fast or one of {', '.join(KERNELS)}")
+    return kernel
+
+
 @dataclass
 class _Gemm:
     """A quantized layer's weight codes prepared for ``exact_gemm``: the float32 (K, O) operand and its
@@ -124,42 +134,81 @@ class _Gemm:
     amax: float
 
 
-_PREPARED: dict = {}  # id(weight codes) -> (codes, _Gemm); weights are prepared once per array
+_PREPARED: dict = {}  # (id(weight codes), kind) -> (codes, prepared); weights are prepared once per array
 PREPARED_MAX_BYTES = 2**28  # the cache starts over beyond this (a full-width VGG16 takes 60 MB)
 
 
-def _prepared(w: np.ndarray, x: np.ndarray, amax: Optional[float]) -> _Gemm:
-    """The ``_Gemm`` of int weight codes ``w`` (O, ...) for inputs ``x`` within ``amax`` (default
-    ``max|x|``), cached by array identity (replace an op's ``w`` rather than writing into it); conv weights
-    are laid out (kh, kw, C) along K, as ``_conv2d_fast``."""
-    if amax is None:
-        amax = float(np.abs(x).max(initial=0))
-    hit = _PREPARED.get(id(w))
-    if hit is not None and hit[0] is w and hit[1].amax >= amax:
+def _as_kn(w: np.ndarray, channels: int, dtype: type) -> np.ndarray:
+    """Weight codes (O, C, kh, kw) or (O, K) as the (K, O) operand of the im2col GEMM, K laid out (kh, kw, C)
+    with C zero-padded to ``channels``."""
+    if w.ndim == 2:
+        return np.ascontiguousarray(np.asarray(w, dtype).T)
+    full = np.zeros((w.shape[0], channels) + w.shape[2:], dtype)
+    full[:, :w.shape[1]] = w
+    return np.ascontiguousarray(full.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]))
+
+
+def _cached(w: np.ndarray, kind: str, make, valid=lambda p: True):  # noqa: ANN001, ANN202
+    """``make()``, cached by the identity of ``w`` (replace an op's ``w`` rather than writing into it)."""
+    hit = _PREPARED.get((id(w), kind))
+    if hit is not None and hit[0] is w and valid(hit[1]):
         return hit[1]
-    wm = np.asarray(w, np.float32)
-    wm = np.ascontiguousarray(wm.transpose(2, 3, 1, 0).reshape(-1, wm.shape[0]) if wm.ndim == 4 else wm.T)
-    g = _Gemm(wm, exact_chunks(wm, amax), float(amax))
-    if sum(e[1].w.nbytes for e in _PREPARED.values()) + wm.nbytes > PREPARED_MAX_BYTES:
+    prepared = make()
+    size = 0 if prepared is None else prepared.w.nbytes if isinstance(prepared, _Gemm) else prepared.panels.nbytes
+    if sum(e[2] for e in _PREPARED.values()) + size > PREPARED_MAX_BYTES:
         _PREPARED.clear()
-    _PREPARED[id(w)] = (w, g)
-    return g
+    _PREPARED[(id(w), kind)] = (w, prepared, size)
+    return prepared
+
+
+def _prepared(w: np.ndarray, amax: float) -> _Gemm:
+    """The ``_Gemm`` of int weight codes ``w`` (O, ...) for inputs within ``amax``."""
+    def make() -> _Gemm:
+        wm = _as_kn(w, w.shape[1], np.float32)
+        return _Gemm(wm, exact_chunks(wm, amax), float(amax))
+
+    return _cached(w, "float32", make, lambda g: g.amax >= amax)
+
+
+def _packed(w: np.ndarray, channels: int) -> Optional[igemm.Packed]:
+    """Weight codes packed for the int8 GEMM (``_as_kn`` layout), or None beyond ``[-127, 127]`` (oneDNN's
+    AVX2 kernel model can round a halved weight up to 128)."""
+    return igemm.pack(_as_kn(w, channels, np.int8)) if np.abs(w).max(initial=0) <= 127 else None
+
+
+def _int8_input(bounds: tuple) -> Optional[type]:
+    """The dtype the int8 GEMM reads codes within ``bounds`` in (int8, or uint8 up to 255 with VNNI), else None."""
+    lo, hi = bounds
+    if lo >= -128 and hi <= 127:
+        return np.int8
+    return np.uint8 if lo >= 0 and hi <= 255 and igemm.isa() == "avx512_vnni" else None
+
+
+def _bounds(x: np.ndarray, bounds: Optional[tuple]) -> tuple:
+    return bounds if bounds is not None else (float(x.min(initial=0)), float(x.max(initial=0)))
 
 
 def conv2d_int(x: np.ndarray, w: np.ndarray, pad: int, stride: int = 1, groups: int = 1,
-               kernel: str = "reference", bias: Optional[np.ndarray] = None, amax: Optional[float] = None
+               kernel: str = "reference", bias: Optional[np.ndarray] = None, bounds: Optional[tuple] = None
                ) -> np.ndarray:
-    """Exact integer convolution (plus ``bias``) of integer-valued arrays via im2col + GEMM (per group):
-    ``reference`` in float64, ``fast`` in float32 with ``exact_gemm`` for inputs within ``amax`` (by
-    default ``max|x|``). The same integers either way.
+    """Exact integer convolution (plus ``bias``) of integer-valued arrays via im2col + GEMM (per group), for
+    codes within ``bounds`` (lo, hi; default measured) and any ``kernel``: the same integers every way.
 
     ``x``: (N, C, H, W), ``w``: (O, C / groups, kh, kw) -> (N, O, H', W') float64 with integral values.
     """
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
-    if kernel == "fast" and groups == 1:
-        return _conv2d_fast(x, _prepared(w, x, amax), (kh, kw), pad, stride, bias)
-    dtype = np.float32 if kernel == "fast" else np.float64
+    kernel = resolve(kernel)
+    if kernel != "reference" and groups == 1:
+        bounds = _bounds(x, bounds)
+        dtype = _int8_input(bounds) if kernel == "int8" else None
+        if dtype is not None:  # else (codes or weights beyond int8) float32 BLAS
+            c4 = -(-c // 4) * 4  # K = kh * kw * c4, a multiple of four as the kernel reads it
+            g = _cached(w, "int8", lambda: _packed(w, c4))
+            if g is not None:
+                return _conv2d_fast(x, g, (kh, kw), pad, stride, bias, dtype, c4, bounds[0] < 0)
+        return _conv2d_fast(x, _prepared(w, max(-bounds[0], bounds[1])), (kh, kw), pad, stride, bias)
+    dtype = np.float32 if kernel != "reference" else np.float64
     xp = np.pad(np.asarray(x, dtype), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
     s = xp.strides
@@ -170,40 +219,55 @@ def conv2d_int(x: np.ndarray, w: np.ndarray, pad: int, stride: int = 1, groups: 
     if groups > 1:  # depthwise/grouped: per-group products (float64: exact for these short reductions)
         out = np.einsum("pgk,gok->pgo", cols.astype(np.float64), wg.astype(np.float64))
     else:
-        out = exact_gemm(cols[:, 0], wg[0].T) if kernel == "fast" else cols[:, 0] @ wg[0].T
+        out = exact_gemm(cols[:, 0], wg[0].T) if kernel == "float32" else cols[:, 0] @ wg[0].T
     out = out.reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
     return out if bias is None else out + np.reshape(bias, (1, -1, 1, 1))
 
 
-def _conv2d_fast(x: np.ndarray, g: _Gemm, k: tuple, pad: int, stride: int,
-                 bias: Optional[np.ndarray]) -> np.ndarray:
-    """``conv2d_int``'s fast path: im2col on channels-last data, so each gathered run is ``C`` contiguous
-    values (on NCHW the gather reads one value per stride and costs as much as the GEMM), then
-    ``exact_gemm``. The result is a channels-first view, as ``conv2d_int`` returns."""
+def _conv2d_fast(x: np.ndarray, g: _Gemm | igemm.Packed, k: tuple, pad: int, stride: int,
+                 bias: Optional[np.ndarray], dtype: type = np.float32, channels: int = 0,
+                 signed: bool = True) -> np.ndarray:
+    """``conv2d_int``'s fast paths: im2col on channels-last data (``channels`` wide, zero-padded), so each
+    gathered run is contiguous (on NCHW the gather reads one value per stride and costs as much as the
+    GEMM), then ``exact_gemm`` (float32 ``g``) or the int8 GEMM (``igemm.Packed`` ``g``, codes cast to
+    ``dtype``). The result is a channels-first view, as ``conv2d_int`` returns."""
     n, c, h, wd = x.shape
-    (kh, kw), o = k, g.w.shape[1]
+    (kh, kw), o, c4 = k, g.w.shape[1] if isinstance(g, _Gemm) else g.n, max(channels, c)
     ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
-    if kh == kw == 1 and pad == 0:
-        cols = np.ascontiguousarray(x[:, :, ::stride, ::stride].transpose(0, 2, 3, 1), np.float32)
+    if kh == kw == 1 and pad == 0 and c4 == c:
+        cols = np.ascontiguousarray(x[:, :, ::stride, ::stride].transpose(0, 2, 3, 1), dtype)
     else:
-        xp = np.zeros((n, h + 2 * pad, wd + 2 * pad, c), np.float32)
-        xp[:, pad:pad + h, pad:pad + wd] = x.transpose(0, 2, 3, 1)
+        xp = np.zeros((n, h + 2 * pad, wd + 2 * pad, c4), dtype)
+        xp[:, pad:pad + h, pad:pad + wd, :c] = x.transpose(0, 2, 3, 1)
         s = xp.strides
         cols = np.lib.stride_tricks.as_strided(
-            xp, (n, ho, wo, kh, kw, c), (s[0], s[1] * stride, s[2] * stride, s[1], s[2], s[3]), writeable=False)
-    return exact_gemm(cols.reshape(n * ho * wo, kh * kw * c), g.w, g.chunks, bias).reshape(
-        n, ho, wo, o).transpose(0, 3, 1, 2)
+            xp, (n, ho, wo, kh, kw, c4), (s[0], s[1] * stride, s[2] * stride, s[1], s[2], s[3]), writeable=False)
+    cols = cols.reshape(n * ho * wo, kh * kw * c4)
+    return _gemm(cols, g, bias, signed).reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
+
+
+def _gemm(a: np.ndarray, g: _Gemm | igemm.Packed, bias: Optional[np.ndarray], signed: bool) -> np.ndarray:
+    """The exact float64 ``a @ w (+ bias)`` of a prepared weight: float32 chunks or the int8 GEMM."""
+    if isinstance(g, _Gemm):
+        return exact_gemm(a, g.w, g.chunks, bias)
+    acc = igemm.gemm(a, g, signed)
+    return acc.astype(np.float64) if bias is None else np.add(acc, bias, dtype=np.float64)
 
 
 def dense_int(x: np.ndarray, w: np.ndarray, kernel: str = "reference", bias: Optional[np.ndarray] = None,
-              amax: Optional[float] = None) -> np.ndarray:
-    """Exact integer matrix product ``x @ w.T (+ bias)``: ``reference`` float64 GEMM, ``fast`` ``exact_gemm``
-    for inputs within ``amax`` (by default ``max|x|``)."""
-    if kernel == "fast":
-        g = _prepared(w, x, amax)
+              bounds: Optional[tuple] = None) -> np.ndarray:
+    """Exact integer matrix product ``x @ w.T (+ bias)`` for codes within ``bounds`` (default measured), with
+    any ``kernel``."""
+    kernel = resolve(kernel)
+    if kernel == "reference":
+        out = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+        return out if bias is None else out + bias
+    bounds = _bounds(x, bounds)
+    p = _cached(w, "int8", lambda: _packed(w, w.shape[1])) if kernel == "int8" and _int8_input(bounds) else None
+    if p is None:
+        g = _prepared(w, max(-bounds[0], bounds[1]))
         return exact_gemm(np.asarray(x, np.float32), g.w, g.chunks, bias)
-    out = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
-    return out if bias is None else out + bias
+    return _gemm(igemm.pad_k(np.asarray(x, _int8_input(bounds)), p.k4), p, bias, bounds[0] < 0)
 
 
 def maxpool(x: np.ndarray, size: int, stride: int, ceil: bool) -> np.ndarray:
@@ -220,13 +284,13 @@ def maxpool(x: np.ndarray, size: int, stride: int, ceil: bool) -> np.ndarray:
     return win.max(axis=(4, 5))
 
 
-def _accumulate(op: Conv | Dense, codes: np.ndarray, kernel: str, amax: Optional[float]) -> np.ndarray:
-    """The layer's exact accumulators plus its int32 bias, float64; ``amax`` bounds ``|codes|`` (None:
+def _accumulate(op: Conv | Dense, codes: np.ndarray, kernel: str, bounds: Optional[tuple]) -> np.ndarray:
+    """The layer's exact accumulators plus its int32 bias, float64; ``bounds`` (lo, hi) bound the codes (None:
     measured)."""
     if isinstance(op, Conv):
-        acc = conv2d_int(codes, op.w, op.pad, op.stride, op.groups, kernel, op.b, amax)
+        acc = conv2d_int(codes, op.w, op.pad, op.stride, op.groups, kernel, op.b, bounds)
     else:
-        acc = dense_int(codes, op.w, kernel, op.b, amax)
+        acc = dense_int(codes, op.w, kernel, op.b, bounds)
     if op.s16_pairs:
         _saturate_pairs(op, codes, acc)
     return acc
@@ -291,13 +355,19 @@ def _dequantize(v: tuple) -> np.ndarray:
     return np.asarray(arr, np.float64) if scale is None else arr * scale
 
 
-def _codes(grid: InGrid, v: tuple) -> np.ndarray:
+def _codes(grid: InGrid, v: tuple, kernel: str = "reference") -> np.ndarray:
     """The input codes of a quantized op: float data is quantized (``input_codes``); integer data at
-    scale ``s`` is requantized by the fixed-point multiplier of ``s / s_a``."""
+    scale ``s`` is requantized by the fixed-point multiplier of ``s / s_a`` (``model.requantize``; compiled
+    with the ``int8`` kernel, the same codes)."""
     arr, scale = v
     if scale is None:
         return input_codes(grid, arr)
     m0, shift = quantize_multiplier(np.ravel(scale / np.float64(grid.scale)))
+    if resolve(kernel) == "int8" and arr.ndim in (2, 4):
+        last = np.moveaxis(arr, 1, -1)  # channels last: a view when the array came from a channels-last GEMM
+        out = igemm.requantize(last.reshape(-1, arr.shape[1]), m0, shift, grid.qmin, grid.qmax)
+        if out is not None:
+            return np.moveaxis(out.reshape(last.shape), -1, 1)
     return requantize(arr, m0, shift, grid.qmin, grid.qmax)
 
 
@@ -310,18 +380,18 @@ class _Run:
     integer: bool
     record: Optional[dict] = None
     force: Optional[dict] = None
-    kernel: str = "fast"  # GEMMs: fast (float32, exact by chunking) or reference (float64)
+    kernel: str = "fast"  # GEMMs: fast, int8, float32 or reference (``resolve``): the same integers
 
 
 def _quantized(r: _Run, op: Conv | Dense, ins: list) -> tuple:
     v = _flatten(ins[0]) if isinstance(op, Dense) and ins[0][0].ndim > 2 else ins[0]
-    codes = _codes(op.act, v)
-    amax: Optional[float] = float(max(-op.act.qmin, op.act.qmax))  # the grid bounds the codes
+    codes = _codes(op.act, v, r.kernel)
+    bounds: Optional[tuple] = (op.act.qmin, op.act.qmax)  # the grid bounds the codes
     if r.record is not None:
         r.record[op.name] = codes.astype(np.int32)
     if r.force is not None and op.name in r.force:
-        codes, amax = r.force[op.name], None
-    acc = _accumulate(op, codes, r.kernel, amax)
+        codes, bounds = r.force[op.name], None
+    acc = _accumulate(op, codes, r.kernel, bounds)
     scale = (op.w_scale.astype(np.float64) * np.float64(op.act.scale)).reshape(
         (1, -1, 1, 1) if isinstance(op, Conv) else (1, -1))
     if r.integer:  # the accumulators are exact integers: the cast does not round
@@ -340,10 +410,10 @@ def _add(r: _Run, op: Add, ins: list) -> tuple:
     rounding boundary), then adds the codes."""
     s = np.float64(op.act.scale)
     if not op.shortcut_only:
-        codes = [_codes(op.act, v) for v in ins]
+        codes = [_codes(op.act, v, r.kernel) for v in ins]
         total = codes[0] + codes[1]
         return (total.astype(np.int64), np.reshape(s, (1, 1, 1, 1))) if r.integer else (total * s, None)
-    codes = _codes(op.act, ins[1])
+    codes = _codes(op.act, ins[1], r.kernel)
     if not r.integer:
         return _dequantize(ins[0]) + codes * s, None
     acc, scale = ins[0]
@@ -358,7 +428,7 @@ def _avgpool(r: _Run, op: AvgPool, ins: list) -> tuple:
     onednn scheme, ``layers.QAvgPool``) it pools its input's codes."""
     arr, scale = ins[0]
     if op.act is not None:
-        arr = _codes(op.act, ins[0])
+        arr = _codes(op.act, ins[0], r.kernel)
         scale = np.reshape(np.float64(op.act.scale), (1, 1, 1, 1))
         arr, scale = (arr.astype(np.int64), scale) if r.integer else (arr * scale, None)
     hw = arr.shape[2] * arr.shape[3]
@@ -398,7 +468,7 @@ def _affine(r: _Run, op: Affine, ins: list) -> tuple:
 
 def _concat(r: _Run, op: Concat, ins: list) -> tuple:
     """Both inputs' codes on the concatenation's grid (``layers.QConcat``), side by side."""
-    codes = np.concatenate([_codes(op.act, v) for v in ins], axis=1)
+    codes = np.concatenate([_codes(op.act, v, r.kernel) for v in ins], axis=1)
     s = np.float64(op.act.scale)
     return (codes.astype(np.int64), np.reshape(s, (1, 1, 1, 1))) if r.integer else (codes * s, None)
 

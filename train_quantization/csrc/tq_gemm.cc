@@ -1,0 +1,163 @@
+// Exact int8 GEMM for the numpy engines (plain C ABI, loaded with ctypes; no MXNet):
+//
+//   C[m][n] = sum_k A[m][k] * B[k][n]      A: int8 codes (M x K4), B: int8 weight codes, int32 C (M x ldc)
+//
+// B comes packed in panels of 32 columns, four consecutive k per column: Bp[panel][k/4][col][k%4]
+// (tq_gemm.pack in int8/fastgemm.py), K4 = K rounded up to 4, A and B zero beyond K.
+// Every product and sum is an integer in int32 (|a| <= 128, |b| <= 127, K <= 2**17), so any order
+// gives the same C: the result equals the float64 reference exactly.
+//
+// Kernels, chosen at run time (isa argument: 2 AVX-512 VNNI, 1 AVX2, 0 scalar):
+// * VNNI: VPDPBUSD multiplies u8 by s8 and sums four products into int32 without saturation. A signed
+//   A is offset to u8 (a ^ 0x80 = a + 128) and 128 * colsum(B) is subtracted at the end.
+// * AVX2: VPMADDUBSW (u8 x s8, pairs summed in int16 with saturation) then VPMADDWD by ones. A pair is at
+//   most 2 * 128 * 127 = 32512 < 32767 when |a| <= 128 goes in as u8 and b's sign takes a's
+//   (VPSIGNB; |b| <= 127 as weight codes are): no saturation, exact. Non-negative A skips VPSIGNB.
+//
+// tq_requantize: the integer engine's requantization (model.requantize, the reference) in one pass:
+//   out = clip(round_half_even(acc * m0[c] / 2**k[c]), qmin, qmax),  c = the channel (last axis)
+// with (p + 2**(k-1) - 1 + ((p >> k) & 1)) >> k for p = acc * m0 (|acc| < 2**31, m0 < 2**31, 1 <= k <= 62).
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+#include <omp.h>
+
+static const int NR = 32;  // columns of a panel
+static const int MC = 64;  // rows of A a thread works through per panel sweep (A block stays in L2)
+
+// ---------------------------------------------------------------------------- AVX-512 VNNI
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void tile_vnni(const int8_t* a, int64_t lda, int mr, const int8_t* bp, int k4, int32_t* c, int64_t ldc,
+                      bool signed_a, const int32_t* corr) {
+  __m512i acc[8][2];
+  for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi32(signed_a ? (int)0x80808080 : 0);
+  for (int k = 0; k < k4; k += 4) {
+    const __m512i b0 = _mm512_loadu_si512(bp + (int64_t)k * NR);
+    const __m512i b1 = _mm512_loadu_si512(bp + (int64_t)k * NR + 64);
+    for (int i = 0; i < 8; ++i) {
+      if (i >= mr) break;
+      int32_t q;
+      std::memcpy(&q, a + i * lda + k, 4);
+      const __m512i av = _mm512_xor_si512(_mm512_set1_epi32(q), flip);
+      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, b0);
+      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, b1);
+    }
+  }
+  const __m512i c0 = signed_a ? _mm512_loadu_si512(corr) : _mm512_setzero_si512();
+  const __m512i c1 = signed_a ? _mm512_loadu_si512(corr + 16) : _mm512_setzero_si512();
+  for (int i = 0; i < mr; ++i) {
+    _mm512_storeu_si512(c + i * ldc, _mm512_sub_epi32(acc[i][0], c0));
+    _mm512_storeu_si512(c + i * ldc + 16, _mm512_sub_epi32(acc[i][1], c1));
+  }
+}
+
+// ---------------------------------------------------------------------------- AVX2
+__attribute__((target("avx2")))
+static void tile_avx2(const int8_t* a, int64_t lda, int mr, const int8_t* bp, int k4, int32_t* c, int64_t ldc,
+                      bool signed_a) {
+  // 4 rows x 16 columns (half a panel) per pass: 8 accumulators of the 16 ymm registers
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int half = 0; half < 2; ++half) {
+    __m256i acc[4][2];
+    for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    for (int k = 0; k < k4; k += 4) {
+      const int8_t* b = bp + (int64_t)k * NR + half * 64;
+      const __m256i b0 = _mm256_loadu_si256((const __m256i*)b);
+      const __m256i b1 = _mm256_loadu_si256((const __m256i*)(b + 32));
+      for (int i = 0; i < 4; ++i) {
+        if (i >= mr) break;
+        int32_t q;
+        std::memcpy(&q, a + i * lda + k, 4);
+        const __m256i av = _mm256_set1_epi32(q);
+        __m256i p0, p1;
+        if (signed_a) {
+          const __m256i ua = _mm256_abs_epi8(av);  // |-128| = 0x80 = 128 as u8
+          p0 = _mm256_maddubs_epi16(ua, _mm256_sign_epi8(b0, av));
+          p1 = _mm256_maddubs_epi16(ua, _mm256_sign_epi8(b1, av));
+        } else {
+          p0 = _mm256_maddubs_epi16(av, b0);
+          p1 = _mm256_maddubs_epi16(av, b1);
+        }
+        acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(p0, ones));
+        acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(p1, ones));
+      }
+    }
+    for (int i = 0; i < mr; ++i) {
+      _mm256_storeu_si256((__m256i*)(c + i * ldc + half * 16), acc[i][0]);
+      _mm256_storeu_si256((__m256i*)(c + i * ldc + half * 16 + 8), acc[i][1]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- scalar
+static void tile_scalar(const int8_t* a, int64_t lda, int mr, const int8_t* bp, int k4, int32_t* c, int64_t ldc) {
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < NR; ++j) {
+      int32_t s = 0;
+      for (int k = 0; k < k4; ++k) s += (int32_t)a[i * lda + k] * bp[(int64_t)(k / 4) * NR * 4 + j * 4 + k % 4];
+      c[i * ldc + j] = s;
+    }
+}
+
+extern "C" {
+
+int tq_gemm_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) return 2;
+  if (__builtin_cpu_supports("avx2")) return 1;
+  return 0;
+}
+
+// A: M x k4 (row stride lda), Bp: panels (npanels = ldc / 32), C: M x ldc. signed_a: A may hold negative
+// codes; corr: 128 * colsum(B) (ldc values), used by the VNNI kernel for signed A. Returns 0, or -1 for a
+// bad argument.
+int tq_gemm_s8(const int8_t* a, int64_t m, int64_t lda, int k4, const int8_t* bp, int64_t ldc, int32_t* c,
+               int signed_a, const int32_t* corr, int isa, int threads) {
+  if (k4 % 4 || ldc % NR || lda < k4 || isa < 0 || isa > tq_gemm_isa()) return -1;
+  const int mr = isa == 2 ? 8 : 4;
+  const int64_t npanel = ldc / NR, nblock = (m + MC - 1) / MC;
+#pragma omp parallel for num_threads(threads > 0 ? threads : omp_get_num_procs()) schedule(static) \
+    if (m * k4 * ldc >= (1 << 20))
+  for (int64_t blk = 0; blk < nblock; ++blk) {
+    const int64_t m0 = blk * MC, m1 = m0 + MC < m ? m0 + MC : m;
+    for (int64_t p = 0; p < npanel; ++p) {
+      const int8_t* b = bp + p * (int64_t)k4 * NR;
+      for (int64_t i = m0; i < m1; i += mr) {
+        const int rows = (int)(m1 - i < mr ? m1 - i : mr);
+        int32_t* ct = c + i * ldc + p * NR;
+        if (isa == 2)
+          tile_vnni(a + i * lda, lda, rows, b, k4, ct, ldc, signed_a, corr + p * NR);
+        else if (isa == 1)
+          tile_avx2(a + i * lda, lda, rows, b, k4, ct, ldc, signed_a);
+        else
+          tile_scalar(a + i * lda, lda, rows, b, k4, ct, ldc);
+      }
+    }
+  }
+  return 0;
+}
+
+// acc, out: rows x channels (contiguous int64); m0, k: per channel. Returns 0, or -1 when an accumulator
+// reaches 2**31 (the product would leave int64) or a shift is outside [1, 62].
+int tq_requantize(const int64_t* acc, int64_t rows, int64_t channels, const int64_t* m0, const int64_t* k,
+                  int64_t qmin, int64_t qmax, int64_t* out, int threads) {
+  for (int64_t c = 0; c < channels; ++c)
+    if (k[c] < 1 || k[c] > 62) return -1;
+  int bad = 0;
+#pragma omp parallel for num_threads(threads > 0 ? threads : omp_get_num_procs()) reduction(| : bad) \
+    if (rows * channels >= (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t* a = acc + r * channels;
+    int64_t* o = out + r * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      const int64_t v = a[c];
+      bad |= v >= (int64_t(1) << 31) || v <= -(int64_t(1) << 31);
+      const int64_t p = v * m0[c], sh = k[c];
+      int64_t q = (p + (int64_t(1) << (sh - 1)) - 1 + ((p >> sh) & 1)) >> sh;
+      o[c] = q < qmin ? qmin : q > qmax ? qmax : q;
+    }
+  }
+  return bad ? -1 : 0;
+}
+}

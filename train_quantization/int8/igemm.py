@@ -1,0 +1,142 @@
+"""Exact int8 GEMMs for the numpy engines: ``csrc/tq_gemm.cc``, plain C loaded with ctypes (no MXNet).
+
+``C = A @ B`` for int8 codes ``A`` (M x K, in ``[-128, 127]``, or ``[0, 255]`` with VNNI) and int8 weight
+codes ``B`` (K x N, in ``[-127, 127]``), int32 ``C``. Every product and partial sum is an integer within
+int32 (``K * 128 * 127 < 2**31`` for ``K < 132,000``), so the result is exact whatever the order: the
+engines get the same accumulators as from float64 GEMMs, at int8 throughput (u8 x s8 dot products:
+VPDPBUSD with AVX-512 VNNI, VPMADDUBSW with AVX2; see the source for why neither saturates).
+
+The kernel follows the CPU and ``DNNL_MAX_CPU_ISA`` (``machine.int8_gemm_isa``), so a capped run measures
+and tests an AVX2 CPU's kernel. The library is compiled with g++ on first use (cached as the fused
+quantizers are); ``TQ_IGEMM=0`` or a failed build leaves ``available()`` False and the engines on float32
+BLAS.
+
+>>> import numpy as np
+>>> if available():
+...     a = np.array([[1, -2, 3], [-128, 127, 0]], np.int8)
+...     b = np.array([[127, -127], [1, 2], [-3, 4]], np.int8)
+...     assert gemm(pad_k(a, 4), pack(b), signed=True).tolist() == [[116, -119], [-16129, 16510]]
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .. import fused, machine
+
+log = logging.getLogger(__name__)
+SRC = Path(__file__).resolve().parents[1] / "csrc" / "tq_gemm.cc"
+NR = 32  # columns of a packed panel (csrc/tq_gemm.cc)
+ISA_CODES = {"scalar": 0, "avx2": 1, "avx512_vnni": 2}
+_STATE: dict = {}
+
+
+def _lib() -> Optional[ctypes.CDLL]:
+    if "lib" not in _STATE:
+        lib = None
+        if os.environ.get("TQ_IGEMM", "1") != "0":
+            try:
+                lib = ctypes.CDLL(str(fused.compile_library(SRC, fused.library_path(SRC))))
+                lib.tq_requantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                              ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                              ctypes.c_int]
+                lib.tq_gemm_s8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                                           ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+            except Exception as exc:  # noqa: BLE001 - any build/load failure means: float32 BLAS
+                log.warning("int8 GEMM unavailable (%s); the numpy engines use float32 BLAS", str(exc)[:200])
+                lib = None
+        _STATE["lib"] = lib
+    return _STATE["lib"]
+
+
+def available() -> bool:
+    """True when the compiled int8 GEMM is loaded (built on first use)."""
+    return _lib() is not None
+
+
+def isa() -> str:
+    """The kernel ``gemm`` runs: ``machine.int8_gemm_isa()``, or ``none`` without the library."""
+    return machine.int8_gemm_isa() if available() else "none"
+
+
+@dataclass
+class Packed:
+    """Weight codes (K x N) in the kernel's layout: panels of ``NR`` columns, four consecutive k per column;
+    ``corr = 128 * colsum`` undoes the +128 offset of signed inputs in the VNNI kernel."""
+
+    panels: np.ndarray  # int8 (ldc / NR, k4 / 4, NR, 4)
+    corr: np.ndarray  # int32 (ldc,)
+    k4: int  # K rounded up to 4
+    n: int
+    ldc: int  # N rounded up to NR
+
+
+def pack(b: np.ndarray) -> Packed:
+    """Pack integer weight codes ``b`` (K x N, within ``[-127, 127]``)."""
+    k, n = b.shape
+    if np.abs(b).max(initial=0) > 127:
+        raise ValueError("int8 GEMM: weight codes must lie in [-127, 127]")
+    k4, ldc = -(-k // 4) * 4, -(-n // NR) * NR
+    full = np.zeros((k4, ldc), np.int8)
+    full[:k, :n] = b
+    panels = np.ascontiguousarray(full.reshape(k4 // 4, 4, ldc // NR, NR).transpose(2, 0, 3, 1))
+    return Packed(panels, (128 * full.sum(axis=0, dtype=np.int32)).astype(np.int32), k4, n, ldc)
+
+
+def pad_k(a: np.ndarray, k4: int) -> np.ndarray:
+    """``a`` (M x K) with zero columns up to ``k4``, as a contiguous int8 array."""
+    out = np.zeros((a.shape[0], k4), a.dtype if a.dtype in (np.int8, np.uint8) else np.int8)
+    out[:, :a.shape[1]] = a
+    return out
+
+
+def gemm(a: np.ndarray, p: Packed, signed: bool, threads: int = 0, kernel: Optional[str] = None) -> np.ndarray:
+    """``a @ b`` (int32, M x N; a view of an M x ``ldc`` array) for ``a`` (M x ``k4``, rows contiguous): int8
+    codes (``signed``: some may be negative), or uint8 codes up to 255 (AVX-512 VNNI only). ``threads``: 0
+    for OpenMP's default; ``kernel``: one of ``ISA_CODES`` the CPU has (default ``isa()``)."""
+    lib, code = _lib(), ISA_CODES[kernel or machine.int8_gemm_isa()]
+    if lib is None:
+        raise RuntimeError("int8 GEMM unavailable; check available() first")
+    if a.dtype == np.uint8 and (signed or code < 2):
+        raise ValueError("int8 GEMM: uint8 codes need unsigned input and an AVX-512 VNNI kernel")
+    if a.dtype not in (np.int8, np.uint8) or a.ndim != 2 or a.shape[1] < p.k4 or a.strides[1] != 1:
+        raise ValueError(f"int8 GEMM: need (M, >= {p.k4}) int8 rows, got {a.dtype} {a.shape}")
+    c = np.empty((a.shape[0], p.ldc), np.int32)
+    rc = lib.tq_gemm_s8(a.ctypes.data, a.shape[0], a.strides[0], p.k4, p.panels.ctypes.data, p.ldc, c.ctypes.data,
+                        int(signed), p.corr.ctypes.data, code, threads)
+    if rc != 0:
+        raise RuntimeError(f"int8 GEMM rejected its arguments (kernel {kernel or isa()} on this CPU?)")
+    return c[:, :p.n]
+
+
+def requantize(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray, qmin: int, qmax: int,
+               threads: int = 0) -> Optional[np.ndarray]:
+    """``model.requantize`` of integer accumulators ``acc`` (rows x channels; ``m0``, ``shift`` per channel or
+    one) in one compiled pass: int64 codes, or None where the compiled pass does not apply (no library, a
+    multiplier outside ``[2**-32, 1)``, an accumulator beyond int32) and the reference must run.
+
+    >>> from .model import quantize_multiplier, requantize as reference
+    >>> acc = np.array([[5, -6, 7], [-7, 2**31 - 1, -(2**31 - 1)]])
+    >>> m0, sh = quantize_multiplier(np.array([0.25, 0.5, 0.75]))
+    >>> out = requantize(acc, m0, sh, -128, 127)
+    >>> out is None or (out.tolist() == reference(acc, m0, sh, -128, 127).tolist() == [[1, -3, 5], [-2, 127, -128]])
+    True
+    """
+    lib = _lib()
+    if lib is None or acc.ndim != 2:
+        return None
+    c = acc.shape[1]
+    k = np.ascontiguousarray(np.broadcast_to(31 - np.asarray(shift, np.int64), (c,)))
+    m = np.ascontiguousarray(np.broadcast_to(np.asarray(m0, np.int64), (c,)))
+    a = np.ascontiguousarray(acc, np.int64)
+    out = np.empty_like(a)
+    rc = lib.tq_requantize(a.ctypes.data, a.shape[0], c, m.ctypes.data, k.ctypes.data, int(qmin), int(qmax),
+                           out.ctypes.data, threads)
+    return out if rc == 0 else None
