@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT))
 SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10_jpeg.tar.gz"
 
 import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
 from train_quantization import cli, train  # noqa: E402
 from train_quantization import data as data_mod  # noqa: E402
@@ -124,6 +125,21 @@ def top1_agreement(ref, other, tol: float = FLOAT_TOL) -> float:
     keep = decided(ref, tol)
     assert keep.mean() >= 0.9, f"only {keep.sum()} of {len(keep)} images are decided"
     return float(np.mean(ref[keep].argmax(1) == other[keep].argmax(1)))
+
+
+def assert_kernels_agree(model, x) -> None:
+    """Both engines with each fast GEMM kernel (``int8`` when the library builds, ``float32``) against the
+    float64 reference: the same input codes at every quantized layer and the same logits, bit for bit."""
+    from train_quantization.int8 import engine, igemm
+
+    for run in (engine.simulate, engine.run_integer):
+        ref: dict = {}
+        want = run(model, x, ref, kernel="reference")
+        for kernel in ["float32"] + (["int8"] if igemm.available() else []):
+            got: dict = {}
+            out = run(model, x, got, kernel=kernel)
+            assert got.keys() == ref.keys() and all(np.array_equal(got[n], ref[n]) for n in ref), (run, kernel)
+            assert np.array_equal(out, want), (run, kernel)
 
 
 def layerwise_codes(model, x, ref_engine, other_engine) -> tuple:

@@ -139,6 +139,7 @@ def _trained_resnet(seed: int = 0, arch: str = "gluoncv:cifar_resnet20_v1", **qu
 
 @pytest.mark.parametrize("scheme", ["original", "onednn"])
 def test_resnet20_engines_follow_the_fake_quant_graph(scheme):
+    from conftest import assert_kernels_agree
     from train_quantization.conversion import copy_to_float
     from train_quantization.int8 import engine, onednn, onnx_export
     from train_quantization.int8.export import export
@@ -156,6 +157,7 @@ def test_resnet20_engines_follow_the_fake_quant_graph(scheme):
     assert m.layers[12].name.endswith("downsample.0") and m.layers[13].inputs == [11, 12]
     assert all(op.shortcut_only == (scheme == "onednn") for op in m.layers if op.type == "add")
     xs = x.asnumpy()
+    assert_kernels_agree(m, xs[:64])
     sim, integer = engine.simulate(m, xs), engine.run_integer(m, xs)
     spread = np.abs(fq).max()
     assert np.abs(sim - fq).max() <= 0.01 * spread and np.mean(sim.argmax(1) == fq.argmax(1)) >= 0.99
@@ -239,7 +241,7 @@ def test_preactivation_resnet_through_every_engine():
     """cifar_resnet20_v2: the BN before each block's first conv cannot fold into it; it stays a frozen
     BatchNorm in training and a per-channel affine in the int8 graph (11 of them: the input BN, 9 blocks'
     bn1, the final BN); 22 weighted layers, 9 adds without ReLU; the engines follow the fake-quant graph."""
-    from conftest import layerwise_codes, top1_agreement
+    from conftest import assert_kernels_agree, layerwise_codes, top1_agreement
     from train_quantization.conversion import copy_to_float
     from train_quantization.int8 import engine, onednn, onnx_export
     from train_quantization.int8.export import export
@@ -257,6 +259,7 @@ def test_preactivation_resnet_through_every_engine():
     assert kinds.count("affine") == 11 and kinds.count("add") == 9
     assert all(not op.relu for op in m.layers if op.type == "add")
     xs = x.asnumpy()
+    assert_kernels_agree(m, xs[:64])
     ref, got = layerwise_codes(m, xs, engine.simulate, engine.run_integer)
     assert all(np.abs(ref[n] - got[n]).max() <= 1 for n in ref)  # measured 1.4e-5 of the codes differ
     assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-4 * sum(c.size for c in ref.values())

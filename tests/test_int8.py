@@ -122,6 +122,18 @@ def test_int8_gemm_kernels_against_int64():
                       signed=True)[0, 0] == -128 * 127 * 4608
 
 
+@pytest.mark.parametrize("size,stride,ceil", [(2, 2, False), (3, 2, True), (3, 2, False), (3, 1, False)])
+def test_max_pooling_against_a_direct_loop(size, stride, ceil):
+    rng = np.random.default_rng(6)
+    for x in (rng.integers(-128, 128, (2, 3, 7, 7)), rng.normal(size=(2, 3, 7, 7)).transpose(0, 2, 3, 1).copy()
+              .transpose(0, 3, 1, 2)):  # codes, and floats in a channels-last layout
+        got = engine.maxpool(x, size, stride, ceil)
+        ho = -(-(7 - size) // stride) + 1 if ceil else (7 - size) // stride + 1
+        want = np.array([[[[x[i, c, a * stride:a * stride + size, b * stride:b * stride + size].max()
+                            for b in range(ho)] for a in range(ho)] for c in range(3)] for i in range(2)])
+        assert got.dtype == x.dtype and np.array_equal(got, want), (size, stride, ceil)
+
+
 def test_compiled_requantization_equals_the_reference():
     """``igemm.requantize`` against ``model.requantize`` (int64 numpy): random accumulators, exact ties of both
     signs at every shift, saturation at both ends; None (the reference's business) beyond int32 or for a

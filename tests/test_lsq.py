@@ -79,7 +79,7 @@ def test_learned_steps_train_and_reach_the_artifact(w3a3_lsq, float_run, tiny_ds
 def test_learned_steps_through_both_engines_code_for_code(float_run, tiny_ds, bits):
     """Learned (here: initial) steps at 2-4 bits: simulated = integer-only layer by layer, the simulation =
     the fake-quant network on the decided images, the unsigned grid's top codes in use."""
-    from conftest import FLOAT_TOL, layerwise_codes, tiny_config, top1_agreement
+    from conftest import FLOAT_TOL, assert_kernels_agree, layerwise_codes, tiny_config, top1_agreement
     from train_quantization import cli
     from train_quantization.data import make_loaders, normalizer
     from train_quantization.int8 import engine
@@ -93,6 +93,7 @@ def test_learned_steps_through_both_engines_code_for_code(float_run, tiny_ds, bi
     calibrate(net, cfg, tiny_ds, [mx.cpu()])
     m = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
     x = engine.normalize(m, tiny_ds.test_x)
+    assert_kernels_agree(m, x[:100])
     ref, got = layerwise_codes(m, x, engine.simulate, engine.run_integer)
     assert all(np.abs(ref[n] - got[n]).max() <= 1 for n in ref)
     assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-5 * sum(c.size for c in ref.values())

@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from conftest import ROOT, layerwise_codes, top1_agreement
+from conftest import ROOT, assert_kernels_agree, layerwise_codes, top1_agreement
 from train_quantization import machine
 from train_quantization.config import ModelConfig, QuantConfig
 from train_quantization.int8 import engine
@@ -108,6 +108,7 @@ def test_mobilenet_engines_follow_the_fake_quant_graph(scheme):
     kinds = [op.type for op in m.layers]
     assert kinds.count("add") == 10 and kinds[-3:] == ["avgpool", "conv", "flatten"]
     xs = x.asnumpy()
+    assert_kernels_agree(m, xs[:64])
     ref, got = layerwise_codes(m, xs, engine.simulate, engine.run_integer)
     assert all(np.abs(ref[n] - got[n]).max() <= 1 for n in ref)
     # near-ties: the onednn scheme's add (body on a 2**-20 grid, then requantized) puts more values on
@@ -254,6 +255,7 @@ def test_shufflenet_v2_through_every_engine():
     kinds = [op.type for op in m.layers]
     assert kinds.count("concat") == 16 and kinds.count("shuffle") == 16 and kinds.count("slice") == 26
     xs = x.asnumpy()
+    assert_kernels_agree(m, xs[:16])
     ref, got = layerwise_codes(m, xs, engine.simulate, engine.run_integer)
     assert all(np.abs(ref[n] - got[n]).max() <= 1 for n in ref)
     assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-5 * sum(c.size for c in ref.values())

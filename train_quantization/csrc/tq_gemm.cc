@@ -17,10 +17,21 @@
 // tq_requantize: the integer engine's requantization (model.requantize, the reference) in one pass:
 //   out = clip(round_half_even(acc * m0[c] / 2**k[c]), qmin, qmax),  c = the channel (last axis)
 // with (p + 2**(k-1) - 1 + ((p >> k) & 1)) >> k for p = acc * m0 (|acc| < 2**31, m0 < 2**31, 1 <= k <= 62).
+//
+// tq_quantize: the simulation's input quantization (engine.input_codes) written as bytes into the GEMM's
+// channels-last input buffer: code = clip(rint(float(x) / float(s)), qmin, qmax), float32 division and
+// round half to even, as numpy computes it.
+// tq_im2col: the GEMM's input rows from the channels-last buffer, one memcpy per kernel row (kw * C bytes).
+// tq_epilogue: a layer's output from its int32 accumulators: acc + bias as int64 (integer engine), or
+// double(acc) + double(bias), times scale[c] (simulation), then max(., 0) for a ReLU (numpy's maximum: -0.0 stays).
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <immintrin.h>
 #include <omp.h>
+
+// Elementwise passes compiled for AVX-512, AVX2 and baseline x86-64 (chosen at load time; IEEE ops only)
+#define TQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 static const int NR = 32;  // columns of a panel
 static const int MC = 64;  // rows of A a thread works through per panel sweep (A block stays in L2)
@@ -100,9 +111,7 @@ static void tile_scalar(const int8_t* a, int64_t lda, int mr, const int8_t* bp, 
     }
 }
 
-extern "C" {
-
-int tq_gemm_isa() {
+extern "C" int tq_gemm_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) return 2;
   if (__builtin_cpu_supports("avx2")) return 1;
@@ -112,7 +121,7 @@ int tq_gemm_isa() {
 // A: M x k4 (row stride lda), Bp: panels (npanels = ldc / 32), C: M x ldc. signed_a: A may hold negative
 // codes; corr: 128 * colsum(B) (ldc values), used by the VNNI kernel for signed A. Returns 0, or -1 for a
 // bad argument.
-int tq_gemm_s8(const int8_t* a, int64_t m, int64_t lda, int k4, const int8_t* bp, int64_t ldc, int32_t* c,
+extern "C" int tq_gemm_s8(const int8_t* a, int64_t m, int64_t lda, int k4, const int8_t* bp, int64_t ldc, int32_t* c,
                int signed_a, const int32_t* corr, int isa, int threads) {
   if (k4 % 4 || ldc % NR || lda < k4 || isa < 0 || isa > tq_gemm_isa()) return -1;
   const int mr = isa == 2 ? 8 : 4;
@@ -140,7 +149,7 @@ int tq_gemm_s8(const int8_t* a, int64_t m, int64_t lda, int k4, const int8_t* bp
 
 // acc, out: rows x channels (contiguous int64); m0, k: per channel. Returns 0, or -1 when an accumulator
 // reaches 2**31 (the product would leave int64) or a shift is outside [1, 62].
-int tq_requantize(const int64_t* acc, int64_t rows, int64_t channels, const int64_t* m0, const int64_t* k,
+extern "C" int tq_requantize(const int64_t* acc, int64_t rows, int64_t channels, const int64_t* m0, const int64_t* k,
                   int64_t qmin, int64_t qmax, int64_t* out, int threads) {
   for (int64_t c = 0; c < channels; ++c)
     if (k[c] < 1 || k[c] > 62) return -1;
@@ -160,4 +169,111 @@ int tq_requantize(const int64_t* acc, int64_t rows, int64_t channels, const int6
   }
   return bad ? -1 : 0;
 }
+
+// One pixel's c channels: x at element stride xs, out at byte stride os.
+template <typename T>
+static inline void quantize_run(const T* x, int64_t xs, uint8_t* o, int64_t os, int64_t c, float scale, float lo,
+                                float hi) {
+  for (int64_t k = 0; k < c; ++k) {
+    float q = std::nearbyint((float)x[k * xs] / scale);
+    q = q < lo ? lo : q > hi ? hi : q;
+    o[k * os] = (uint8_t)(int32_t)q;
+  }
+}
+
+template <typename T>
+TQ_CLONES static void quantize_rows(const T* x, const int64_t* shape, const int64_t* xs, float scale, float lo,
+                                    float hi, uint8_t* out, const int64_t* os, int64_t r0, int64_t r1) {
+  const int64_t h = shape[2], w = shape[3], c = shape[1];
+  for (int64_t r = r0; r < r1; ++r) {  // r = (image, row)
+    const int64_t i = r / h, y = r % h;
+    for (int64_t z = 0; z < w; ++z) {
+      const T* xp = x + i * xs[0] + y * xs[2] + z * xs[3];
+      uint8_t* o = out + i * os[0] + y * os[2] + z * os[3];
+      if (xs[1] == 1 && os[1] == 1)  // channels contiguous on both sides: the loop vectorizes
+        quantize_run(xp, 1, o, 1, c, scale, lo, hi);
+      else
+        quantize_run(xp, xs[1], o, os[1], c, scale, lo, hi);
+    }
+  }
+}
+
+// x: float32 or float64 (x_f64) with logical shape (n, c, h, w) and element strides xs; out: bytes at byte
+// strides os over the same logical shape.
+extern "C" int tq_quantize(const void* x, int x_f64, const int64_t* shape, const int64_t* xs, float scale, int64_t qmin,
+                int64_t qmax, uint8_t* out, const int64_t* os, int threads) {
+  const int64_t rows = shape[0] * shape[2];
+  const int nt = rows * shape[1] * shape[3] >= (1 << 16) ? (threads > 0 ? threads : omp_get_num_procs()) : 1;
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t t = omp_get_thread_num(), k = omp_get_num_threads();
+    const int64_t r0 = rows * t / k, r1 = rows * (t + 1) / k;
+    if (x_f64)
+      quantize_rows((const double*)x, shape, xs, scale, (float)qmin, (float)qmax, out, os, r0, r1);
+    else
+      quantize_rows((const float*)x, shape, xs, scale, (float)qmin, (float)qmax, out, os, r0, r1);
+  }
+  return 0;
+}
+
+// acc: m x n int32 (row stride ldc); bias: n int32 (zeros for none); scale: n doubles (simulation) or null
+// (integer: out_i). out: m x n contiguous. double(acc) + double(bias) is exact (below 2**32).
+TQ_CLONES static void epilogue_rows_f(const int32_t* acc, int64_t r0, int64_t r1, int64_t n, int64_t ldc,
+                                      const int32_t* bias, const double* scale, int relu, double* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int32_t* a = acc + r * ldc;
+    double* o = out + r * n;
+    if (relu) {
+      for (int64_t j = 0; j < n; ++j) {
+        const double f = ((double)a[j] + (double)bias[j]) * scale[j];
+        o[j] = f < 0 ? 0.0 : f;
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) o[j] = ((double)a[j] + (double)bias[j]) * scale[j];
+    }
+  }
+}
+
+TQ_CLONES static void epilogue_rows_i(const int32_t* acc, int64_t r0, int64_t r1, int64_t n, int64_t ldc,
+                                      const int32_t* bias, int relu, int64_t* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int32_t* a = acc + r * ldc;
+    int64_t* o = out + r * n;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t v = (int64_t)a[j] + (int64_t)bias[j];
+      o[j] = relu && v < 0 ? 0 : v;
+    }
+  }
+}
+
+extern "C" int tq_epilogue(const int32_t* acc, int64_t m, int64_t n, int64_t ldc, const int32_t* bias, const double* scale,
+                int relu, double* out_f, int64_t* out_i, int threads) {
+  const int nt = m * n >= (1 << 16) ? (threads > 0 ? threads : omp_get_num_procs()) : 1;
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t t = omp_get_thread_num(), k = omp_get_num_threads();
+    const int64_t r0 = m * t / k, r1 = m * (t + 1) / k;
+    if (scale)
+      epilogue_rows_f(acc, r0, r1, n, ldc, bias, scale, relu, out_f);
+    else
+      epilogue_rows_i(acc, r0, r1, n, ldc, bias, relu, out_i);
+  }
+  return 0;
+}
+
+// buf: (n, hp, wp, c) bytes, contiguous; cols: (n * ho * wo, kh * kw * c).
+extern "C" int tq_im2col(const uint8_t* buf, int64_t n, int64_t hp, int64_t wp, int64_t c, int kh, int kw,
+                         int stride, int64_t ho, int64_t wo, uint8_t* cols, int threads) {
+  const int64_t rows = n * ho, run = kw * c, k = kh * run;
+  const int nt = rows * wo * k >= (1 << 16) ? (threads > 0 ? threads : omp_get_num_procs()) : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = r / ho, y = r % ho;
+    for (int64_t z = 0; z < wo; ++z) {
+      uint8_t* dst = cols + (r * wo + z) * k;
+      for (int a = 0; a < kh; ++a)
+        std::memcpy(dst + a * run, buf + ((i * hp + y * stride + a) * wp + z * stride) * c, run);
+    }
+  }
+  return 0;
 }

@@ -278,10 +278,14 @@ def maxpool(x: np.ndarray, size: int, stride: int, ceil: bool) -> np.ndarray:
     if ph or pw:
         fill = np.iinfo(x.dtype).min if np.issubdtype(x.dtype, np.integer) else -np.inf
         x = np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)), constant_values=fill)
-    s = x.strides
-    win = np.lib.stride_tricks.as_strided(x, (n, c, ho, wo, size, size),
-                                          (s[0], s[1], s[2] * stride, s[3] * stride, s[2], s[3]), writeable=False)
-    return win.max(axis=(4, 5))
+    # the maximum over the window's size * size strided slices: elementwise passes over the output's size (a
+    # reduction over a 6-d strided window view runs several times slower); max is exact in any order
+    out = None
+    for i in range(size):
+        for j in range(size):
+            tap = x[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+            out = tap.copy(order="K") if out is None else np.maximum(out, tap, out=out)  # K: keep the layout
+    return out
 
 
 def _accumulate(op: Conv | Dense, codes: np.ndarray, kernel: str, bounds: Optional[tuple]) -> np.ndarray:
@@ -384,7 +388,12 @@ class _Run:
 
 
 def _quantized(r: _Run, op: Conv | Dense, ins: list) -> tuple:
+    """A conv or dense layer (with its ReLU): input codes, exact accumulators plus bias, then the output at
+    scale ``s_w * s_a`` (integers for the integer engine, dequantized for the simulation)."""
     v = _flatten(ins[0]) if isinstance(op, Dense) and ins[0][0].ndim > 2 else ins[0]
+    fast = _quantized_int8(r, op, v) if resolve(r.kernel) == "int8" else None
+    if fast is not None:
+        return fast
     codes = _codes(op.act, v, r.kernel)
     bounds: Optional[tuple] = (op.act.qmin, op.act.qmax)  # the grid bounds the codes
     if r.record is not None:
@@ -392,11 +401,49 @@ def _quantized(r: _Run, op: Conv | Dense, ins: list) -> tuple:
     if r.force is not None and op.name in r.force:
         codes, bounds = r.force[op.name], None
     acc = _accumulate(op, codes, r.kernel, bounds)
-    scale = (op.w_scale.astype(np.float64) * np.float64(op.act.scale)).reshape(
-        (1, -1, 1, 1) if isinstance(op, Conv) else (1, -1))
     if r.integer:  # the accumulators are exact integers: the cast does not round
-        return acc.astype(np.int64), scale
-    return np.multiply(acc, scale, out=acc), None
+        acc, scale = acc.astype(np.int64), _out_scale(op)
+    else:
+        acc, scale = np.multiply(acc, _out_scale(op), out=acc), None
+    return (np.maximum(acc, 0, out=acc) if op.relu else acc), scale
+
+
+def _out_scale(op: Conv | Dense) -> np.ndarray:
+    return (op.w_scale.astype(np.float64) * np.float64(op.act.scale)).reshape(
+        (1, -1, 1, 1) if isinstance(op, Conv) else (1, -1))
+
+
+def _quantized_int8(r: _Run, op: Conv | Dense, v: tuple) -> Optional[tuple]:
+    """``_quantized`` on the compiled path, or None where it does not apply (grouped convolutions, oneDNN's
+    int16 pairs, forced codes, codes or weights beyond int8): the input is quantized (or requantized) once
+    into a zero-padded channels-last byte buffer, gathered (im2col), multiplied in the int8 GEMM, and the
+    output formed in one pass (bias, scale, ReLU). The same numbers as the other kernels (the tests)."""
+    conv = isinstance(op, Conv)
+    dtype = _int8_input((op.act.qmin, op.act.qmax))
+    if (conv and op.groups != 1) or op.s16_pairs or dtype is None or (r.force is not None and op.name in r.force):
+        return None
+    arr, scale = v
+    c = arr.shape[1]
+    c4 = -(-c // 4) * 4
+    g = _cached(op.w, "int8", lambda: _packed(op.w, c4 if conv else c))
+    if g is None:
+        return None
+    n, (h, w) = arr.shape[0], (arr.shape[2:] if conv else (1, 1))
+    pad, (kh, kw) = (op.pad, op.w.shape[2:]) if conv else (0, (1, 1))
+    buf = np.zeros((n, h + 2 * pad, w + 2 * pad, c4 if conv else g.k4), dtype)
+    inner = buf[:, pad:pad + h, pad:pad + w, :c].transpose(0, 3, 1, 2)  # (N, C, H, W) view of the codes
+    if scale is None:
+        igemm.quantize_into(arr if conv else arr.reshape(n, c, 1, 1), op.act.scale, op.act.qmin, op.act.qmax, inner)
+    else:
+        inner[...] = _codes(op.act, v, r.kernel).reshape(inner.shape)
+    if r.record is not None:
+        r.record[op.name] = inner.astype(np.int32).reshape(arr.shape)
+    stride = op.stride if conv else 1
+    ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
+    acc = igemm.gemm(igemm.im2col(buf, kh, kw, stride), g, signed=op.act.qmin < 0)
+    out = igemm.epilogue(acc, op.b, None if r.integer else _out_scale(op), op.relu)
+    out = out.reshape(n, ho, wo, -1).transpose(0, 3, 1, 2) if conv else out
+    return out, (_out_scale(op) if r.integer else None)
 
 
 ADD_FRAC_BITS = 20  # sums stay below 2**28, so the next requantization (times m0 < 2**31) fits int64
@@ -496,7 +543,7 @@ def _run(model: Int8Model, x: np.ndarray, r: _Run) -> np.ndarray:
         if handler is None:
             raise ValueError(f"the numpy engines cannot run op type {op.type!r}")
         out = handler(r, op, [vals[j] for j in op.inputs])
-        if getattr(op, "relu", False):  # the ops with a ReLU return arrays of their own: in place
+        if getattr(op, "relu", False) and not isinstance(op, (Conv, Dense)):  # convs and dense apply their own
             out = (np.maximum(out[0], 0, out=out[0]), out[1])
         vals[i] = out
         for j in op.inputs:

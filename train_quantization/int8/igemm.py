@@ -46,6 +46,14 @@ def _lib() -> Optional[ctypes.CDLL]:
                 lib.tq_requantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                               ctypes.c_int]
+                lib.tq_quantize.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                            ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                            ctypes.c_void_p, ctypes.c_int]
+                lib.tq_epilogue.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                            ctypes.c_void_p, ctypes.c_int]
+                lib.tq_im2col.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int] * 3 + \
+                    [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
                 lib.tq_gemm_s8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                                            ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
@@ -140,3 +148,48 @@ def requantize(acc: np.ndarray, m0: np.ndarray, shift: np.ndarray, qmin: int, qm
     rc = lib.tq_requantize(a.ctypes.data, a.shape[0], c, m.ctypes.data, k.ctypes.data, int(qmin), int(qmax),
                            out.ctypes.data, threads)
     return out if rc == 0 else None
+
+
+def quantize_into(x: np.ndarray, scale: float, qmin: int, qmax: int, out: np.ndarray, threads: int = 0) -> None:
+    """``engine.input_codes`` of float32/float64 ``x`` (N, C, H, W; any strides) written into the int8/uint8
+    view ``out`` of the same shape (e.g. the interior of a channels-last, zero-padded GEMM input), in one pass:
+    ``clip(rint(float32(x) / float32(scale)), qmin, qmax)``, the same codes as numpy's float32 arithmetic."""
+    if x.dtype not in (np.float32, np.float64) or out.dtype not in (np.int8, np.uint8) or x.shape != out.shape:
+        raise ValueError(f"quantize_into: need float input and a byte view of one shape, got {x.dtype} {out.dtype}")
+    x4, o4 = (x, out) if x.ndim == 4 else (x[:, :, None, None], out[:, :, None, None])
+    shape = np.array(x4.shape, np.int64)
+    xs = np.array(x4.strides, np.int64) // x4.itemsize
+    os_ = np.array(o4.strides, np.int64)
+    _lib().tq_quantize(x4.ctypes.data, int(x.dtype == np.float64), shape.ctypes.data, xs.ctypes.data,
+                       float(np.float32(scale)), int(qmin), int(qmax), o4.ctypes.data, os_.ctypes.data, threads)
+
+
+def epilogue(acc: np.ndarray, bias: Optional[np.ndarray], scale: Optional[np.ndarray], relu: bool,
+             threads: int = 0) -> np.ndarray:
+    """A layer's output from ``gemm``'s accumulators ``acc`` (M x N, rows of ``ldc``): ``acc + bias`` as int64
+    (``scale`` None: the integer engine), else ``float64(acc + bias) * scale`` per column (the simulation);
+    ``relu``: then ``max(., 0)`` as numpy's ``maximum``."""
+    m, n = acc.shape
+    if acc.dtype != np.int32 or acc.strides[1] != 4:
+        raise ValueError("epilogue: need gemm's int32 accumulators")
+    b = np.zeros(n, np.int32) if bias is None else np.ascontiguousarray(np.broadcast_to(bias, (n,)), np.int32)
+    s = None if scale is None else np.ascontiguousarray(np.broadcast_to(np.ravel(scale), (n,)), np.float64)
+    out = np.empty((m, n), np.int64 if s is None else np.float64)
+    _lib().tq_epilogue(acc.ctypes.data, m, n, acc.strides[0] // 4, b.ctypes.data,
+                       None if s is None else s.ctypes.data, int(relu), out.ctypes.data if s is not None else None,
+                       out.ctypes.data if s is None else None, threads)
+    return out
+
+
+def im2col(buf: np.ndarray, kh: int, kw: int, stride: int, threads: int = 0) -> np.ndarray:
+    """The GEMM rows of a convolution over the padded channels-last byte buffer ``buf`` (N, Hp, Wp, C):
+    (N * Ho * Wo, kh * kw * C), each row the window laid out (kh, kw, C)."""
+    n, hp, wp, c = buf.shape
+    if not buf.flags.c_contiguous or buf.dtype not in (np.int8, np.uint8):
+        raise ValueError("im2col: need a contiguous byte buffer")
+    ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    if kh == kw == stride == 1:
+        return buf.reshape(n * hp * wp, c)
+    cols = np.empty((n * ho * wo, kh * kw * c), buf.dtype)
+    _lib().tq_im2col(buf.ctypes.data, n, hp, wp, c, kh, kw, stride, ho, wo, cols.ctypes.data, threads)
+    return cols
