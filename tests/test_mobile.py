@@ -37,6 +37,24 @@ def test_grouped_integer_convolution_against_a_direct_float64_loop(kernel):
         assert np.array_equal(got, ref), groups
 
 
+def test_depthwise_kernel_against_int64():
+    """The compiled depthwise convolution: int8 and uint8 codes (up to 255), strides 1 and 2, extreme codes."""
+    from train_quantization.int8 import igemm
+
+    if not igemm.available():
+        pytest.skip("the int8 kernels did not build (g++ missing?)")
+    rng = np.random.default_rng(2)
+    for dtype, lo, hi, stride in ((np.int8, -128, 128, 1), (np.uint8, 0, 256, 2), (np.int8, -128, -127, 2)):
+        x = rng.integers(lo, hi, (2, 9, 9, 37))
+        w = rng.integers(-128, 128, (3, 3, 37))
+        w[:, :, 0] = -128
+        got = igemm.depthwise(x.astype(dtype), w.astype(np.int8), stride)
+        ho = (9 - 3) // stride + 1
+        ref = sum(x[:, a:a + stride * (ho - 1) + 1:stride, b:b + stride * (ho - 1) + 1:stride] * w[a, b]
+                  for a in range(3) for b in range(3))
+        assert np.array_equal(got, ref.reshape(-1, 37)), (dtype, stride)
+
+
 def _mobilenet(width: float = 0.25, size: int = 16, **quant):
     mx.random.seed(0)  # the same model whatever ran before
     net = build_model(ModelConfig(arch="mobilenetv2_cifar", width=width), 10, 3, size, QuantConfig(**quant))

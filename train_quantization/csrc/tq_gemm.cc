@@ -21,6 +21,8 @@
 // tq_quantize: the simulation's input quantization (engine.input_codes) written as bytes into the GEMM's
 // channels-last input buffer: code = clip(rint(float(x) / float(s)), qmin, qmax), float32 division and
 // round half to even, as numpy computes it.
+// tq_depthwise: a depthwise convolution (one filter per channel) on the channels-last buffer, int32 sums of
+// int8 x int8 (or uint8 x int8) products: exact, vectorized over channels.
 // tq_im2col: the GEMM's input rows from the channels-last buffer, one memcpy per kernel row (kw * C bytes).
 // tq_epilogue: a layer's output from its int32 accumulators: acc + bias as int64 (integer engine), or
 // double(acc) + double(bias), times scale[c] (simulation), then max(., 0) for a ReLU (numpy's maximum: -0.0 stays).
@@ -274,6 +276,42 @@ extern "C" int tq_im2col(const uint8_t* buf, int64_t n, int64_t hp, int64_t wp, 
       for (int a = 0; a < kh; ++a)
         std::memcpy(dst + a * run, buf + ((i * hp + y * stride + a) * wp + z * stride) * c, run);
     }
+  }
+  return 0;
+}
+
+template <typename T>
+TQ_CLONES static void depthwise_rows(const T* buf, int64_t hp, int64_t wp, int64_t c, int kh, int kw, int stride,
+                                     int64_t ho, int64_t wo, const int8_t* w, int32_t* out, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {  // r = (image, output row)
+    const int64_t i = r / ho, y = r % ho;
+    for (int64_t z = 0; z < wo; ++z) {
+      int32_t* o = out + (r * wo + z) * c;
+      for (int64_t k = 0; k < c; ++k) o[k] = 0;
+      for (int a = 0; a < kh; ++a)
+        for (int b = 0; b < kw; ++b) {
+          const T* x = buf + ((i * hp + y * stride + a) * wp + z * stride + b) * c;
+          const int8_t* f = w + (a * kw + b) * c;
+          for (int64_t k = 0; k < c; ++k) o[k] += (int32_t)x[k] * (int32_t)f[k];
+        }
+    }
+  }
+}
+
+// buf: (n, hp, wp, c) int8 (or uint8 codes: unsigned_a), w: (kh * kw, c) int8, out: (n * ho * wo, c) int32.
+extern "C" int tq_depthwise(const void* buf, int64_t n, int64_t hp, int64_t wp, int64_t c, int kh, int kw,
+                            int stride, int64_t ho, int64_t wo, const int8_t* w, int unsigned_a, int32_t* out,
+                            int threads) {
+  const int64_t rows = n * ho;
+  const int nt = rows * wo * c * kh * kw >= (1 << 18) ? (threads > 0 ? threads : omp_get_num_procs()) : 1;
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t t = omp_get_thread_num(), k = omp_get_num_threads();
+    const int64_t r0 = rows * t / k, r1 = rows * (t + 1) / k;
+    if (unsigned_a)
+      depthwise_rows((const uint8_t*)buf, hp, wp, c, kh, kw, stride, ho, wo, w, out, r0, r1);
+    else
+      depthwise_rows((const int8_t*)buf, hp, wp, c, kh, kw, stride, ho, wo, w, out, r0, r1);
   }
   return 0;
 }

@@ -154,7 +154,8 @@ def _cached(w: np.ndarray, kind: str, make, valid=lambda p: True):  # noqa: ANN0
     if hit is not None and hit[0] is w and valid(hit[1]):
         return hit[1]
     prepared = make()
-    size = 0 if prepared is None else prepared.w.nbytes if isinstance(prepared, _Gemm) else prepared.panels.nbytes
+    size = {_Gemm: lambda p: p.w.nbytes, igemm.Packed: lambda p: p.panels.nbytes, np.ndarray: lambda p: p.nbytes}.get(
+        type(prepared), lambda p: 0)(prepared)
     if sum(e[2] for e in _PREPARED.values()) + size > PREPARED_MAX_BYTES:
         _PREPARED.clear()
     _PREPARED[(id(w), kind)] = (w, prepared, size)
@@ -176,12 +177,13 @@ def _packed(w: np.ndarray, channels: int) -> Optional[igemm.Packed]:
     return igemm.pack(_as_kn(w, channels, np.int8)) if np.abs(w).max(initial=0) <= 127 else None
 
 
-def _int8_input(bounds: tuple) -> Optional[type]:
-    """The dtype the int8 GEMM reads codes within ``bounds`` in (int8, or uint8 up to 255 with VNNI), else None."""
+def _int8_input(bounds: tuple, any_isa: bool = False) -> Optional[type]:
+    """The dtype the compiled kernels read codes within ``bounds`` in: int8, or uint8 up to 255 (the GEMM with
+    VNNI only; ``any_isa``: the depthwise kernel), else None."""
     lo, hi = bounds
     if lo >= -128 and hi <= 127:
         return np.int8
-    return np.uint8 if lo >= 0 and hi <= 255 and igemm.isa() == "avx512_vnni" else None
+    return np.uint8 if lo >= 0 and hi <= 255 and (any_isa or igemm.isa() == "avx512_vnni") else None
 
 
 def _bounds(x: np.ndarray, bounds: Optional[tuple]) -> tuple:
@@ -414,23 +416,30 @@ def _out_scale(op: Conv | Dense) -> np.ndarray:
 
 
 def _quantized_int8(r: _Run, op: Conv | Dense, v: tuple) -> Optional[tuple]:
-    """``_quantized`` on the compiled path, or None where it does not apply (grouped convolutions, oneDNN's
-    int16 pairs, forced codes, codes or weights beyond int8): the input is quantized (or requantized) once
-    into a zero-padded channels-last byte buffer, gathered (im2col), multiplied in the int8 GEMM, and the
-    output formed in one pass (bias, scale, ReLU). The same numbers as the other kernels (the tests)."""
-    conv = isinstance(op, Conv)
-    dtype = _int8_input((op.act.qmin, op.act.qmax))
-    if (conv and op.groups != 1) or op.s16_pairs or dtype is None or (r.force is not None and op.name in r.force):
-        return None
+    """``_quantized`` on the compiled path, or None where it does not apply (grouped convolutions other than
+    depthwise, oneDNN's int16 pairs, forced codes, codes or weights beyond int8): the input is quantized (or
+    requantized) once into a zero-padded channels-last byte buffer, gathered (im2col) and multiplied in the
+    int8 GEMM, or convolved per channel (depthwise), and the output formed in one pass (bias, scale, ReLU).
+    The same numbers as the other kernels (the tests)."""
     arr, scale = v
-    c = arr.shape[1]
-    c4 = -(-c // 4) * 4
-    g = _cached(op.w, "int8", lambda: _packed(op.w, c4 if conv else c))
+    conv, c = isinstance(op, Conv), arr.shape[1]
+    depthwise = conv and op.groups == c == op.w.shape[0] and op.w.shape[1] == 1
+    dtype = _int8_input((op.act.qmin, op.act.qmax), any_isa=depthwise)
+    if (conv and op.groups != 1 and not depthwise) or op.s16_pairs or dtype is None or \
+            (r.force is not None and op.name in r.force):
+        return None
+    if depthwise:
+        g = _cached(op.w, "depthwise", lambda: _depthwise_weights(op.w))
+        width = c
+    else:
+        width = -(-c // 4) * 4 if conv else c  # K = kh * kw * width, a multiple of four as the GEMM reads it
+        g = _cached(op.w, "int8", lambda: _packed(op.w, width))
+        width = width if conv or g is None else g.k4
     if g is None:
         return None
     n, (h, w) = arr.shape[0], (arr.shape[2:] if conv else (1, 1))
-    pad, (kh, kw) = (op.pad, op.w.shape[2:]) if conv else (0, (1, 1))
-    buf = np.zeros((n, h + 2 * pad, w + 2 * pad, c4 if conv else g.k4), dtype)
+    pad, (kh, kw), stride = (op.pad, op.w.shape[2:], op.stride) if conv else (0, (1, 1), 1)
+    buf = np.zeros((n, h + 2 * pad, w + 2 * pad, width), dtype)
     inner = buf[:, pad:pad + h, pad:pad + w, :c].transpose(0, 3, 1, 2)  # (N, C, H, W) view of the codes
     if scale is None:
         igemm.quantize_into(arr if conv else arr.reshape(n, c, 1, 1), op.act.scale, op.act.qmin, op.act.qmax, inner)
@@ -438,12 +447,21 @@ def _quantized_int8(r: _Run, op: Conv | Dense, v: tuple) -> Optional[tuple]:
         inner[...] = _codes(op.act, v, r.kernel).reshape(inner.shape)
     if r.record is not None:
         r.record[op.name] = inner.astype(np.int32).reshape(arr.shape)
-    stride = op.stride if conv else 1
-    ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
-    acc = igemm.gemm(igemm.im2col(buf, kh, kw, stride), g, signed=op.act.qmin < 0)
+    if depthwise:
+        acc = igemm.depthwise(buf, g, stride)
+    else:
+        acc = igemm.gemm(igemm.im2col(buf, kh, kw, stride), g, signed=op.act.qmin < 0)
     out = igemm.epilogue(acc, op.b, None if r.integer else _out_scale(op), op.relu)
+    ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
     out = out.reshape(n, ho, wo, -1).transpose(0, 3, 1, 2) if conv else out
     return out, (_out_scale(op) if r.integer else None)
+
+
+def _depthwise_weights(w: np.ndarray) -> Optional[np.ndarray]:
+    """Depthwise weight codes (C, 1, kh, kw) as int8 (kh, kw, C), or None beyond int8."""
+    if w.min(initial=0) < -128 or w.max(initial=0) > 127:
+        return None
+    return np.ascontiguousarray(np.asarray(w[:, 0], np.int8).transpose(1, 2, 0))
 
 
 ADD_FRAC_BITS = 20  # sums stay below 2**28, so the next requantization (times m0 < 2**31) fits int64

@@ -54,6 +54,8 @@ def _lib() -> Optional[ctypes.CDLL]:
                                             ctypes.c_void_p, ctypes.c_int]
                 lib.tq_im2col.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int] * 3 + \
                     [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+                lib.tq_depthwise.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int] * 3 + \
+                    [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
                 lib.tq_gemm_s8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                                            ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
@@ -193,3 +195,25 @@ def im2col(buf: np.ndarray, kh: int, kw: int, stride: int, threads: int = 0) -> 
     cols = np.empty((n * ho * wo, kh * kw * c), buf.dtype)
     _lib().tq_im2col(buf.ctypes.data, n, hp, wp, c, kh, kw, stride, ho, wo, cols.ctypes.data, threads)
     return cols
+
+
+def depthwise(buf: np.ndarray, w: np.ndarray, stride: int, threads: int = 0) -> np.ndarray:
+    """A depthwise convolution (one filter per channel) over the padded channels-last byte buffer ``buf``
+    (N, Hp, Wp, C) with int8 weight codes ``w`` (kh, kw, C): int32 (N * Ho * Wo, C), exact.
+
+    >>> x = np.arange(2 * 4 * 4 * 3, dtype=np.int8).reshape(2, 4, 4, 3) - 40
+    >>> w = np.arange(2 * 2 * 3, dtype=np.int8).reshape(2, 2, 3) - 6
+    >>> ref = sum(x[:, a:a + 3:1, b:b + 3:1].astype(np.int32) * w[a, b] for a in range(2) for b in range(2))
+    >>> not available() or np.array_equal(depthwise(x, w, 1), ref.reshape(-1, 3))
+    True
+    """
+    n, hp, wp, c = buf.shape
+    kh, kw, cw = w.shape
+    if not buf.flags.c_contiguous or buf.dtype not in (np.int8, np.uint8) or cw != c or w.dtype != np.int8:
+        raise ValueError("depthwise: need a contiguous byte buffer and int8 weights of its channels")
+    ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    wc = np.ascontiguousarray(w)
+    out = np.empty((n * ho * wo, c), np.int32)
+    _lib().tq_depthwise(buf.ctypes.data, n, hp, wp, c, kh, kw, stride, ho, wo, wc.ctypes.data,
+                        int(buf.dtype == np.uint8), out.ctypes.data, threads)
+    return out
