@@ -116,9 +116,10 @@ def exact_gemm(a: np.ndarray, b: np.ndarray, chunks: Optional[list] = None,
 
 
 def resolve(kernel: str) -> str:
-    """``fast`` -> ``int8`` when the compiled int8 GEMM loads, else ``float32``; other names are checked."""
+    """``fast`` -> ``int8`` when the compiled int8 kernels load with SIMD (AVX2 or AVX-512 VNNI; their scalar
+    build is a portable fallback, slower than BLAS), else ``float32``; other names are checked."""
     if kernel == "fast":
-        return "int8" if igemm.available() else "float32"
+        return "int8" if igemm.isa() in ("avx2", "avx512_vnni") else "float32"
     if kernel not in KERNELS:
         raise ValueError(f"unknown GEMM kernel {kernel!r}; use fast or one of {', '.join(KERNELS)}")
     return kernel
