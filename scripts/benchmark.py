@@ -65,7 +65,7 @@ def main() -> None:
     if args.inference:
         print("\n" + variants.table(list(res["inference"].values()), accuracy=False))
         ratios = ", ".join(f"{k} {v:.2f}" for k, v in res["int8_over_float_b64"].items())
-        print(f"int8 / float images/s at batch 64: {ratios} (ONNX target {res['onnx_target']}; numpy engines' "
+        print(f"images/s ratios at batch 64: {ratios} (ONNX target {res['onnx_target']}; numpy engines' "
               f"GEMM: {res['numpy_gemm']})")
     if args.training:
         print(f"QAT / float training step: {', '.join(f'{k} {v:.3f}' for k, v in res['ratio'].items())}")

@@ -144,8 +144,11 @@ def speeds(fns: dict, x: np.ndarray, repeats: int = 5) -> dict:
 
 
 def int8_over_float(rows: dict) -> dict:
-    """int8 over float throughput at batch 64 within each runtime, from ``{key: {"images_per_s_b64": ...}}``."""
-    pairs = {"oneDNN / MXNet float": ("onednn", "float"), "ONNX Runtime int8 / float": ("onnx_int8", "onnx_float")}
+    """int8 over float throughput at batch 64 within each runtime, and the numpy engines over MXNet float, from
+    ``{key: {"images_per_s_b64": ...}}``."""
+    pairs = {"oneDNN / MXNet float": ("onednn", "float"), "ONNX Runtime int8 / float": ("onnx_int8", "onnx_float"),
+             "numpy simulated / MXNet float": ("sim", "float"),
+             "numpy integer-only / MXNet float": ("integer", "float")}
     return {name: round(rows[a]["images_per_s_b64"] / rows[b]["images_per_s_b64"], 2)
             for name, (a, b) in pairs.items() if a in rows and b in rows}
 
