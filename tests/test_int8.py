@@ -120,6 +120,20 @@ def test_int8_gemm_kernels_against_int64():
                 assert np.array_equal(got, a @ b), (m, k, n, kernel, lo, hi)
     assert igemm.gemm(igemm.pad_k(np.full((1, 4608), -128, np.int8), 4608), igemm.pack(np.full((4608, 1), 127)),
                       signed=True)[0, 0] == -128 * 127 * 4608
+    # weight code -128 (the onednn scheme's grid): exact on VNNI and scalar, refused by AVX2's sign trick
+    b, a = np.full((64, 3), -128), np.full((2, 64), -128)
+    p = igemm.pack(b)
+    a8 = igemm.pad_k(a.astype(np.int8), p.k4)
+    for kernel in have:
+        if kernel == "avx2":
+            assert not igemm.supports(p, kernel)
+            with pytest.raises(ValueError, match="-128"):
+                igemm.gemm(a8, p, signed=True, kernel=kernel)
+        else:
+            assert igemm.supports(p, kernel)
+            assert np.array_equal(igemm.gemm(a8, p, signed=True, kernel=kernel), a @ b)
+    with pytest.raises(ValueError, match="weight codes"):
+        igemm.pack(np.full((4, 1), 128))
 
 
 @pytest.mark.parametrize("size,stride,ceil", [(2, 2, False), (3, 2, True), (3, 2, False), (3, 1, False)])

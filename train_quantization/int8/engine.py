@@ -173,9 +173,15 @@ def _prepared(w: np.ndarray, amax: float) -> _Gemm:
 
 
 def _packed(w: np.ndarray, channels: int) -> Optional[igemm.Packed]:
-    """Weight codes packed for the int8 GEMM (``_as_kn`` layout), or None beyond ``[-127, 127]`` (oneDNN's
-    AVX2 kernel model can round a halved weight up to 128)."""
-    return igemm.pack(_as_kn(w, channels, np.int8)) if np.abs(w).max(initial=0) <= 127 else None
+    """Weight codes packed for the int8 GEMM (``_as_kn`` layout), or None beyond int8 (oneDNN's AVX2 kernel
+    model can round a halved weight up to 128)."""
+    return igemm.pack(_as_kn(w, channels, np.int8)) if -128 <= w.min(initial=0) and w.max(initial=0) <= 127 else None
+
+
+def _packed_for_isa(w: np.ndarray, channels: int) -> Optional[igemm.Packed]:
+    """``_packed`` (cached), or None when this CPU's kernel cannot compute it exactly (``igemm.supports``)."""
+    g = _cached(w, "int8", lambda: _packed(w, channels))
+    return g if g is not None and igemm.supports(g) else None
 
 
 def _int8_input(bounds: tuple, any_isa: bool = False) -> Optional[type]:
@@ -207,7 +213,7 @@ def conv2d_int(x: np.ndarray, w: np.ndarray, pad: int, stride: int = 1, groups: 
         dtype = _int8_input(bounds) if kernel == "int8" else None
         if dtype is not None:  # else (codes or weights beyond int8) float32 BLAS
             c4 = -(-c // 4) * 4  # K = kh * kw * c4, a multiple of four as the kernel reads it
-            g = _cached(w, "int8", lambda: _packed(w, c4))
+            g = _packed_for_isa(w, c4)
             if g is not None:
                 return _conv2d_fast(x, g, (kh, kw), pad, stride, bias, dtype, c4, bounds[0] < 0)
         return _conv2d_fast(x, _prepared(w, max(-bounds[0], bounds[1])), (kh, kw), pad, stride, bias)
@@ -266,7 +272,7 @@ def dense_int(x: np.ndarray, w: np.ndarray, kernel: str = "reference", bias: Opt
         out = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
         return out if bias is None else out + bias
     bounds = _bounds(x, bounds)
-    p = _cached(w, "int8", lambda: _packed(w, w.shape[1])) if kernel == "int8" and _int8_input(bounds) else None
+    p = _packed_for_isa(w, w.shape[1]) if kernel == "int8" and _int8_input(bounds) else None
     if p is None:
         g = _prepared(w, max(-bounds[0], bounds[1]))
         return exact_gemm(np.asarray(x, np.float32), g.w, g.chunks, bias)
@@ -434,7 +440,7 @@ def _quantized_int8(r: _Run, op: Conv | Dense, v: tuple) -> Optional[tuple]:
         width = c
     else:
         width = -(-c // 4) * 4 if conv else c  # K = kh * kw * width, a multiple of four as the GEMM reads it
-        g = _cached(op.w, "int8", lambda: _packed(op.w, width))
+        g = _packed_for_isa(op.w, width)
         width = width if conv or g is None else g.k4
     if g is None:
         return None

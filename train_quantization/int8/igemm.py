@@ -86,18 +86,26 @@ class Packed:
     k4: int  # K rounded up to 4
     n: int
     ldc: int  # N rounded up to NR
+    full_range: bool  # some code is -128: the AVX2 kernel's sign trick needs |b| <= 127
+
+
+def supports(p: Packed, kernel: Optional[str] = None) -> bool:
+    """Whether ``kernel`` (default ``isa()``) computes ``p`` exactly: the AVX2 kernel moves a's sign onto b,
+    and -(-128) does not fit int8 (nor does a pair 2 * 128 * 128 fit int16), so it needs ``[-127, 127]``."""
+    return not (p.full_range and (kernel or machine.int8_gemm_isa()) == "avx2")
 
 
 def pack(b: np.ndarray) -> Packed:
-    """Pack integer weight codes ``b`` (K x N, within ``[-127, 127]``)."""
+    """Pack integer weight codes ``b`` (K x N, within ``[-128, 127]``; see ``supports`` for -128)."""
     k, n = b.shape
-    if np.abs(b).max(initial=0) > 127:
-        raise ValueError("int8 GEMM: weight codes must lie in [-127, 127]")
+    lo, hi = int(b.min(initial=0)), int(b.max(initial=0))
+    if lo < -128 or hi > 127:
+        raise ValueError(f"int8 GEMM: weight codes must lie in [-128, 127], got [{lo}, {hi}]")
     k4, ldc = -(-k // 4) * 4, -(-n // NR) * NR
     full = np.zeros((k4, ldc), np.int8)
     full[:k, :n] = b
     panels = np.ascontiguousarray(full.reshape(k4 // 4, 4, ldc // NR, NR).transpose(2, 0, 3, 1))
-    return Packed(panels, (128 * full.sum(axis=0, dtype=np.int32)).astype(np.int32), k4, n, ldc)
+    return Packed(panels, (128 * full.sum(axis=0, dtype=np.int32)).astype(np.int32), k4, n, ldc, lo < -127)
 
 
 def pad_k(a: np.ndarray, k4: int) -> np.ndarray:
@@ -116,6 +124,8 @@ def gemm(a: np.ndarray, p: Packed, signed: bool, threads: int = 0, kernel: Optio
         raise RuntimeError("int8 GEMM unavailable; check available() first")
     if a.dtype == np.uint8 and (signed or code < 2):
         raise ValueError("int8 GEMM: uint8 codes need unsigned input and an AVX-512 VNNI kernel")
+    if not supports(p, kernel):
+        raise ValueError("int8 GEMM: weight code -128 needs the avx512_vnni or scalar kernel (AVX2 reads [-127, 127])")
     if a.dtype not in (np.int8, np.uint8) or a.ndim != 2 or a.shape[1] < p.k4 or a.strides[1] != 1:
         raise ValueError(f"int8 GEMM: need (M, >= {p.k4}) int8 rows, got {a.dtype} {a.shape}")
     c = np.empty((a.shape[0], p.ldc), np.int32)
