@@ -39,6 +39,9 @@ class ModelConfig:
     arch: str = "vgg16"  # vgg11|vgg13|vgg16|vgg19 | mobilenetv2_cifar | gluoncv:<model zoo name>
     width: float = 1.0  # channel multiplier (VGG: [64, 128, 256, 512, 512], Dense 512; MobileNetV2); gluoncv: unused
     dropout: float = 0.5  # classifier dropout probability
+    # VGG: dropout probability after each conv block that another conv follows in its stage, one per stage
+    # ([] = none); [0.3, 0.4, 0.4, 0.4, 0.4] is Liu & Deng's (2015) VGG16-BN for small CIFAR-sized data
+    conv_dropout: list = field(default_factory=lambda: [])
 
 
 @dataclass
@@ -233,6 +236,12 @@ def _validate(cfg: Config) -> Config:
         raise UserError(f"config key 'optim.label_smoothing' must be in [0, 1), got {cfg.optim.label_smoothing}")
     if not 0.0 <= q.momentum < 1.0:
         raise UserError(f"config key 'quant.momentum' must be in [0, 1), got {q.momentum}")
+    drop = cfg.model.conv_dropout
+    if drop and not cfg.model.arch.startswith("vgg"):
+        raise UserError(f"config key 'model.conv_dropout' is for VGG models; set it to [] for {cfg.model.arch}")
+    if drop and not (len(drop) == 5 and all(isinstance(p, (int, float)) and 0.0 <= p < 1.0 for p in drop)):
+        raise UserError(f"config key 'model.conv_dropout' must be [] or 5 probabilities in [0, 1), one per VGG "
+                        f"stage, got {drop!r}")
     if cfg.model.width <= 0:
         raise UserError(f"config key 'model.width' must be positive, got {cfg.model.width}")
     if cfg.data.batch_size < 1 or cfg.optim.epochs < 0:

@@ -3,14 +3,16 @@
 VGG16-BN as in the original experiment: 3x3 convolutions with padding 1 in stages of
 [2, 2, 3, 3, 3] layers with [64, 128, 256, 512, 512] filters, each followed by BatchNorm
 and ReLU, a 2x2 max pool after each stage; classifier Dense 512, ReLU, Dropout 0.5, Dense.
-``width`` scales every channel count.
+``width`` scales every channel count. ``conv_dropout`` (one probability per stage) adds Dropout after
+each conv block that another conv follows in its stage, as Liu & Deng's (2015) VGG16-BN for CIFAR-10
+(0.3 in the first stage, 0.4 after); Dropout is the identity at inference, so the int8 engines skip it.
 
 Every network is built in float; ``conversion.convert`` turns it into its QAT form (one path for
 all models), keeping parameter names, so checkpoints move between the two by name.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from mxnet import gluon
 from mxnet.gluon import nn
@@ -29,14 +31,17 @@ class VGG(gluon.HybridBlock):
     """``features`` (conv blocks and pools) then ``classifier`` (Flatten, Dense, Dropout, Dense)."""
 
     def __init__(self, stages: list, filters: list, hidden: int, num_classes: int, in_channels: int,
-                 image_size: int, dropout: float, conv: ConvFactory, dense_layer: DenseFactory):
+                 image_size: int, dropout: float, conv: ConvFactory, dense_layer: DenseFactory,
+                 conv_dropout: Sequence[float] = ()):
         super().__init__()
         self.features = nn.HybridSequential()
         size, ch = image_size, in_channels
-        for n, f in zip(stages, filters):
-            for _ in range(n):
+        for s, (n, f) in enumerate(zip(stages, filters)):
+            for i in range(n):
                 self.features.add(conv(f, ch))
                 ch = f
+                if conv_dropout and conv_dropout[s] > 0 and i < n - 1:
+                    self.features.add(nn.Dropout(conv_dropout[s]))
             if size >= 2:  # odd sizes round up (28 -> 14 -> 7 -> 4 -> 2 -> 1)
                 self.features.add(nn.MaxPool2D(2, 2, ceil_mode=size % 2 == 1))
                 size = (size + 1) // 2
@@ -105,7 +110,7 @@ def vgg(m: ModelConfig, num_classes: int, in_channels: int, image_size: int) -> 
     """Float VGG-BN of ``m.arch`` at ``m.width`` (not initialized)."""
     filters = [max(1, int(round(f * m.width))) for f in VGG_FILTERS]
     return VGG(VGG_STAGES[m.arch], filters, max(1, int(round(512 * m.width))), num_classes, in_channels, image_size,
-               m.dropout, Conv2DBN, lambda units, in_units, relu: dense(units, in_units, relu))
+               m.dropout, Conv2DBN, lambda units, in_units, relu: dense(units, in_units, relu), m.conv_dropout)
 
 
 def build_model(m: ModelConfig, num_classes: int, in_channels: int, image_size: int,
