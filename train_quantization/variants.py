@@ -244,8 +244,11 @@ def write_comparison(run: Path, out: dict, preds: dict, labels: np.ndarray) -> s
     text = table(out["rows"], accuracy=True)
     kernel = [r["agree_kernel_sim"] for r in out["rows"] if "agree_kernel_sim" in r]
     if kernel:
-        text += ("\n\noneDNN int8 = the simulation of this CPU's oneDNN kernels (without VNNI: int8-input "
-                 "convolutions on even weight codes, products summed in pairs in int16; onednn.kernel_model): "
+        from .machine import onednn_vnni
+
+        how = ("with VNNI: the artifact's arithmetic" if onednn_vnni() else "without VNNI: int8-input convolutions "
+               "on even weight codes, products summed in pairs in int16")
+        text += (f"\n\noneDNN int8 = the simulation of this CPU's oneDNN kernels ({how}; onednn.kernel_model): "
                  f"{100 * kernel[0]:.2f} %")
     (run / "compare.md").write_text(text + "\n")
     return text
