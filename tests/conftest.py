@@ -5,6 +5,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -29,13 +30,15 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001
                 item.add_marker(skip)
 
 
-def tiny_config(tmp: Path, **keys: object):
-    """The tiny config writing under ``tmp``; ``keys`` set ``quant`` or ``qat`` (recipe) fields by name."""
+def tiny_config(tmp: Path, model: Optional[dict] = None, **keys: object):
+    """The tiny config writing under ``tmp``; ``model`` sets ``model`` fields, ``keys`` ``quant`` or ``qat``
+    (recipe) fields by name."""
     cfg = load_config(ROOT / "configs" / "synthetic_tiny.yaml", {"out": str(tmp), "data.cache_dir": ""})
     recipe = {k: v for k, v in keys.items() if k in {f.name for f in dataclasses.fields(cfg.qat)}}
     quant = {k: v for k, v in keys.items() if k not in recipe}
     return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, **quant),
-                               qat=dataclasses.replace(cfg.qat, **recipe))
+                               qat=dataclasses.replace(cfg.qat, **recipe),
+                               model=dataclasses.replace(cfg.model, **(model or {})))
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +47,10 @@ def tiny_ds():
     return data_mod.dataset_from_config(cfg.data)
 
 
-def train_float(tmp: Path, ds, seed: int = 0, name: str = "fp32") -> dict:
-    """A float VGG16 (width 0.125) trained for 6 epochs on the synthetic set, with its test logits."""
-    cfg = dataclasses.replace(tiny_config(tmp), name=name, seed=seed)
+def train_float(tmp: Path, ds, seed: int = 0, name: str = "fp32", model: Optional[dict] = None) -> dict:
+    """A float VGG16 (width 0.125; ``model``: other model fields) trained for 6 epochs on the synthetic set,
+    with its test logits."""
+    cfg = dataclasses.replace(tiny_config(tmp, model), name=name, seed=seed)
     train.seed_all(seed)
     net = cli.build_for(cfg, ds, quant=False)
     cli.init_net(net, [mx.cpu()])
@@ -65,7 +69,7 @@ def float_run(tmp_path_factory, tiny_ds):
 
 
 def qat_finetune(float_run, tiny_ds, tmp: Path, name: str, **keys: object) -> dict:
-    cfg = dataclasses.replace(tiny_config(tmp, **keys), name=name)
+    cfg = dataclasses.replace(tiny_config(tmp, **keys), name=name, model=float_run["cfg"].model)
     train.seed_all(0)
     net, new = cli.qat_from_float(cfg, tiny_ds, float_run["run"] / "best.params", [mx.cpu()])
     net.hybridize(static_alloc=True)

@@ -5,8 +5,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from train_quantization import cli, train
-from train_quantization import data as data_mod
+from train_quantization import cli
 from train_quantization.int8 import engine, onednn
 from train_quantization.int8.export import export
 from train_quantization.layers import quantized_layers
@@ -114,35 +113,21 @@ def test_onednn_scheme_weight_codes_are_mxnets():
 def test_conv_dropout_trains_and_every_engine_skips_it(tiny_ds, tmp_path):
     """VGG with Dropout between the conv blocks of a stage (``model.conv_dropout``): the artifact holds the
     same 13 convolutions, and the simulation, the integer-only engine and oneDNN follow the QAT network."""
-    import dataclasses
-
-    from conftest import tiny_config
+    from conftest import qat_finetune, train_float
     from train_quantization.int8.model import Conv
-    from train_quantization.qat import calibrate
 
-    base = tiny_config(tmp_path)
-    cfg = dataclasses.replace(base, name="drop", model=dataclasses.replace(base.model, conv_dropout=[0.1] * 5))
-    train.seed_all(0)
-    fnet = cli.build_for(cfg, tiny_ds, quant=False)
+    frun = train_float(tmp_path, tiny_ds, name="drop", model={"conv_dropout": [0.1] * 5})
+    qrun = qat_finetune(frun, tiny_ds, tmp_path, "drop-q")
+    fnet = cli.build_for(qrun["cfg"], tiny_ds, quant=False)
     assert sum(isinstance(b, mx.gluon.nn.Dropout) for b in fnet.features) == 1 + 1 + 2 + 2 + 2
-    cli.init_net(fnet, [mx.cpu()])
-    fnet.hybridize(static_alloc=True)
-    frun = train.make_run_dir(cfg, "fp32", "tiny")
-    best, _ = train.fit(fnet, cfg, tiny_ds, frun, [mx.cpu()])
-    qcfg = dataclasses.replace(cfg, name="drop-q", optim=dataclasses.replace(cfg.optim, epochs=1, lr=0.002))
-    qnet, _ = cli.qat_from_float(qcfg, tiny_ds, frun / "best.params", [mx.cpu()])
-    qnet.hybridize(static_alloc=True)
-    calibrate(qnet, qcfg, tiny_ds, [mx.cpu()])
-    train.fit(qnet, qcfg, tiny_ds, train.make_run_dir(qcfg, "qat", "tiny"), [mx.cpu()], qat=True)
-    _, test_loader = data_mod.make_loaders(tiny_ds, 64, 250, False, 0)
-    norm = data_mod.normalizer(*tiny_ds.mean_std())
-    ev = train.evaluate(qnet, test_loader, norm, [mx.cpu()], return_outputs=True)
-    assert best["test_acc"] >= 0.8 and ev["acc"] >= best["test_acc"] - 0.05, (best, ev["acc"])
+    best = frun["best"]["test_acc"]
+    assert best >= 0.8 and qrun["acc"] >= best - 0.05, (best, qrun["acc"])
+    qnet = qrun["net"]
     m = export(qnet, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
     assert sum(isinstance(op, Conv) for op in m.layers) == 13
     x = engine.normalize(m, tiny_ds.test_x)
     sim = engine.simulate(m, x).argmax(1)
-    assert np.mean(sim == ev["logits"].argmax(1)) >= 0.998
+    assert np.mean(sim == qrun["logits"].argmax(1)) >= 0.998
     assert np.array_equal(engine.run_integer(m, x).argmax(1), sim)
     path = tmp_path / "q.params"
     qnet.save_parameters(str(path))

@@ -237,7 +237,7 @@ def _validate(cfg: Config) -> Config:
     if not 0.0 <= q.momentum < 1.0:
         raise UserError(f"config key 'quant.momentum' must be in [0, 1), got {q.momentum}")
     drop = cfg.model.conv_dropout
-    if drop and not cfg.model.arch.startswith("vgg"):
+    if drop and cfg.model.arch not in VGG_ARCHS:
         raise UserError(f"config key 'model.conv_dropout' is for VGG models; set it to [] for {cfg.model.arch}")
     if drop and not (len(drop) == 5 and all(isinstance(p, (int, float)) and 0.0 <= p < 1.0 for p in drop)):
         raise UserError(f"config key 'model.conv_dropout' must be [] or 5 probabilities in [0, 1), one per VGG "

@@ -172,15 +172,11 @@ def _prepared(w: np.ndarray, amax: float) -> _Gemm:
     return _cached(w, "float32", make, lambda g: g.amax >= amax)
 
 
-def _packed(w: np.ndarray, channels: int) -> Optional[igemm.Packed]:
-    """Weight codes packed for the int8 GEMM (``_as_kn`` layout), or None beyond int8 (oneDNN's AVX2 kernel
-    model can round a halved weight up to 128)."""
-    return igemm.pack(_as_kn(w, channels, np.int8)) if -128 <= w.min(initial=0) and w.max(initial=0) <= 127 else None
-
-
 def _packed_for_isa(w: np.ndarray, channels: int) -> Optional[igemm.Packed]:
-    """``_packed`` (cached), or None when this CPU's kernel cannot compute it exactly (``igemm.supports``)."""
-    g = _cached(w, "int8", lambda: _packed(w, channels))
+    """Weight codes packed for the int8 GEMM (``_as_kn`` layout, cached), or None beyond int8 (oneDNN's AVX2
+    kernel model can round a halved weight up to 128) or where this CPU's kernel is not exact (``igemm.supports``)."""
+    g = _cached(w, "int8", lambda: igemm.pack(_as_kn(w, channels, np.int8))
+                if -128 <= w.min(initial=0) and w.max(initial=0) <= 127 else None)
     return g if g is not None and igemm.supports(g) else None
 
 
