@@ -34,6 +34,14 @@ def test_config_validation_names_the_key(tmp_path):
     with pytest.raises(UserError, match="'quant.act_bits' must be between 2 and 8"):
         from_dict({"quant": {"act_bits": 9}})
     assert from_dict({"optim": {"lr": 1}}).optim.lr == 1.0  # ints are fine where floats are expected
+    with pytest.raises(UserError, match="'qat.wd' must be >= 0"):
+        from_dict({"qat": {"wd": -1e-4}})
+    from train_quantization.train import schedule_of
+
+    cfg = from_dict({"optim": {"wd": 5e-4, "epochs": 30}, "qat": {"epochs": 3, "lr": 0.01}})
+    assert (schedule_of(cfg, qat=True).wd, schedule_of(cfg, qat=True).epochs, schedule_of(cfg, qat=False).wd) == \
+        (5e-4, 3, 5e-4)  # QAT keeps the float decay unless qat.wd says otherwise
+    assert schedule_of(from_dict({"optim": {"wd": 5e-4}, "qat": {"wd": 0}}), qat=True).wd == 0.0
 
 
 @pytest.mark.parametrize("shape,channels", [((32, 32), 3), ((28, 28), 1)])

@@ -86,6 +86,7 @@ QUANT_FLAGS = (
 QAT_FLAGS = RUN_FLAGS + QUANT_FLAGS + (
     Flag("--epochs", "qat.epochs", int, "QAT epochs"),
     Flag("--lr", "qat.lr", float, "QAT peak learning rate"),
+    Flag("--wd", "qat.wd", float, "QAT weight decay (default: optim.wd)"),
     Flag("--calib", "qat.calib", choices=("ema", "max", "mse", "lsq"),
          help="how the ranges start (mse: MSE-optimal clipping, see ptq.py; lsq: LSQ's 2 mean|x| / sqrt(Q_P))"),
     Flag("--delay-steps", "qat.delay_steps", int, "float steps before fake quantization switches on"),

@@ -115,6 +115,7 @@ class QATConfig:
 
     epochs: int = 2  # QAT fine-tuning epochs
     lr: float = 0.005  # peak learning rate (cosine to 0, no warm-up)
+    wd: Optional[float] = None  # L2 weight decay while fine-tuning; None: optim.wd (LSQ lowers it at 2-3 bits)
     calib: str = "ema"  # how ranges start: ema (training-mode EMA, the original) | max | mse | lsq (LSQ init)
     calib_batches: int = 10  # training batches that initialize the ranges before QAT
     delay_steps: int = 0  # steps that train in float (BN folded) before fake quantization switches on
@@ -232,6 +233,8 @@ def _validate(cfg: Config) -> Config:
     if cfg.qat.distill < 0 or not 0.0 <= cfg.qat.distill_weight <= 1.0:
         raise UserError("config keys 'qat.distill' (a temperature, 0 = off) must be >= 0 and "
                         "'qat.distill_weight' in [0, 1]")
+    if cfg.qat.wd is not None and cfg.qat.wd < 0:
+        raise UserError(f"config key 'qat.wd' must be >= 0 (or null: optim.wd), got {cfg.qat.wd}")
     if not 0.0 <= cfg.optim.label_smoothing < 1.0:
         raise UserError(f"config key 'optim.label_smoothing' must be in [0, 1), got {cfg.optim.label_smoothing}")
     if not 0.0 <= q.momentum < 1.0:

@@ -129,11 +129,13 @@ def setup_logging() -> None:
 
 # ----------------------------------------------------------------------------- pieces
 def schedule_of(cfg: Config, qat: bool) -> OptimConfig:
-    """The optimizer settings of a run: ``optim``, with QAT's epochs and peak rate (cosine to 0, no
-    warm-up) from the ``qat`` recipe."""
+    """The optimizer settings of a run: ``optim``, with QAT's epochs, peak rate (cosine to 0, no
+    warm-up) and weight decay (``qat.wd`` unless null) from the ``qat`` recipe."""
     if not qat:
         return cfg.optim
-    return dataclasses.replace(cfg.optim, epochs=cfg.qat.epochs, lr=cfg.qat.lr, warmup_epochs=0.0, schedule="cosine")
+    wd = cfg.optim.wd if cfg.qat.wd is None else cfg.qat.wd
+    return dataclasses.replace(cfg.optim, epochs=cfg.qat.epochs, lr=cfg.qat.lr, wd=wd, warmup_epochs=0.0,
+                               schedule="cosine")
 
 
 def make_trainer(net: gluon.Block, cfg: Config, steps_per_epoch: int, qat: bool = False) -> gluon.Trainer:
