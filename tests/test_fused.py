@@ -1,7 +1,9 @@
 """The compiled quantizer and its stock-MXNet fallback compute the same thing."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 
 import mxnet as mx
 import numpy as np
@@ -134,3 +136,49 @@ def test_weight_op_against_a_float64_reference(per_channel):
     np.testing.assert_allclose(inputs[2].grad.asnumpy(), g_b, rtol=1e-6)
     dgamma = ((g * w).sum(axis=(1, 2, 3)) - g_b * mean) / np.sqrt(var.astype(np.float64) + 1e-5)
     np.testing.assert_allclose(inputs[1].grad.asnumpy(), dgamma, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_relu6_is_clip_bit_for_bit():
+    """tq_relu6 against MXNet's clip(x, 0, 6): the same values and gradients on the bounds (0, -0, 6 pass the
+    gradient), just outside them and in between; a MobileNetV2 step equal with either, and the exported
+    graph holds clip."""
+    x = mx.nd.array([-1.0, -0.0, 0.0, 0.125, 2.5, 6.0, 6.0000005, 7.0, -1e-7])
+    dy = mx.nd.arange(1, 10)
+    out = {}
+    for name, op in (("clip", lambda v: mx.nd.clip(v, 0, 6)), ("tq", mx.nd.tq_relu6)):
+        v = x.copy()
+        v.attach_grad()
+        with autograd.record():
+            y = op(v)
+        y.backward(dy)
+        out[name] = (y.asnumpy(), v.grad.asnumpy())
+    assert out["tq"][0].tolist() == [0.0, -0.0, 0.0, 0.125, 2.5, 6.0, 6.0, 6.0, 0.0]
+    assert np.signbit(out["tq"][0][1]) and out["tq"][1].tolist() == [0, 2, 3, 4, 5, 6, 0, 0, 0]
+    np.testing.assert_array_equal(out["tq"][0], out["clip"][0])
+    np.testing.assert_array_equal(out["tq"][1], out["clip"][1])
+
+    from gluoncv.nn import ReLU6 as GluonCVReLU6
+
+    from train_quantization.layers import ReLU6, stock_relu6
+    from train_quantization.models import CIFARMobileNetV2
+
+    before: list = []
+    CIFARMobileNetV2(0.25).apply(lambda b: before.append(b) if isinstance(b, GluonCVReLU6) else None)
+    net = build_model(ModelConfig(arch="mobilenetv2_cifar", width=0.25), 10, 3, 16)
+    relus: list = []
+    net.apply(lambda b: relus.append(b) if isinstance(b, (ReLU6, GluonCVReLU6)) else None)
+    assert len(relus) == len(before) > 30 and all(type(b) is ReLU6 and b.fast for b in relus)
+    net.hybridize(static_alloc=True)
+    xb = mx.nd.array(np.random.default_rng(0).normal(size=(4, 3, 16, 16)))
+    grads = []
+    for stock in (False, True):
+        with stock_relu6(net) if stock else contextlib.nullcontext():
+            with autograd.record():
+                loss = net(xb).sum()
+            loss.backward()
+            grads.append([p.grad().asnumpy().copy() for p in net.collect_params().values() if p.grad_req != "null"])
+            ops = {n["op"] for n in json.loads(net._cached_graph[1].tojson())["nodes"]}
+            assert ("clip" in ops, "tq_relu6" in ops) == (stock, not stock)
+    assert all(b.fast for b in relus)
+    for a, b in zip(*grads):
+        np.testing.assert_array_equal(a, b)

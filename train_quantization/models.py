@@ -18,7 +18,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 
 from .config import ModelConfig, QuantConfig
-from .layers import Conv2DBN, dense
+from .layers import Conv2DBN, compiled_relu6, dense
 
 VGG_STAGES = {"vgg11": [1, 1, 2, 2, 2], "vgg13": [2, 2, 2, 2, 2], "vgg16": [2, 2, 3, 3, 3], "vgg19": [2, 2, 4, 4, 4]}
 VGG_FILTERS = [64, 128, 256, 512, 512]
@@ -101,6 +101,7 @@ def gluoncv_model(name: str, num_classes: int, in_channels: int, image_size: int
         net = get_model(name, classes=num_classes)
     except ValueError as exc:
         raise UserError(f"model gluoncv:{name}: {str(exc).splitlines()[0][:200]}") from None
+    compiled_relu6(net)
     net.initialize(mx.init.Xavier(magnitude=2.0))
     net(mx.nd.zeros((1, in_channels, image_size, image_size)))
     return net
@@ -125,7 +126,7 @@ def build_model(m: ModelConfig, num_classes: int, in_channels: int, image_size: 
     if kind == "gluoncv":
         net = gluoncv_model(name, num_classes, in_channels, image_size)
     elif kind == "mobilenetv2_cifar":
-        net = CIFARMobileNetV2(m.width, num_classes)
+        net = compiled_relu6(CIFARMobileNetV2(m.width, num_classes))
         net.initialize(mx.init.Xavier(magnitude=2.0))
         net(mx.nd.zeros((1, in_channels, image_size, image_size)))
     else:

@@ -44,7 +44,7 @@ from mxnet.contrib import quantization as mxq
 
 from .. import machine, quant
 from ..errors import UserError
-from ..layers import quantized_layers
+from ..layers import quantized_layers, stock_relu6
 from .export import folded
 from .model import Add, Affine, AvgPool, Concat, Conv, Dense, Flatten, Int8Model, MaxPool, Shuffle, Slice
 
@@ -55,8 +55,8 @@ S8_WEIGHT_ADJUST = 0.5  # oneDNN's weight scale for int8-input convolutions on C
 
 def _export(net: gluon.HybridBlock, input_shape: tuple) -> tuple:
     net.hybridize(static_alloc=True, static_shape=True)  # a float inference variant keeps static shapes
-    net(mx.nd.zeros((1,) + tuple(input_shape)))
-    with tempfile.TemporaryDirectory() as d:
+    with stock_relu6(net), tempfile.TemporaryDirectory() as d:
+        net(mx.nd.zeros((1,) + tuple(input_shape)))
         net.export(os.path.join(d, "m"), 0)
         sym, args, auxs = mx.model.load_checkpoint(os.path.join(d, "m"), 0)
     sym, args = _classifier_as_dense(sym, args)

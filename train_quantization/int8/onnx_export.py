@@ -348,9 +348,12 @@ def save_float(net: Any, input_shape: tuple, path: str | Path) -> Path:
 
     import mxnet as mx
 
+    from ..layers import stock_relu6
+
     onnx = _onnx()
     path = Path(path)
-    with tempfile.TemporaryDirectory() as d:
+    with stock_relu6(net), tempfile.TemporaryDirectory() as d:
+        net(mx.nd.zeros((1, *input_shape)))
         net.export(os.path.join(d, "m"))
         tmp = mx.onnx.export_model(os.path.join(d, "m-symbol.json"), os.path.join(d, "m-0000.params"),
                                    [(1, *input_shape)], [np.float32], os.path.join(d, "m.onnx"), dynamic=True,
