@@ -26,9 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from train_quantization import machine, variants  # noqa: E402, I001
 
 import mxnet as mx  # noqa: E402, I001
-from train_quantization.bench import inference, training  # noqa: E402
+from train_quantization.bench import INFERENCE, inference, training  # noqa: E402
 from train_quantization.config import load_config  # noqa: E402
-from train_quantization.errors import cli_main  # noqa: E402
+from train_quantization.errors import UserError, cli_main  # noqa: E402
 from train_quantization.int8 import engine, igemm, onnx_export  # noqa: E402
 
 
@@ -46,7 +46,14 @@ def main() -> None:
     p.add_argument("--inference", type=int, choices=(0, 1), default=1, help="also time inference (0/1)")
     p.add_argument("--onnx-target", choices=onnx_export.TARGETS, default="auto",
                    help="ONNX Runtime int8 kernels to export for (auto: vnni on a CPU with VNNI, else avx2)")
+    p.add_argument("--variants", default=",".join(INFERENCE),
+                   help=f"inference paths to time, comma-separated, of {','.join(INFERENCE)} (e.g. leave out "
+                        "sim,integer: the numpy engines take minutes on depthwise networks)")
     args = p.parse_args()
+    keys = [k for k in args.variants.split(",") if k]
+    unknown = sorted(set(keys) - set(INFERENCE))
+    if unknown or not keys:
+        raise UserError(f"--variants: unknown or empty {unknown}; choose from {','.join(INFERENCE)}")
     cfg = load_config(args.config)
     mx.random.seed(0)
     x = mx.nd.random.normal(shape=(args.batch_size, 3, args.image_size, args.image_size))
@@ -57,7 +64,7 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d %H:%M")}
     if args.inference:
         qnet = nets["qat_fused" if "qat_fused" in nets else "qat_stock"]
-        res["inference"] = inference(cfg, qnet, nets["float"], x, args.repeats, args.onnx_target)
+        res["inference"] = inference(cfg, qnet, nets["float"], x, args.repeats, args.onnx_target, keys)
         res["onnx_target"] = onnx_export.resolve_target(args.onnx_target)
         res["int8_over_float_b64"] = variants.int8_over_float(res["inference"])
         res["numpy_gemm"] = f"int8 ({igemm.isa()})" if engine.resolve("fast") == "int8" else "float32 BLAS"

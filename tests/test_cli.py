@@ -245,6 +245,18 @@ def test_benchmark_prints_training_ratio_and_inference_table():
     assert res["int8_over_float_b64"]["ONNX Runtime int8 / float"] > 0
 
 
+def test_benchmark_times_only_the_named_variants():
+    args = ("scripts/benchmark.py", "--config", "configs/synthetic_tiny.yaml", "--image-size", "16",
+            "--batch-size", "32", "--repeats", "1", "--training", "0")
+    r = _run(*args, "--variants", "float,onednn")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout[:r.stdout.index("\n| variant")])
+    assert set(res["inference"]) == {"float", "onednn"}
+    assert set(res["int8_over_float_b64"]) == {"oneDNN / MXNet float"}
+    bad = _run(*args, "--variants", "float,numpy")
+    assert bad.returncode == 2 and "'numpy'" in bad.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("cap", [None, "AVX2"])
 def test_openblas_runs_the_kernels_of_the_cpu(cap):
     """The package names OpenBLAS's kernel family before numpy loads: the bundled OpenBLAS releases take

@@ -72,8 +72,8 @@ def training(cfg, args: argparse.Namespace, x: mx.nd.NDArray, y: mx.nd.NDArray) 
 
 
 def inference(cfg, qnet: gluon.HybridBlock, fnet: gluon.HybridBlock, x: mx.nd.NDArray, repeats: int,  # noqa: ANN001
-              target: str) -> dict:
-    """Images/s at batch 64, latency at batch 1 and model bytes of every inference variant."""
+              target: str, keys: tuple = INFERENCE) -> dict:
+    """Images/s at batch 64, latency at batch 1 and model bytes of the inference variants ``keys``."""
     shape = tuple(x.shape[1:])
     with autograd.train_mode():  # set the ranges from one batch (no weight update)
         qnet(x)
@@ -83,7 +83,7 @@ def inference(cfg, qnet: gluon.HybridBlock, fnet: gluon.HybridBlock, x: mx.nd.ND
     models = variants.Models(shape, fnet, x[:64], variants.bytes_on_disk(fnet), qnet, qweights,
                              variants.bytes_on_disk(qnet), m,
                              onnx_target=target)
-    fns = variants.build(models, list(INFERENCE))
+    fns = variants.build(models, list(keys))
     speed = variants.speeds({k: f for k, (f, _) in fns.items()}, x.asnumpy(), repeats)
     return {k: {"variant": variants.BY_KEY[k].name, "images_per_s_b64": round(speed[k][0], 1),
                 "latency_ms_b1": round(speed[k][1], 3), "model_bytes": size} for k, (_, size) in fns.items()}
