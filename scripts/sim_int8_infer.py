@@ -7,7 +7,9 @@
   --engine onnx|all    ONNX Runtime's int8 kernels on the QDQ export (--onnx F writes it)
 
 Reports accuracy, top-1 agreement with the fake-quant evaluation (and between engines),
-the largest logit difference, the artifact's size next to the float checkpoint, and the machine.
+the largest logit difference, where disagreements sit (``*_disagree_margin_*``: the largest top-1/top-2
+margin of the reference among the images two engines decide differently; ``*_disagree_closest_*``: the share
+of all images at or below it), the artifact's size next to the float checkpoint, and the machine.
 """
 from __future__ import annotations
 

@@ -227,6 +227,20 @@ def test_sweep_bits_writes_table_and_plot(tmp_path, float_run):
     assert bad.returncode == 2 and "W/A" in bad.stderr.strip().splitlines()[-1]
 
 
+def test_agreement_reports_where_two_engines_disagree():
+    from train_quantization.evaluate import _agreement
+
+    ref = np.array([[3.0, 1.0, 0.0], [1.0, 0.9, 0.0], [0.0, 0.5, 2.5], [4.0, 0.0, 0.0]])
+    other = ref.copy()
+    other[1] = [0.9, 1.0, 0.0]  # the near-tie (margin 0.1) flips
+    rep: dict = {}
+    _agreement(rep, "integer", "sim", ref, other)
+    assert rep["integer_agree_sim"] == 0.75 and np.isclose(rep["integer_max_logit_diff_sim"], 0.1)
+    assert np.isclose(rep["integer_disagree_margin_sim"], 0.1) and rep["integer_disagree_closest_sim"] == 0.25
+    _agreement(rep, "onnx", "sim", ref, ref)
+    assert rep["onnx_agree_sim"] == 1.0 and rep["onnx_disagree_margin_sim"] == rep["onnx_disagree_closest_sim"] == 0
+
+
 def test_benchmark_prints_training_ratio_and_inference_table():
     r = _run("scripts/benchmark.py", "--config", "configs/synthetic_tiny.yaml", "--image-size", "16",
              "--batch-size", "32", "--repeats", "1", "--steps", "1", "--warmup", "1")

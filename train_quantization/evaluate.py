@@ -76,25 +76,44 @@ def load_model(qat: Optional[str], artifact: Optional[str], data: Optional[str],
     return model, ds, None, report
 
 
+def _margin(logits: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 logit of each row: how far an image is from a tie."""
+    top2 = np.partition(logits, -2, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def _agreement(report: dict, name: str, ref_name: str, ref: np.ndarray, other: np.ndarray) -> None:
+    """Top-1 agreement of engine ``name`` with ``ref_name``, their largest logit difference and where the
+    disagreements sit: ``disagree_margin``, the largest top-1/top-2 margin of ``ref`` among the images on
+    which they disagree (at most twice the logit difference), and ``disagree_closest``, the share of all
+    images at or below that margin (0 without disagreement). A small share says the two engines differ only on
+    the images nearest a tie, where rounding one code differently tips the decision."""
+    differ = ref.argmax(1) != other.argmax(1)
+    margin = _margin(ref)
+    worst = float(margin[differ].max(initial=0.0))
+    report[f"{name}_agree_{ref_name}"] = float(1.0 - differ.mean())
+    report[f"{name}_max_logit_diff_{ref_name}"] = float(np.abs(other - ref).max())
+    report[f"{name}_disagree_margin_{ref_name}"] = worst
+    report[f"{name}_disagree_closest_{ref_name}"] = float((margin <= worst).mean()) if differ.any() else 0.0
+
+
 def evaluate(model: int8_model.Int8Model, images: np.ndarray, labels: np.ndarray, engines: list,
              fq_logits: Optional[np.ndarray] = None, onnx_target: str = "auto") -> dict:
-    """Accuracy and time of each engine, top-1 agreement with the fake-quant network and between engines."""
-    report, preds = {}, {}
+    """Accuracy and time of each engine; agreement with the fake-quant network and of the other engines with
+    the simulation (``_agreement``: top-1, logit difference, margin of the disagreements)."""
+    report, logits = {}, {}
     if fq_logits is not None:
-        preds["fake_quant"] = fq_logits.argmax(1)
-        report["fake_quant_acc"] = float((preds["fake_quant"] == labels).mean())
+        report["fake_quant_acc"] = float((fq_logits.argmax(1) == labels).mean())
     for name in engines:
         t0 = time.time()
-        logits = engine.predict(model, images, name, progress=True, onnx_target=onnx_target)
-        preds[name] = logits.argmax(1)
-        report[f"{name}_acc"] = float((preds[name] == labels).mean())
+        logits[name] = engine.predict(model, images, name, progress=True, onnx_target=onnx_target)
+        report[f"{name}_acc"] = float((logits[name].argmax(1) == labels).mean())
         report[f"{name}_seconds"] = round(time.time() - t0, 2)
         if fq_logits is not None:
-            report[f"{name}_agree_fake_quant"] = float((preds[name] == preds["fake_quant"]).mean())
-            report[f"{name}_max_logit_diff_fake_quant"] = float(np.abs(logits - fq_logits).max())
+            _agreement(report, name, "fake_quant", fq_logits, logits[name])
     for other in ("integer", "onnx"):
-        if "sim" in preds and other in preds:
-            report[f"{other}_agree_sim"] = float((preds[other] == preds["sim"]).mean())
+        if "sim" in logits and other in logits:
+            _agreement(report, other, "sim", logits["sim"], logits[other])
     return report
 
 
