@@ -47,8 +47,7 @@ def main() -> None:
     p.add_argument("--onnx-target", choices=onnx_export.TARGETS, default="auto",
                    help="ONNX Runtime int8 kernels to export for (auto: vnni on a CPU with VNNI, else avx2)")
     p.add_argument("--variants", default=",".join(INFERENCE),
-                   help=f"inference paths to time, comma-separated, of {','.join(INFERENCE)} (e.g. leave out "
-                        "sim,integer: the numpy engines take minutes on depthwise networks)")
+                   help=f"inference paths to time, comma-separated, of {','.join(INFERENCE)} (default: all)")
     args = p.parse_args()
     keys = [k for k in args.variants.split(",") if k]
     unknown = sorted(set(keys) - set(INFERENCE))
