@@ -227,17 +227,17 @@ def test_sweep_bits_writes_table_and_plot(tmp_path, float_run):
     assert bad.returncode == 2 and "W/A" in bad.stderr.strip().splitlines()[-1]
 
 
-def test_agreement_reports_where_two_engines_disagree():
-    from train_quantization.evaluate import _agreement
+def testagreement_reports_where_two_engines_disagree():
+    from train_quantization.evaluate import agreement
 
     ref = np.array([[3.0, 1.0, 0.0], [1.0, 0.9, 0.0], [0.0, 0.5, 2.5], [4.0, 0.0, 0.0]])
     other = ref.copy()
     other[1] = [0.9, 1.0, 0.0]  # the near-tie (margin 0.1) flips
     rep: dict = {}
-    _agreement(rep, "integer", "sim", ref, other)
+    agreement(rep, "integer", "sim", ref, other)
     assert rep["integer_agree_sim"] == 0.75 and np.isclose(rep["integer_max_logit_diff_sim"], 0.1)
     assert np.isclose(rep["integer_disagree_margin_sim"], 0.1) and rep["integer_disagree_closest_sim"] == 0.25
-    _agreement(rep, "onnx", "sim", ref, ref)
+    agreement(rep, "onnx", "sim", ref, ref)
     assert rep["onnx_agree_sim"] == 1.0 and rep["onnx_disagree_margin_sim"] == rep["onnx_disagree_closest_sim"] == 0
 
 

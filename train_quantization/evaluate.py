@@ -82,7 +82,7 @@ def _margin(logits: np.ndarray) -> np.ndarray:
     return top2[:, 1] - top2[:, 0]
 
 
-def _agreement(report: dict, name: str, ref_name: str, ref: np.ndarray, other: np.ndarray) -> None:
+def agreement(report: dict, name: str, ref_name: str, ref: np.ndarray, other: np.ndarray) -> None:
     """Top-1 agreement of engine ``name`` with ``ref_name``, their largest logit difference and where the
     disagreements sit: ``disagree_margin``, the largest top-1/top-2 margin of ``ref`` among the images on
     which they disagree (at most twice the logit difference), and ``disagree_closest``, the share of all
@@ -100,7 +100,7 @@ def _agreement(report: dict, name: str, ref_name: str, ref: np.ndarray, other: n
 def evaluate(model: int8_model.Int8Model, images: np.ndarray, labels: np.ndarray, engines: list,
              fq_logits: Optional[np.ndarray] = None, onnx_target: str = "auto") -> dict:
     """Accuracy and time of each engine; agreement with the fake-quant network and of the other engines with
-    the simulation (``_agreement``: top-1, logit difference, margin of the disagreements)."""
+    the simulation (``agreement``: top-1, logit difference, margin of the disagreements)."""
     report, logits = {}, {}
     if fq_logits is not None:
         report["fake_quant_acc"] = float((fq_logits.argmax(1) == labels).mean())
@@ -110,10 +110,10 @@ def evaluate(model: int8_model.Int8Model, images: np.ndarray, labels: np.ndarray
         report[f"{name}_acc"] = float((logits[name].argmax(1) == labels).mean())
         report[f"{name}_seconds"] = round(time.time() - t0, 2)
         if fq_logits is not None:
-            _agreement(report, name, "fake_quant", fq_logits, logits[name])
+            agreement(report, name, "fake_quant", fq_logits, logits[name])
     for other in ("integer", "onnx"):
         if "sim" in logits and other in logits:
-            _agreement(report, other, "sim", logits["sim"], logits[other])
+            agreement(report, other, "sim", logits["sim"], logits[other])
     return report
 
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""The simulated and integer-only engines of a QAT run, layer by layer, and where their top-1 decisions part.
+
+  python benchmarks/engine_codes.py --qat RUN [--images 500]
+
+Per quantized layer: the share of its input codes where the integer-only engine differs from the simulation
+when both run the whole network ("chained") and when the integer-only layer reads the simulation's input
+codes ("one step": that layer's requantization only), and the largest one-step difference. The two engines
+requantize differently by design: the simulation divides a float32 value by the scale (as the fake-quant
+graph does), the integer engine multiplies the exact accumulator by a 31-bit fixed-point multiplier; they
+part only where a value lies within float32 rounding of a half-code boundary. Then, on every test image,
+top-1 agreement of both engines and of the fake-quant network with the simulation, with the margins of the
+disagreeing images (``evaluate.agreement``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train_quantization import machine  # noqa: E402
+from train_quantization.evaluate import agreement, fake_quant_logits  # noqa: E402
+from train_quantization.int8 import engine  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--qat", required=True, help="QAT run folder")
+    p.add_argument("--images", type=int, default=500, help="test images for the layer-by-layer codes")
+    args = p.parse_args()
+    m, ds, fq, _ = fake_quant_logits(Path(args.qat), None, "last.params")
+    x = engine.normalize(m, ds.test_x[:args.images])
+    sim, chained, step = {}, {}, {}
+    engine.simulate(m, x, sim)
+    engine.run_integer(m, x, chained)
+    engine.run_integer(m, x, step, force=sim)
+    print(f"{'layer':28s} {'chained':>9s} {'one step':>9s} {'max':>4s}")
+    for name, codes in sim.items():
+        print(f"{name:28s} {np.mean(codes != chained[name]):9.6f} {np.mean(codes != step[name]):9.6f} "
+              f"{int(np.abs(codes - step[name]).max()):4d}")
+    total = sum(c.size for c in sim.values())
+    print(f"all layers: chained {sum(int((c != chained[n]).sum()) for n, c in sim.items()) / total:.2e}, "
+          f"one step {sum(int((c != step[n]).sum()) for n, c in sim.items()) / total:.2e} of {total} codes")
+    logits = {k: engine.predict(m, ds.test_x, k) for k in ("sim", "integer")}
+    rep: dict = {}
+    agreement(rep, "integer", "sim", logits["sim"], logits["integer"])
+    agreement(rep, "fake_quant", "sim", logits["sim"], fq)
+    margin = np.sort(np.partition(logits["sim"], -2, axis=1)[:, -2:] @ np.array([-1.0, 1.0]))
+    print(f"{len(fq)} test images; simulation's top-1/top-2 margin: median {np.median(margin):.3f}, "
+          f"1st percentile {np.percentile(margin, 1):.4f}")
+    for k, v in rep.items():
+        print(f"{k:40s} {v:.5f}")
+    print(machine.describe(machine.facts()))
+
+
+if __name__ == "__main__":
+    main()
