@@ -5,7 +5,9 @@
 
 Per quantized layer: the share of its input codes where the integer-only engine differs from the simulation
 when both run the whole network ("chained") and when the integer-only layer reads the simulation's input
-codes ("one step": that layer's requantization only), and the largest one-step difference. The two engines
+codes ("one step": that layer's requantization only), the largest one-step difference, and the share where
+the fake-quant network's input codes (its float32 layer input, quantized as the graph does) differ from
+the simulation's ("fake-quant", chained: float32 convolutions against exact integer ones). The two engines
 requantize differently by design: the simulation divides a float32 value by the scale (as the fake-quant
 graph does), the integer engine multiplies the exact accumulator by a 31-bit fixed-point multiplier; they
 part only where a value lies within float32 rounding of a half-code boundary. Then, on every test image,
@@ -22,9 +24,28 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train_quantization import machine  # noqa: E402
+import mxnet as mx  # noqa: E402
+
+from train_quantization import cli, machine  # noqa: E402
+from train_quantization.config import load_config  # noqa: E402
 from train_quantization.evaluate import agreement, fake_quant_logits  # noqa: E402
 from train_quantization.int8 import engine  # noqa: E402
+from train_quantization.layers import quantized_layers  # noqa: E402
+
+
+def fake_quant_codes(run: Path, ds, m, x: np.ndarray) -> dict:  # noqa: ANN001
+    """Each conv/dense layer's input codes in the QAT network (float32 MXNet), from the layer's input."""
+    net = cli.build_for(load_config(run / "config.yaml", {}), ds, quant=True)
+    cli.load_weights(net, cli.resolve_params(str(run), "last.params"), [mx.cpu()], expect_ranges=True)
+    grids = {op.name: op.act for op in m.quantized()}
+    out: dict = {}
+    hooks = [layer.register_forward_pre_hook(
+        lambda block, inputs, name=name: out.setdefault(name, engine.input_codes(grids[name], inputs[0].asnumpy())))
+        for name, layer in quantized_layers(net) if name in grids]
+    net(mx.nd.array(x))
+    for h in hooks:
+        h.detach()
+    return out
 
 
 def main() -> None:
@@ -38,10 +59,11 @@ def main() -> None:
     engine.simulate(m, x, sim)
     engine.run_integer(m, x, chained)
     engine.run_integer(m, x, step, force=sim)
-    print(f"{'layer':28s} {'chained':>9s} {'one step':>9s} {'max':>4s}")
+    fq_codes = fake_quant_codes(Path(args.qat), ds, m, x)
+    print(f"{'layer':28s} {'chained':>9s} {'one step':>9s} {'max':>4s} {'fake-quant':>10s}")
     for name, codes in sim.items():
         print(f"{name:28s} {np.mean(codes != chained[name]):9.6f} {np.mean(codes != step[name]):9.6f} "
-              f"{int(np.abs(codes - step[name]).max()):4d}")
+              f"{int(np.abs(codes - step[name]).max()):4d} {np.mean(codes != fq_codes[name].reshape(codes.shape)):10.6f}")
     total = sum(c.size for c in sim.values())
     print(f"all layers: chained {sum(int((c != chained[n]).sum()) for n, c in sim.items()) / total:.2e}, "
           f"one step {sum(int((c != step[n]).sum()) for n, c in sim.items()) / total:.2e} of {total} codes")
