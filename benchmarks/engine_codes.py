@@ -62,8 +62,9 @@ def main() -> None:
     fq_codes = fake_quant_codes(Path(args.qat), ds, m, x)
     print(f"{'layer':28s} {'chained':>9s} {'one step':>9s} {'max':>4s} {'fake-quant':>10s}")
     for name, codes in sim.items():
+        fq_share = np.mean(codes != fq_codes[name].reshape(codes.shape))
         print(f"{name:28s} {np.mean(codes != chained[name]):9.6f} {np.mean(codes != step[name]):9.6f} "
-              f"{int(np.abs(codes - step[name]).max()):4d} {np.mean(codes != fq_codes[name].reshape(codes.shape)):10.6f}")
+              f"{int(np.abs(codes - step[name]).max()):4d} {fq_share:10.6f}")
     total = sum(c.size for c in sim.values())
     print(f"all layers: chained {sum(int((c != chained[n]).sum()) for n, c in sim.items()) / total:.2e}, "
           f"one step {sum(int((c != step[n]).sum()) for n, c in sim.items()) / total:.2e} of {total} codes")
