@@ -186,6 +186,38 @@ def test_resnet20_engines_follow_the_fake_quant_graph(scheme):
         assert np.abs(ort - sim).mean() <= tol * spread and np.mean(ort.argmax(1) == sim.argmax(1)) >= 0.99
 
 
+def test_resnet20_learned_ranges_export_the_grids_the_graph_uses():
+    """Learned ranges at W4A4 in the original scheme: an add's one range covers the body's signed output, so
+    its grid is signed in the graph and the artifact alike; a block's ReLU'd output reaches the next block
+    on the unsigned grid. The simulation then follows the fake-quant graph, code for code with the
+    integer-only engine."""
+    from conftest import layerwise_codes, top1_agreement
+    from train_quantization.int8 import engine
+    from train_quantization.int8.export import export
+    from train_quantization.layers import init_weight_steps
+
+    ema, x = _trained_resnet(weight_bits=4, act_bits=4, per_channel=True)
+    net = build_model(ModelConfig(arch="gluoncv:cifar_resnet20_v1"), 10, 3, 32,
+                      QuantConfig(weight_bits=4, act_bits=4, per_channel=True, range="lsq"))
+    src = ema._collect_params_with_prefix()
+    for name, p in net._collect_params_with_prefix().items():  # the EMA net's weights, statistics and ranges
+        if name in src:  # weight steps: from the folded weights next
+            p.set_data(src[name].data())
+    init_weight_steps(net)
+    signed = {n: b.input_signed for n, b in quantized_layers(net)}
+    assert all(signed[n] for n in signed if n.endswith(".add"))
+    assert not signed["features.3.1.body.0"] and not signed["features.2.1.body.0"]  # after a block's ReLU
+    m = export(net, (0.0,) * 3, (1.0,) * 3, (3, 32, 32), [str(i) for i in range(10)])
+    grids = {op.name: op.act for op in m.layers if op.type in ("add", "conv")}
+    assert grids["features.3.0.add"].qmin == -8 and grids["features.3.1.body.0"].qmin == 0
+    assert grids["features.3.1.body.0"].qmax == 15
+    xs = x.asnumpy()
+    fq, sim = net(x).asnumpy(), engine.simulate(m, xs)
+    assert np.abs(sim - fq).max() <= 1e-3 * np.abs(fq).max() and top1_agreement(sim, fq) >= 0.99
+    ref, got = layerwise_codes(m, xs, engine.simulate, engine.run_integer)
+    assert all(np.abs(ref[n] - got[n]).max() <= 1 for n in ref)
+
+
 def test_copy_to_float_inverts_convert():
     from train_quantization.conversion import copy_to_float
 

@@ -257,7 +257,8 @@ def _read(block: gluon.Block, state: str) -> None:
 def _mark_signs(block: gluon.Block, state: str) -> str:
     """Mark how every quantized layer's input arrives (``state``: a ReLU output is read as ``UINT8``, a
     ReLU6 output also at a fixed range, ``_read``) and return the state of the block's output. The
-    ``onednn`` scheme uses the signs; a custom block whose call order is unknown gets signed inputs."""
+    ``onednn`` scheme and learned ranges (unsigned grids on ReLU outputs) use the signs; a custom block
+    whose call order is unknown gets signed inputs."""
     if isinstance(block, (QConv2DBN, QConv2D, QDense)):
         _read(block, state)
         return UINT8 if block.relu else INT8
@@ -282,6 +283,13 @@ def _mark_signs(block: gluon.Block, state: str) -> str:
             _read(block.downsample, state)
         block.add.input_signed = True
         return INT8
+    if isinstance(block, QResidual) and block.add.spec.scheme != "onednn":
+        # one range covers both branches (QAdd): signed unless both are non-negative; no typed buffers, so a
+        # ReLU'd sum reaches its readers as a ReLU output
+        body = _mark_signs(block.body, state)
+        short = state if block.downsample is None else _mark_signs(block.downsample, state)
+        block.add.input_signed = not {body, short} <= {UINT8, RELU6_OUT}
+        return UINT8 if block.add.relu else INT8
     if isinstance(block, QResidual):
         _mark_signs(block.body, state)
         if not block.add.relu:  # a linear bottleneck: the add's output is signed

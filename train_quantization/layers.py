@@ -377,8 +377,8 @@ class QAdd(gluon.HybridBlock):
         q = self.spec
         if self.quant_enabled and q.scheme == "onednn":
             b, _ = quantize_input(F, self, b, input_max, ndim=4)
-        elif self.quant_enabled and q.range == "lsq":  # one learned range for both branches
-            qmin, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, True)
+        elif self.quant_enabled and q.range == "lsq":  # one learned range for both branches, the export's grid
+            qmin, qmax, divisor = input_grid(self)
             a = lsq_input(F, self, a, input_max, qmin, qmax, divisor, 4)[0]
             b = lsq_input(F, self, b, input_max, qmin, qmax, divisor, 4)[0]
         elif self.quant_enabled:
