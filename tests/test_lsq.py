@@ -107,6 +107,37 @@ def test_learned_steps_through_both_engines_code_for_code(float_run, tiny_ds, bi
         assert top1_agreement(sim, fq) >= 0.99
 
 
+def test_a_weight_step_that_crossed_zero_exports_as_its_magnitude(float_run, tiny_ds):
+    """A learned step that went negative in training (s * c = |s| * (-c) on the symmetric grid): the artifact
+    stores |s| and negated weight and bias codes, so the fake-quant network, the simulation and the
+    integer-only engine (positive multipliers) compute the same logits."""
+    from conftest import tiny_config
+    from train_quantization import cli
+    from train_quantization.int8 import engine
+    from train_quantization.int8.export import export
+    from train_quantization.layers import quantized_layers
+    from train_quantization.qat import calibrate
+
+    cfg = tiny_config(float_run["run"].parent, weight_bits=4, act_bits=4, range="lsq", per_channel=True)
+    net, _ = cli.qat_from_float(cfg, tiny_ds, float_run["run"] / "best.params", [mx.cpu()])
+    calibrate(net, cfg, tiny_ds, [mx.cpu()])
+    first = dict(quantized_layers(net))["features.0"]
+    step = first.weight_step.data().asnumpy()
+    flipped = step.copy()
+    flipped[::2] *= -1
+    x = engine.normalize(export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes), tiny_ds.test_x[:200])
+    before = net(mx.nd.array(x)).asnumpy()
+    first.weight_step.set_data(mx.nd.array(flipped))
+    fq = net(mx.nd.array(x)).asnumpy()
+    np.testing.assert_array_equal(fq, before)  # the graph does not see the sign
+    m = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
+    op = m.quantized()[0]
+    assert np.array_equal(op.w_scale, np.abs(step).astype(np.float64))
+    sim = engine.simulate(m, x)
+    assert np.abs(sim - fq).max() <= 1e-4 * np.abs(fq).max()
+    assert np.array_equal(engine.run_integer(m, x).argmax(1), sim.argmax(1))
+
+
 def test_lsq_initialization_against_a_float64_reference(float_run, tiny_ds):
     """``qat.calib: lsq``: every step starts at LSQ's ``2 mean|v| / sqrt(Q_P)``: weights per output channel
     (folded with their BatchNorm), activations over the calibration batches' inputs (as a range: times the

@@ -96,10 +96,15 @@ def _quantized(block: gluon.Block, name: str, inputs: list) -> Conv | Dense:
     s_b = nd.broadcast_mul(s_w.reshape((-1,)), s_a)
     b_q = nd.clip(quant.round_half_even(nd, nd.broadcast_div(b_f, s_b)), -quant.BIAS_QMAX, quant.BIAS_QMAX)
     n_out = w.shape[0]
+    # a learned step can cross zero in training: on the symmetric weight grid s * c = |s| * (-c) and
+    # b = s * s_a * c_b = |s| * s_a * (-c_b) exactly, so such a channel is stored with |s| and negated codes
+    s_w = np.broadcast_to(s_w.asnumpy().reshape(-1), (n_out,)).astype(np.float64)
+    sign = np.where(s_w < 0, -1, 1)
     common = dict(name=name, inputs=inputs, act=_grid(block, s_a), relu=bool(block.relu),
-                  w=codes.asnumpy().astype(np.int8),
-                  w_scale=np.broadcast_to(s_w.asnumpy().reshape(-1), (n_out,)).astype(np.float64),
-                  b=np.broadcast_to(b_q.asnumpy(), (n_out,)).astype(np.int32), b_float=b_f.asnumpy().astype(np.float32),
+                  w=(codes.asnumpy() * sign.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.int8),
+                  w_scale=np.abs(s_w),
+                  b=(np.broadcast_to(b_q.asnumpy(), (n_out,)) * sign).astype(np.int32),
+                  b_float=b_f.asnumpy().astype(np.float32),
                   weight_bits=q.weight_bits, per_channel=bool(q.per_channel))
     if conv:
         return Conv(kernel=block.kernel, pad=block.padding, stride=block.stride, groups=block.groups, **common)
