@@ -28,7 +28,7 @@ import mxnet as mx  # noqa: E402
 
 from train_quantization import cli, machine  # noqa: E402
 from train_quantization.config import load_config  # noqa: E402
-from train_quantization.evaluate import agreement, fake_quant_logits  # noqa: E402
+from train_quantization.evaluate import agreement, fake_quant_logits, margin  # noqa: E402
 from train_quantization.int8 import engine  # noqa: E402
 from train_quantization.layers import quantized_layers  # noqa: E402
 
@@ -72,9 +72,9 @@ def main() -> None:
     rep: dict = {}
     agreement(rep, "integer", "sim", logits["sim"], logits["integer"])
     agreement(rep, "fake_quant", "sim", logits["sim"], fq)
-    margin = np.sort(np.partition(logits["sim"], -2, axis=1)[:, -2:] @ np.array([-1.0, 1.0]))
-    print(f"{len(fq)} test images; simulation's top-1/top-2 margin: median {np.median(margin):.3f}, "
-          f"1st percentile {np.percentile(margin, 1):.4f}")
+    gap = margin(logits["sim"])
+    print(f"{len(fq)} test images; simulation's top-1/top-2 margin: median {np.median(gap):.3f}, "
+          f"1st percentile {np.percentile(gap, 1):.4f}")
     for k, v in rep.items():
         print(f"{k:40s} {v:.5f}")
     print(machine.describe(machine.facts()))

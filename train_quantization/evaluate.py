@@ -76,7 +76,7 @@ def load_model(qat: Optional[str], artifact: Optional[str], data: Optional[str],
     return model, ds, None, report
 
 
-def _margin(logits: np.ndarray) -> np.ndarray:
+def margin(logits: np.ndarray) -> np.ndarray:
     """Top-1 minus top-2 logit of each row: how far an image is from a tie."""
     top2 = np.partition(logits, -2, axis=1)[:, -2:]
     return top2[:, 1] - top2[:, 0]
@@ -89,12 +89,12 @@ def agreement(report: dict, name: str, ref_name: str, ref: np.ndarray, other: np
     images at or below that margin (0 without disagreement). A small share says the two engines differ only on
     the images nearest a tie, where rounding one code differently tips the decision."""
     differ = ref.argmax(1) != other.argmax(1)
-    margin = _margin(ref)
-    worst = float(margin[differ].max(initial=0.0))
+    gap = margin(ref)
+    worst = float(gap[differ].max(initial=0.0))
     report[f"{name}_agree_{ref_name}"] = float(1.0 - differ.mean())
     report[f"{name}_max_logit_diff_{ref_name}"] = float(np.abs(other - ref).max())
     report[f"{name}_disagree_margin_{ref_name}"] = worst
-    report[f"{name}_disagree_closest_{ref_name}"] = float((margin <= worst).mean()) if differ.any() else 0.0
+    report[f"{name}_disagree_closest_{ref_name}"] = float((gap <= worst).mean()) if differ.any() else 0.0
 
 
 def evaluate(model: int8_model.Int8Model, images: np.ndarray, labels: np.ndarray, engines: list,
