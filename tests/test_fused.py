@@ -18,14 +18,15 @@ from train_quantization.models import build_model
 pytestmark = pytest.mark.skipif(not fused.available(), reason="the fused operator could not be built here")
 
 
-@pytest.mark.parametrize("ste", ["plain", "clipped"])
-def test_fused_and_stock_paths_agree(tmp_path, ste):
+@pytest.mark.parametrize("arch,ste", [("vgg16", "plain"), ("vgg16", "clipped"), ("mobilenetv2_cifar", "plain")])
+def test_fused_and_stock_paths_agree(tmp_path, arch, ste):
     """From the same weights and states: outputs and updated ranges bit-identical at each of 4
-    training steps, gradients equal to 1e-5."""
+    training steps, gradients equal to 1e-5. The stock graph skips ``abs`` on ReLU outputs and the
+    batch max on ReLU6 outputs (fixed ranges); the compiled op does neither."""
     q = QuantConfig(ste=ste)
     nets = {}
     for kernel in ("fused", "stock"):
-        net = build_model(ModelConfig(width=0.125, dropout=0.0), 10, 3, 16,
+        net = build_model(ModelConfig(arch=arch, width=0.125 if arch == "vgg16" else 0.25, dropout=0.0), 10, 3, 16,
                           dataclasses.replace(q, kernel=kernel))
         assert all(layer.fused == (kernel == "fused") for _, layer in quantized_layers(net))
         nets[kernel] = net
