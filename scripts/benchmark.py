@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="alternating float/QAT blocks")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--per-channel", action="store_true")
+    p.add_argument("--range", choices=("ema", "lsq"), default="ema",
+                   help="QAT ranges to time: ema (the original) or lsq (learned steps)")
     p.add_argument("--training", type=int, choices=(0, 1), default=1, help="time training steps (0/1)")
     p.add_argument("--inference", type=int, choices=(0, 1), default=1, help="also time inference (0/1)")
     p.add_argument("--onnx-target", choices=onnx_export.TARGETS, default="auto",
@@ -59,8 +61,8 @@ def main() -> None:
     y = mx.nd.array([i % 10 for i in range(args.batch_size)])
     res, nets = training(cfg, args, x, y)
     res = {"config": args.config, "batch_size": args.batch_size, "width": cfg.model.width,
-           "per_channel": args.per_channel, **res, "machine": machine.facts(), "mxnet": mx.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M")}
+           "per_channel": args.per_channel, "range": args.range, **res, "machine": machine.facts(),
+           "mxnet": mx.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
     if args.inference:
         qnet = nets["qat_fused" if "qat_fused" in nets else "qat_stock"]
         res["inference"] = inference(cfg, qnet, nets["float"], x, args.repeats, args.onnx_target, keys)

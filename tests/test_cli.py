@@ -271,6 +271,16 @@ def test_benchmark_times_only_the_named_variants():
     assert bad.returncode == 2 and "'numpy'" in bad.stderr.strip().splitlines()[-1]
 
 
+def test_benchmark_times_learned_ranges():
+    """``--range lsq`` times QAT with learned steps, compiled and stock, and says so."""
+    r = _run("scripts/benchmark.py", "--config", "configs/synthetic_tiny.yaml", "--image-size", "16",
+             "--batch-size", "32", "--repeats", "1", "--steps", "2", "--warmup", "1", "--inference", "0",
+             "--range", "lsq", "--per-channel")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout[:r.stdout.index("\nQAT / float")])
+    assert res["range"] == "lsq" and res["per_channel"] and res["ratio"]["qat_stock"] > 0
+
+
 @pytest.mark.parametrize("cap", [None, "AVX2"])
 def test_openblas_runs_the_kernels_of_the_cpu(cap):
     """The package names OpenBLAS's kernel family before numpy loads: the bundled OpenBLAS releases take

@@ -18,12 +18,14 @@ from train_quantization.models import build_model
 pytestmark = pytest.mark.skipif(not fused.available(), reason="the fused operator could not be built here")
 
 
-@pytest.mark.parametrize("arch,ste", [("vgg16", "plain"), ("vgg16", "clipped"), ("mobilenetv2_cifar", "plain")])
-def test_fused_and_stock_paths_agree(tmp_path, arch, ste):
-    """From the same weights and states: outputs and updated ranges bit-identical at each of 4
-    training steps, gradients equal to 1e-5. The stock graph skips ``abs`` on ReLU outputs and the
-    batch max on ReLU6 outputs (fixed ranges); the compiled op does neither."""
-    q = QuantConfig(ste=ste)
+@pytest.mark.parametrize("arch,ste,rng_", [("vgg16", "plain", "ema"), ("vgg16", "clipped", "ema"),
+                                           ("mobilenetv2_cifar", "plain", "ema"), ("vgg16", "plain", "lsq"),
+                                           ("mobilenetv2_cifar", "plain", "lsq")])
+def test_fused_and_stock_paths_agree(tmp_path, arch, ste, rng_):
+    """From the same weights and states: outputs bit-identical at each of 4 training steps, gradients
+    equal to 1e-5, updated EMA ranges bit-identical (learned ones: to 1e-6). The stock graph skips ``abs``
+    on ReLU outputs and the batch max on ReLU6 outputs (fixed ranges); the compiled op does neither."""
+    q = QuantConfig(ste=ste, range=rng_, per_channel=rng_ == "lsq")
     nets = {}
     for kernel in ("fused", "stock"):
         net = build_model(ModelConfig(arch=arch, width=0.125 if arch == "vgg16" else 0.25, dropout=0.0), 10, 3, 16,
@@ -32,6 +34,9 @@ def test_fused_and_stock_paths_agree(tmp_path, arch, ste):
         nets[kernel] = net
     nets["stock"].initialize(mx.init.Xavier())
     nets["stock"](mx.nd.zeros((1, 3, 16, 16)))
+    for _, layer in quantized_layers(nets["stock"]):
+        if rng_ == "lsq" and not layer.range_fixed:  # learned ranges start where calibration would put them
+            layer.input_max.set_data(mx.nd.array([3.0]))
     nets["stock"].save_parameters(str(tmp_path / "p.params"))
     nets["fused"].load_parameters(str(tmp_path / "p.params"))
     rng = np.random.default_rng(0)
@@ -62,7 +67,10 @@ def test_fused_and_stock_paths_agree(tmp_path, arch, ste):
             # not bitwise: the stock graph sums gradient contributions in another order
             assert np.allclose(g1, g2, rtol=1e-5, atol=1e-6), n1
         r = {k: [la.input_max.data().asscalar() for _, la in quantized_layers(net)] for k, net in nets.items()}
-        assert r["fused"] == r["stock"]
+        if rng_ == "lsq":
+            np.testing.assert_allclose(r["fused"], r["stock"], rtol=1e-6)
+        else:
+            assert r["fused"] == r["stock"]
     x = mx.nd.array(rng.standard_normal((8, 3, 16, 16)), dtype="float32")
     assert np.array_equal(nets["fused"](x).asnumpy(), nets["stock"](x).asnumpy())  # evaluation
 
@@ -183,3 +191,44 @@ def test_compiled_relu6_is_clip_bit_for_bit():
     assert all(b.fast for b in relus)
     for a, b in zip(*grads):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("per_channel,bits", [(False, 2), (True, 3), (True, 4), (False, 8)])
+def test_lsq_op_equals_the_stock_graph_and_a_float64_reference(per_channel, bits):
+    """tq_lsq_quant against quant.lsq_fake_quant: y and dx bit for bit; the step's gradient against
+    ``g * sum(dy * lsq_grad_np(x / s))`` in float64 to 1e-6 of ``g * sum|dy|`` (the stock graph sums in
+    float32: to 1e-4 of it)."""
+    from train_quantization import quant
+
+    rng = np.random.default_rng(bits)
+    qmin, qmax = quant.qrange(bits, narrow=True)
+    x = (rng.standard_normal((8, 5, 7, 9)) * rng.uniform(0.1, 3, (8, 1, 1, 1))).astype(np.float32)
+    step = rng.uniform(0.05, 0.5, 8 if per_channel else 1).astype(np.float32)
+    x[0, 0, 0, :3] = np.array([qmin, qmax, 0.5], np.float32) * step[0]  # on both bounds, a tie
+    x[1, 0, 0, 0] = -0.0
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    g = 0.37
+    res = {}
+    for name, fn in (("op", lambda v, s: mx.nd.tq_lsq_quant(v, s, qmin=qmin, qmax=qmax, g=g)),
+                     ("stock", lambda v, s: quant.lsq_fake_quant(mx.nd, v, s.reshape((-1, 1, 1, 1)), qmin, qmax, g))):
+        xs, ss = mx.nd.array(x), mx.nd.array(step)
+        xs.attach_grad()
+        ss.attach_grad()
+        with autograd.record():
+            y = fn(xs, ss)
+        y.backward(mx.nd.array(dy))
+        res[name] = y.asnumpy(), xs.grad.asnumpy(), ss.grad.asnumpy()
+    np.testing.assert_array_equal(res["op"][0], res["stock"][0])
+    np.testing.assert_array_equal(res["op"][1], res["stock"][1])
+    s64 = step.astype(np.float64).reshape(-1, 1, 1, 1)
+    codes = res["op"][0] / s64
+    assert np.abs(codes - np.rint(codes)).max() < 1e-5
+    ref_codes = np.clip(np.rint(x / step.reshape(-1, 1, 1, 1)), qmin, qmax)  # half to even
+    assert np.array_equal(np.rint(codes), ref_codes) and ref_codes.min() == qmin and ref_codes[0, 0, 0, 2] == 0
+    axes = (1, 2, 3) if per_channel else (0, 1, 2, 3)
+    u32 = x / step.reshape(-1, 1, 1, 1)  # the quantizer's float32 x / s decides inside or at a bound
+    ref = g * (dy * quant.lsq_grad_np(u32, 1.0, qmin, qmax)).sum(axis=axes)
+    spread = g * np.abs(dy).sum(axis=axes)
+    assert np.abs(res["op"][2] - ref).max() <= 1e-6 * spread.max()
+    assert np.abs(res["stock"][2] - ref).max() <= 1e-4 * spread.max()
+    np.testing.assert_allclose(res["op"][1], np.where((u32 >= qmin) & (u32 <= qmax), dy, 0.0), rtol=1e-6)

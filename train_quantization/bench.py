@@ -13,6 +13,7 @@ from mxnet import autograd, gluon
 from . import fused, variants
 from .conversion import copy_to_float
 from .int8.export import export
+from .layers import quantized_layers
 from .models import build_model
 
 INFERENCE = ("float", "fake_quant", "sim", "integer", "onednn", "onnx_float", "onnx_int8")
@@ -41,8 +42,9 @@ def _time(step, n: int) -> float:  # noqa: ANN001
 
 
 def training(cfg, args: argparse.Namespace, x: mx.nd.NDArray, y: mx.nd.NDArray) -> tuple:  # noqa: ANN001
-    """Median step times of float and QAT (fused, stock) training, alternating; returns the result and nets
-    (with ``args.training`` 0: no timing, an empty result, the nets after one step)."""
+    """Median step times of float and QAT (fused, stock) training, alternating, with ``args.range`` (ema or lsq)
+    ranges; returns the result and nets (with ``args.training`` 0: no timing, an empty result, the nets after
+    one step)."""
     fnet = build_model(cfg.model, 10, 3, args.image_size)
     fnet.initialize(mx.init.Xavier(magnitude=2.0))
     fnet(x)
@@ -50,8 +52,11 @@ def training(cfg, args: argparse.Namespace, x: mx.nd.NDArray, y: mx.nd.NDArray) 
     for kernel in ("fused", "stock"):
         if kernel == "fused" and not fused.available():
             continue
-        qcfg = dataclasses.replace(cfg.quant, per_channel=args.per_channel, kernel=kernel)
-        nets[f"qat_{kernel}"] = build_model(cfg.model, 10, 3, args.image_size, qcfg)
+        qcfg = dataclasses.replace(cfg.quant, per_channel=args.per_channel, kernel=kernel, range=args.range)
+        nets[f"qat_{kernel}"] = qnet = build_model(cfg.model, 10, 3, args.image_size, qcfg)
+        for _, layer in quantized_layers(qnet):
+            if args.range == "lsq" and not layer.range_fixed:  # a learned range must start > 0 (x / 0 is inf)
+                layer.input_max.set_data(mx.nd.full((1,), 4.0))
     steps = {}
     for k, net in nets.items():
         net.hybridize(static_alloc=True, static_shape=True)

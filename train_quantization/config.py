@@ -224,9 +224,9 @@ def _validate(cfg: Config) -> Config:
                                  or q.first_last_bits not in (0, 8) or q.layer_bits):
         raise UserError("config key 'quant.scheme' onednn is oneDNN's 8-bit arithmetic: it needs "
                         "quant.per_channel: true and 8-bit weights and activations everywhere")
-    if q.range == "lsq" and (q.scheme == "onednn" or q.kernel == "fused"):
-        raise UserError("config key 'quant.range' lsq learns step sizes on the original scheme's grids with stock "
-                        "MXNet ops: use quant.scheme original and quant.kernel auto or stock")
+    if q.range == "lsq" and q.scheme == "onednn":
+        raise UserError("config key 'quant.range' lsq learns step sizes on the original scheme's grids: "
+                        "use quant.scheme original")
     if cfg.qat.calib == "lsq" and q.range != "lsq":
         raise UserError("config key 'qat.calib' lsq is LSQ's initialization of learned step sizes: it needs "
                         "quant.range lsq (train_qat.py --range lsq)")

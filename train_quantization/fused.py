@@ -1,5 +1,5 @@
 """The compiled operators (``csrc/tq_ops.cc``: the activation quantizer, the BN fold with the weight and bias
-quantization, and ReLU6): build, load, or fall back.
+quantization, ReLU6 and the LSQ quantizer): build, load, or fall back.
 
 ``available()`` compiles the operator with g++ against the ``lib_api.h`` that ships with
 MXNet (once per source/MXNet version, cached), loads it with ``mx.library.load`` and
@@ -20,7 +20,7 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 SRC = Path(__file__).resolve().parent / "csrc" / "tq_ops.cc"
-OPS = ("tq_act_quant", "tq_weight_quant", "tq_relu6")
+OPS = ("tq_act_quant", "tq_weight_quant", "tq_relu6", "tq_lsq_quant")
 _STATE: dict = {}
 
 

@@ -105,9 +105,9 @@ def update_range(F: Any, xs: tuple, state: Any, momentum: float, spatial: bool, 
 
 
 def use_fused(q: QuantSpec) -> bool:
-    """Whether blocks built now use the compiled quantizer (a static, per-block choice; it computes EMA
-    ranges, so learned ranges use the stock ops)."""
-    if q.kernel == "stock" or q.range == "lsq":
+    """Whether blocks built now use the compiled quantizers (a static, per-block choice): ``tq_act_quant``
+    and ``tq_weight_quant`` for EMA ranges, ``tq_lsq_quant`` for learned ones."""
+    if q.kernel == "stock":
         return False
     from . import fused
 
@@ -158,8 +158,16 @@ def lsq_input(F: Any, block: gluon.HybridBlock, x: Any, state: Any, qmin: int, q
     Frozen or fixed ranges get no gradient."""
     amax = F.BlockGrad(state) if block.ranges_frozen or block.range_fixed else state
     a = quant.scale_grad(F, amax, block.lsq_g * divisor * divisor)
-    step = F.reshape(a / divisor, (1,) * ndim)
-    return quant.lsq_fake_quant(F, x, step, qmin, qmax, 1.0), F.BlockGrad(state / divisor)
+    return lsq_quant(F, block, x, a / divisor, qmin, qmax, 1.0, ndim), F.BlockGrad(state / divisor)
+
+
+def lsq_quant(F: Any, block: gluon.HybridBlock, x: Any, step: Any, qmin: int, qmax: int, g: float, ndim: int) -> Any:
+    """``quant.lsq_fake_quant`` of ``x`` (``ndim`` dimensions) with ``step`` of shape (1,) or (x.shape[0],)
+    (per output channel); ``block.fused``: one compiled op (``tq_lsq_quant``), the same outputs bit for bit,
+    the same gradients up to summation order."""
+    if block.fused:
+        return _positional_op(F, "tq_lsq_quant", [x, step], qmin=qmin, qmax=qmax, g=repr(float(g)))
+    return quant.lsq_fake_quant(F, x, F.reshape(step, (-1,) + (1,) * (ndim - 1)), qmin, qmax, g)
 
 
 def add_range_state(block: gluon.HybridBlock, spec: QuantSpec) -> None:
@@ -189,8 +197,8 @@ def quantize_weights(F: Any, block: gluon.HybridBlock, w_f: Any, b_f: Any, s_a: 
     qmin, qmax, divisor = quant.weight_grid(q.weight_bits, q.scheme)
     if weight_step is not None:
         n = int(np.prod(block.weight.shape)) // (block.weight.shape[0] if q.per_channel else 1)
+        w_q = lsq_quant(F, block, w_f, weight_step, qmin, qmax, 1.0 / math.sqrt(n * qmax), ndim)
         s_w = F.reshape(weight_step, (-1,) + (1,) * (ndim - 1))
-        w_q = quant.lsq_fake_quant(F, w_f, s_w, qmin, qmax, 1.0 / math.sqrt(n * qmax))
         return w_q, quant.fake_quant_bias(F, b_f, F.BlockGrad(s_w), s_a, q.ste)
     s_w, mult = quant.weight_scales(F, w_f, divisor, q.per_channel, ndim, q.mxnet_arithmetic)
     return (quant.fake_quant(F, w_f, s_w, qmin, qmax, q.ste, multiplier=mult),

@@ -22,6 +22,12 @@
 // dx = (x > 6 || x < 0) ? 0 : dy, clip's gradient. MXNet's clip branches per element, which a ReLU6's
 // half-negative inputs mispredict (about 3x the time of a pass over memory); these loops compile to blends.
 //
+// tq_lsq_quant(x, step) -> y: LSQ (Esser et al. 2019) with the step learned; step has one entry (per
+// tensor) or one per entry of x's first axis (per output channel):
+//   u = clip(x / s, qmin, qmax),  y = round_half_even(u) * s
+// Backward, as the stock graph of quant.lsq_fake_quant: dx = (dy * s) * (1 / s) where qmin <= x/s <= qmax, else 0;
+//   ds = g * sum(dy * (round(u) - x/s)) inside, g * sum(dy * round(u)) at the bounds (summed in float64).
+//
 // Every forward step is float32 arithmetic in the same order as the stock-op graph in
 // quant.py/layers.py, so both paths give bit-identical outputs; gradients sum in another
 // order. Library ops do not see is_train (hence the flag input) and ignore req (gradients are
@@ -419,6 +425,107 @@ REGISTER_OP(tq_relu6)
     .setParseAttrs(relu6_parse)
     .setInferType(relu6_type)
     .setInferShape(relu6_shape);
+
+// ---------------------------------------------------------------- tq_lsq_quant
+TQ_CLONES static void lsq_fwd(const float* x, float* y, int64_t n, float s, float qmin, float qmax) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float u = x[i] / s;
+    u = u < qmin ? qmin : (u > qmax ? qmax : u);
+    y[i] = ((u + kMagic) - kMagic) * s;
+  }
+}
+
+// dx over one block; returns the block's part of ds before the scale g (see the header)
+TQ_CLONES static double lsq_bwd(const float* dy, const float* x, float* dx, int64_t n, float s, float qmin,
+                                float qmax) {
+  const float inv_s = 1.0f / s;
+  double ds = 0.0;
+#pragma omp simd reduction(+ : ds)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] / s;
+    const bool inside = v >= qmin && v <= qmax;
+    const float u = inside ? v : (v < qmin ? qmin : qmax);
+    const float r = (u + kMagic) - kMagic;
+    dx[i] = inside ? (dy[i] * s) * inv_s : 0.0f;  // MXNet's elemwise_div gradient: * (1 / s)
+    ds += static_cast<double>(dy[i]) * (inside ? static_cast<double>(r) - static_cast<double>(v) : r);
+  }
+  return ds;
+}
+
+MXReturnValue lsq_forward(const std::unordered_map<std::string, std::string>& attrs,
+                          std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                          const OpResource& res) {
+  const float* x = inputs->at(0).data<float>();
+  const float* step = inputs->at(1).data<float>();
+  float* y = outputs->at(0).data<float>();
+  const float qmin = attr_f(attrs, "qmin"), qmax = attr_f(attrs, "qmax");
+  const int64_t c_n = inputs->at(1).size(), per = inputs->at(0).size() / c_n;
+  const int64_t blocks = (per + kBlock - 1) / kBlock;
+#pragma omp parallel for num_threads(n_threads()) if (c_n * per >= kSerialBelow)
+  for (int64_t t = 0; t < c_n * blocks; ++t) {
+    const int64_t c = t / blocks, j = (t % blocks) * kBlock, off = c * per + j;
+    lsq_fwd(x + off, y + off, std::min(kBlock, per - j), step[c], qmin, qmax);
+  }
+  return MX_SUCCESS;
+}
+
+MXReturnValue lsq_backward(const std::unordered_map<std::string, std::string>& attrs,
+                           std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
+                           const OpResource& res) {
+  // inputs: dy, x, step, y; outputs: dx, dstep
+  const float* dy = inputs->at(0).data<float>();
+  const float* x = inputs->at(1).data<float>();
+  const float* step = inputs->at(2).data<float>();
+  float *dx = outputs->at(0).data<float>(), *dstep = outputs->at(1).data<float>();
+  const float qmin = attr_f(attrs, "qmin"), qmax = attr_f(attrs, "qmax");
+  const double g = std::stod(attrs.at("g"));
+  const int64_t c_n = inputs->at(2).size(), per = inputs->at(1).size() / c_n;
+  const int64_t blocks = (per + kBlock - 1) / kBlock;
+  std::vector<double> part(c_n * blocks);
+#pragma omp parallel for num_threads(n_threads()) if (c_n * per >= kSerialBelow)
+  for (int64_t t = 0; t < c_n * blocks; ++t) {
+    const int64_t c = t / blocks, j = (t % blocks) * kBlock, off = c * per + j;
+    part[t] = lsq_bwd(dy + off, x + off, dx + off, std::min(kBlock, per - j), step[c], qmin, qmax);
+  }
+  for (int64_t c = 0; c < c_n; ++c) {  // block sums in a fixed order: the same bits on any thread count
+    double ds = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) ds += part[c * blocks + b];
+    dstep[c] = static_cast<float>(ds * g);
+  }
+  return MX_SUCCESS;
+}
+
+MXReturnValue lsq_parse(const std::unordered_map<std::string, std::string>& attrs, int* num_in, int* num_out) {
+  *num_in = 2;
+  *num_out = 1;
+  return need_attrs("tq_lsq_quant", attrs, {"qmin", "qmax", "g"});
+}
+
+MXReturnValue lsq_type(const std::unordered_map<std::string, std::string>& attrs,
+                       std::vector<int>* in, std::vector<int>* out) {
+  return float32_only("tq_lsq_quant", in, out);
+}
+
+MXReturnValue lsq_shape_infer(const std::unordered_map<std::string, std::string>& attrs,
+                              std::vector<std::vector<unsigned int>>* in,
+                              std::vector<std::vector<unsigned int>>* out) {
+  const auto& x = in->at(0);
+  const auto& st = in->at(1);
+  if (x.empty() || st.size() != 1 || (st[0] != 1 && st[0] != x[0])) {
+    MX_ERROR_MSG << "tq_lsq_quant: step must have shape (1,) or (x.shape[0],)";
+    return MX_FAIL;
+  }
+  out->at(0) = x;
+  return MX_SUCCESS;
+}
+
+REGISTER_OP(tq_lsq_quant)
+    .setForward(lsq_forward, "cpu")
+    .setBackward(lsq_backward, "cpu")
+    .setParseAttrs(lsq_parse)
+    .setInferType(lsq_type)
+    .setInferShape(lsq_shape_infer);
 
 MXReturnValue initialize(int version) {
   return version >= 10700 ? MX_SUCCESS : MX_FAIL;
