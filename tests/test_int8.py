@@ -164,10 +164,15 @@ def test_compiled_requantization_equals_the_reference():
     for qmin, qmax in ((-128, 127), (0, 255), (-8, 7)):
         want = int8_model.requantize(acc, m0, sh, qmin, qmax)
         assert np.array_equal(igemm.requantize(acc, m0, sh, qmin, qmax), want)
+        # 7 channels: one vector step (AVX2: 4 channels) and a scalar tail of 3
+        assert np.array_equal(igemm.requantize(acc[:, 3:10], m0[3:10], sh[3:10], qmin, qmax), want[:, 3:10])
     exact = np.array([[6, 10, -6, -10]]) * (1 << 20)  # / 2**22: 1.5 2.5 -1.5 -2.5 -> 2 2 -2 -2
     m0, sh = int8_model.quantize_multiplier(np.array([2.0**-22]))
     assert igemm.requantize(exact, m0, sh, -128, 127).tolist() == [[2, 2, -2, -2]]
     assert igemm.requantize(np.array([[2**31]]), m0, sh, -128, 127) is None
+    for big in (2**31, -2**31):  # beyond int32 inside a vector step too
+        assert igemm.requantize(np.array([[0, 0, big, 0]]), *int8_model.quantize_multiplier(np.full(4, 0.5)),
+                                -128, 127) is None
     assert igemm.requantize(np.array([[3]]), *int8_model.quantize_multiplier(np.array([4.0])), -128, 127) == 12
     assert igemm.requantize(np.array([[3]]), *int8_model.quantize_multiplier(np.array([2.0**31])), -128, 127) is None
 

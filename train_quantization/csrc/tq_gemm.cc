@@ -16,7 +16,7 @@
 //
 // tq_requantize: the integer engine's requantization (model.requantize, the reference) in one pass:
 //   out = clip(round_half_even(acc * m0[c] / 2**k[c]), qmin, qmax),  c = the channel (last axis)
-// with (p + 2**(k-1) - 1 + ((p >> k) & 1)) >> k for p = acc * m0 (|acc| < 2**31, m0 < 2**31, 1 <= k <= 62).
+// with (p + 2**(k-1) - 1 + ((p >> k) & 1)) >> k for p = acc * m0 (|acc| < 2**31, 0 <= m0 < 2**31, 1 <= k <= 62).
 //
 // tq_quantize: the simulation's input quantization (engine.input_codes) written as bytes into the GEMM's
 // channels-last input buffer: code = clip(rint(float(x) / float(s)), qmin, qmax), float32 division and
@@ -26,6 +26,7 @@
 // tq_im2col: the GEMM's input rows from the channels-last buffer, one memcpy per kernel row (kw * C bytes).
 // tq_epilogue: a layer's output from its int32 accumulators: acc + bias as int64 (integer engine), or
 // double(acc) + double(bias), times scale[c] (simulation), then max(., 0) for a ReLU (numpy's maximum: -0.0 stays).
+#include <algorithm>
 #include <cstdint>
 #include <cmath>
 #include <cstring>
@@ -151,24 +152,60 @@ extern "C" int tq_gemm_s8(const int8_t* a, int64_t m, int64_t lda, int k4, const
 
 // acc, out: rows x channels (contiguous int64); m0, k: per channel. Returns 0, or -1 when an accumulator
 // reaches 2**31 (the product would leave int64) or a shift is outside [1, 62].
+// One row of tq_requantize (any CPU). Branch-free clamps: random codes make a branching clamp mispredict.
+static int requantize_row(const int64_t* a, int64_t c0, int64_t channels, const int64_t* m0, const int64_t* k,
+                          int64_t qmin, int64_t qmax, int64_t* o) {
+  int bad = 0;
+  for (int64_t c = c0; c < channels; ++c) {
+    const int64_t v = a[c];
+    bad |= v >= (int64_t(1) << 31) || v <= -(int64_t(1) << 31);
+    const int64_t p = v * m0[c], sh = k[c];
+    const int64_t q = (p + (int64_t(1) << (sh - 1)) - 1 + ((p >> sh) & 1)) >> sh;
+    o[c] = std::min(std::max(q, qmin), qmax);
+  }
+  return bad;
+}
+
+// The same on AVX2, four channels a step. AVX2 has no per-lane arithmetic shift of int64 (VPSRAVQ is
+// AVX-512), but it has the logical one (VPSRLVQ): for |t| < 2**62 + 2**61, (t + 2**62) >> k (unsigned) is
+// floor(t / 2**k) + (2**62 >> k), nothing wraps. VPMULDQ multiplies the low int32 of each lane exactly (the
+// accumulators are checked to fit int32, the multipliers are below 2**31).
+__attribute__((target("avx2")))
+static int requantize_row_avx2(const int64_t* a, int64_t channels, const int64_t* m0, const int64_t* k,
+                               int64_t qmin, int64_t qmax, int64_t* o) {
+  const __m256i bias = _mm256_set1_epi64x(int64_t(1) << 62), one = _mm256_set1_epi64x(1);
+  const __m256i lo = _mm256_set1_epi64x(qmin), hi = _mm256_set1_epi64x(qmax);
+  const __m256i top = _mm256_set1_epi64x((int64_t(1) << 31) - 1), bottom = _mm256_set1_epi64x(1 - (int64_t(1) << 31));
+  __m256i bad = _mm256_setzero_si256();
+  int64_t c = 0;
+  for (; c + 4 <= channels; c += 4) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + c));
+    bad = _mm256_or_si256(bad, _mm256_or_si256(_mm256_cmpgt_epi64(v, top), _mm256_cmpgt_epi64(bottom, v)));
+    const __m256i p = _mm256_mul_epi32(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m0 + c)));
+    const __m256i sh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + c));
+    const __m256i off = _mm256_srlv_epi64(bias, sh);
+    const __m256i fl = _mm256_sub_epi64(_mm256_srlv_epi64(_mm256_add_epi64(p, bias), sh), off);  // p >> sh
+    const __m256i half = _mm256_sub_epi64(_mm256_sllv_epi64(one, _mm256_sub_epi64(sh, one)), one);
+    const __m256i t = _mm256_add_epi64(_mm256_add_epi64(p, half), _mm256_and_si256(fl, one));
+    __m256i q = _mm256_sub_epi64(_mm256_srlv_epi64(_mm256_add_epi64(t, bias), sh), off);
+    q = _mm256_blendv_epi8(q, lo, _mm256_cmpgt_epi64(lo, q));
+    q = _mm256_blendv_epi8(q, hi, _mm256_cmpgt_epi64(q, hi));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), q);
+  }
+  return !_mm256_testz_si256(bad, bad) | requantize_row(a, c, channels, m0, k, qmin, qmax, o);
+}
+
 extern "C" int tq_requantize(const int64_t* acc, int64_t rows, int64_t channels, const int64_t* m0, const int64_t* k,
                   int64_t qmin, int64_t qmax, int64_t* out, int threads) {
   for (int64_t c = 0; c < channels; ++c)
-    if (k[c] < 1 || k[c] > 62) return -1;
+    if (k[c] < 1 || k[c] > 62 || m0[c] < 0 || m0[c] >= (int64_t(1) << 31)) return -1;
+  const bool avx2 = __builtin_cpu_supports("avx2");
   int bad = 0;
 #pragma omp parallel for num_threads(threads > 0 ? threads : omp_get_num_procs()) reduction(| : bad) \
     if (rows * channels >= (1 << 16))
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t* a = acc + r * channels;
-    int64_t* o = out + r * channels;
-    for (int64_t c = 0; c < channels; ++c) {
-      const int64_t v = a[c];
-      bad |= v >= (int64_t(1) << 31) || v <= -(int64_t(1) << 31);
-      const int64_t p = v * m0[c], sh = k[c];
-      int64_t q = (p + (int64_t(1) << (sh - 1)) - 1 + ((p >> sh) & 1)) >> sh;
-      o[c] = q < qmin ? qmin : q > qmax ? qmax : q;
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    bad |= avx2 ? requantize_row_avx2(acc + r * channels, channels, m0, k, qmin, qmax, out + r * channels)
+                : requantize_row(acc + r * channels, 0, channels, m0, k, qmin, qmax, out + r * channels);
   return bad ? -1 : 0;
 }
 
