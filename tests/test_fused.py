@@ -23,8 +23,9 @@ pytestmark = pytest.mark.skipif(not fused.available(), reason="the fused operato
                                            ("mobilenetv2_cifar", "plain", "lsq")])
 def test_fused_and_stock_paths_agree(tmp_path, arch, ste, rng_):
     """From the same weights and states: outputs bit-identical at each of 4 training steps, gradients
-    equal to 1e-5, updated EMA ranges bit-identical (learned ones: to 1e-6). The stock graph skips ``abs``
-    on ReLU outputs and the batch max on ReLU6 outputs (fixed ranges); the compiled op does neither."""
+    equal to 1e-5, updated EMA ranges bit-identical (learned ones: to 1e-6). The stock graph takes the batch
+    max from oneDNN's ``quantize_v2`` and skips it on ReLU6 outputs (fixed ranges); the compiled op does
+    neither."""
     q = QuantConfig(ste=ste, range=rng_, per_channel=rng_ == "lsq")
     nets = {}
     for kernel in ("fused", "stock"):

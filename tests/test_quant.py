@@ -124,9 +124,10 @@ def test_bn_fold_equals_conv_then_frozen_bn_and_gradients_match():
     assert np.abs(wf32.asnumpy() - w_f).max() <= 1e-5 and np.abs(bf32.asnumpy() - b_f).max() <= 1e-5
 
 
-@pytest.mark.parametrize("hybrid", [False, True])
-def test_ema_range_exact_sequence_and_eval_leaves_it(hybrid):
-    q = QuantSpec(momentum=0.95)
+@pytest.mark.parametrize("hybrid,kernel", [(False, "stock"), (True, "stock"), (True, "auto")])
+def test_ema_range_exact_sequence_and_eval_leaves_it(hybrid, kernel):
+    """The batch max|x| (here at a negative value) into the EMA, exactly, on the stock ops and the compiled one."""
+    q = QuantSpec(momentum=0.95, kernel=kernel)
     blk = QDense(3, 4, q)
     blk.initialize()
     if hybrid:

@@ -85,20 +85,19 @@ def train_flag(F: Any, state: Any) -> Any:
     return F.BlockGrad(1.0 - F.clip(F.round(F.reshape(out, (1,))), 0.0, 1.0))
 
 
-def _abs_max(F: Any, x: Any, spatial: bool, nonneg: bool = False) -> Any:
-    a = F.BlockGrad(x) if nonneg else F.abs(F.BlockGrad(x))  # a ReLU output is its own magnitude
-    if spatial:  # a global max pool is far faster than a full reduction over NCHW
-        a = F.Pooling(a, kernel=(1, 1), global_pool=True, pool_type="max")
-    return F.reshape(F.max(a), (1,))
+def _abs_max(F: Any, x: Any) -> Any:
+    """The batch ``max|x|``, shape (1,), no gradient. oneDNN's ``quantize_v2`` without a calibration range
+    takes ``max(|min x|, |max x|)`` (exact: no arithmetic on the values) as its int8 range in one parallel
+    pass, 2-4x faster than MXNet's reductions or a global max pool; its int8 output is not used."""
+    return F.reshape(F.contrib.quantize_v2(F.BlockGrad(x), out_type="int8")[2], (1,))
 
 
-def update_range(F: Any, xs: tuple, state: Any, momentum: float, spatial: bool, nonneg: bool = False) -> Any:
+def update_range(F: Any, xs: tuple, state: Any, momentum: float) -> Any:
     """EMA of the batch ``max|x|`` over the tensors ``xs`` (see module docstring); returns the
-    value to quantize with, shape (1,). ``nonneg``: every ``x`` is known to be >= 0 (a ReLU output),
-    so ``max|x| = max x`` without the ``abs`` pass."""
-    bmax = _abs_max(F, xs[0], spatial, nonneg)
+    value to quantize with, shape (1,)."""
+    bmax = _abs_max(F, xs[0])
     for x in xs[1:]:
-        bmax = F.maximum(bmax, _abs_max(F, x, spatial, nonneg))
+        bmax = F.maximum(bmax, _abs_max(F, x))
     ema = float(momentum) * state + float(1.0 - momentum) * bmax
     new = F.where(state > 0, ema, bmax)
     return assign_state(F, state, F.where(train_flag(F, state), new, state))
@@ -138,7 +137,7 @@ def quantize_input(F: Any, block: gluon.HybridBlock, x: Any, state: Any, ndim: i
     if block.range_fixed:  # a ReLU6 output: the state is set (> 0) and never moves, no batch max to take
         amax = F.BlockGrad(state)
     else:
-        amax = update_range(F, (x,), state, momentum, spatial=ndim == 4, nonneg=not block.input_signed)
+        amax = update_range(F, (x,), state, momentum)
     scale = F.where(amax > 0, amax, F.ones_like(amax)) / divisor
     return quant.fake_quant(F, x, F.reshape(scale, (1,) * ndim), qmin, qmax, q.ste), scale
 
@@ -396,7 +395,7 @@ class QAdd(gluon.HybridBlock):
         elif self.quant_enabled:
             qmin, qmax, divisor = quant.act_grid(q.act_bits, q.scheme, True)
             momentum = 1.0 if self.ranges_frozen or self.range_fixed else q.momentum
-            amax = update_range(F, (a, b), input_max, momentum, spatial=True, nonneg=not self.input_signed)
+            amax = update_range(F, (a, b), input_max, momentum)
             scale = F.reshape(F.where(amax > 0, amax, F.ones_like(amax)) / divisor, (1, 1, 1, 1))
             a = quant.fake_quant(F, a, scale, qmin, qmax, q.ste)
             b = quant.fake_quant(F, b, scale, qmin, qmax, q.ste)
