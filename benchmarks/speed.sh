@@ -1,7 +1,8 @@
 #!/bin/bash
 # The speed tables of docs/results.md on this machine, one benchmark.py run each (stop training jobs first):
 # width 0.25 and full-width VGG16-BN (training step float vs QAT, every inference path) and the CIFAR
-# MobileNetV2 (per-channel weights); the training step with learned ranges. benchmark.py runs on every core: a training job beside it slows both ~15x.
+# MobileNetV2 (per-channel weights); the training step with learned ranges. benchmark.py runs on every core:
+# a training job beside it slows both ~15x.
 # usage: benchmarks/speed.sh [OUT_DIR]   (about 15-25 minutes on a 2-core CPU; finished tables are kept)
 set -e
 cd "$(dirname "$0")/.." && . .venv/bin/activate

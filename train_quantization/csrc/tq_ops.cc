@@ -427,15 +427,6 @@ REGISTER_OP(tq_relu6)
     .setInferShape(relu6_shape);
 
 // ---------------------------------------------------------------- tq_lsq_quant
-TQ_CLONES static void lsq_fwd(const float* x, float* y, int64_t n, float s, float qmin, float qmax) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    float u = x[i] / s;
-    u = u < qmin ? qmin : (u > qmax ? qmax : u);
-    y[i] = ((u + kMagic) - kMagic) * s;
-  }
-}
-
 // dx over one block; returns the block's part of ds before the scale g (see the header)
 TQ_CLONES static double lsq_bwd(const float* dy, const float* x, float* dx, int64_t n, float s, float qmin,
                                 float qmax) {
@@ -465,7 +456,7 @@ MXReturnValue lsq_forward(const std::unordered_map<std::string, std::string>& at
 #pragma omp parallel for num_threads(n_threads()) if (c_n * per >= kSerialBelow)
   for (int64_t t = 0; t < c_n * blocks; ++t) {
     const int64_t c = t / blocks, j = (t % blocks) * kBlock, off = c * per + j;
-    lsq_fwd(x + off, y + off, std::min(kBlock, per - j), step[c], qmin, qmax);
+    fake_quant(x + off, y + off, std::min(kBlock, per - j), step[c], qmin, qmax);  // the EMA quantizer's kernel
   }
   return MX_SUCCESS;
 }
