@@ -114,6 +114,26 @@ def test_cache_makes_second_load_fast_and_tracks_changes(tmp_path):
     assert len(list(cache.glob("*.npz"))) == 2
 
 
+def test_cache_write_survives_a_second_process_writing_the_same_entry(tmp_path, monkeypatch):
+    """Two runs started together decode the same data: each renames only its own temporary file."""
+    import multiprocessing as mp
+    real_savez, target = np.savez, tmp_path / "c" / "d.npz"
+
+    def savez_then_other_process(file, **arrays):
+        real_savez(file, **arrays)
+        if mp.current_process().name == "MainProcess":  # the other writer finishes between our write and rename
+            child = mp.get_context("fork").Process(target=data_mod._atomic_savez, args=(target,), kwargs=arrays)
+            child.start()
+            child.join()
+            assert child.exitcode == 0
+
+    monkeypatch.setattr(data_mod.np, "savez", savez_then_other_process)
+    data_mod._atomic_savez(target, a=np.arange(3))
+    with np.load(target) as z:
+        assert z["a"].tolist() == [0, 1, 2]
+    assert [p.name for p in target.parent.iterdir()] == ["d.npz"]
+
+
 def test_synthetic_is_deterministic_learnable_and_not_colour_separable():
     a = data_mod.synthetic(600, 200, 16, 3, seed=5)
     b = data_mod.synthetic(600, 200, 16, 3, seed=5)

@@ -263,7 +263,8 @@ def _fingerprint(path: Path) -> str:
 
 def _atomic_savez(path: Path, **arrays: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    # the process id keeps two runs that decode the same data at once from renaming each other's file
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
