@@ -186,11 +186,12 @@ def test_resnet20_engines_follow_the_fake_quant_graph(scheme):
         assert np.abs(ort - sim).mean() <= tol * spread and np.mean(ort.argmax(1) == sim.argmax(1)) >= 0.99
 
 
-def test_resnet20_learned_ranges_export_the_grids_the_graph_uses():
+@pytest.mark.parametrize("add_bits", [0, 8])
+def test_resnet20_learned_ranges_export_the_grids_the_graph_uses(add_bits):
     """Learned ranges at W4A4 in the original scheme: an add's one range covers the body's signed output, so
-    its grid is signed in the graph and the artifact alike; a block's ReLU'd output reaches the next block
-    on the unsigned grid. The simulation then follows the fake-quant graph, code for code with the
-    integer-only engine."""
+    its grid is signed in the graph and the artifact alike (4-bit, or 8-bit with ``add_bits``); a block's
+    ReLU'd output reaches the next block on the unsigned 4-bit grid. The simulation then follows the
+    fake-quant graph, code for code with the integer-only engine."""
     from conftest import layerwise_codes, top1_agreement
     from train_quantization.int8 import engine
     from train_quantization.int8.export import export
@@ -198,7 +199,7 @@ def test_resnet20_learned_ranges_export_the_grids_the_graph_uses():
 
     ema, x = _trained_resnet(weight_bits=4, act_bits=4, per_channel=True)
     net = build_model(ModelConfig(arch="gluoncv:cifar_resnet20_v1"), 10, 3, 32,
-                      QuantConfig(weight_bits=4, act_bits=4, per_channel=True, range="lsq"))
+                      QuantConfig(weight_bits=4, act_bits=4, per_channel=True, range="lsq", add_bits=add_bits))
     src = ema._collect_params_with_prefix()
     for name, p in net._collect_params_with_prefix().items():  # the EMA net's weights, statistics and ranges
         if name in src:  # weight steps: from the folded weights next
@@ -209,8 +210,9 @@ def test_resnet20_learned_ranges_export_the_grids_the_graph_uses():
     assert not signed["features.3.1.body.0"] and not signed["features.2.1.body.0"]  # after a block's ReLU
     m = export(net, (0.0,) * 3, (1.0,) * 3, (3, 32, 32), [str(i) for i in range(10)])
     grids = {op.name: op.act for op in m.layers if op.type in ("add", "conv")}
-    assert grids["features.3.0.add"].qmin == -8 and grids["features.3.1.body.0"].qmin == 0
-    assert grids["features.3.1.body.0"].qmax == 15
+    assert (grids["features.3.0.add"].qmin, grids["features.3.0.add"].qmax) == ((-128, 127) if add_bits else (-8, 7))
+    assert (grids["features.3.1.body.0"].qmin, grids["features.3.1.body.0"].qmax) == (0, 15)
+    assert {b.spec.act_bits for n, b in quantized_layers(net) if n.endswith(".add")} == {add_bits or 4}
     xs = x.asnumpy()
     fq, sim = net(x).asnumpy(), engine.simulate(m, xs)
     assert np.abs(sim - fq).max() <= 1e-3 * np.abs(fq).max() and top1_agreement(sim, fq) >= 0.99

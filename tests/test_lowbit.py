@@ -134,6 +134,10 @@ def test_layer_widths_from_config(tiny_ds, tmp_path):
         from_dict({"quant": {"layer_bits": {"features.1": [4, 9]}}})
     with pytest.raises(UserError, match="first_last_bits"):
         from_dict({"quant": {"first_last_bits": 1}})
+    with pytest.raises(UserError, match="'quant.add_bits' must be 0 \\(off\\) or 2-8, got 9"):
+        from_dict({"quant": {"add_bits": 9}})
+    with pytest.raises(UserError, match="onednn is oneDNN's 8-bit arithmetic"):
+        from_dict({"quant": {"scheme": "onednn", "per_channel": True, "add_bits": 4}})
 
 
 def test_mixed_widths_reach_the_artifact_and_engines(w3a3, tiny_ds):

@@ -77,6 +77,7 @@ QUANT_FLAGS = (
     Flag("--weight-bits", "quant.weight_bits", int, "2-8"),
     Flag("--act-bits", "quant.act_bits", int, "2-8"),
     Flag("--first-last-bits", "quant.first_last_bits", int, "width of the first and last layer, 0 off, 2-8"),
+    Flag("--add-bits", "quant.add_bits", int, "width of the residual adds' codes, 0: --act-bits, 2-8"),
     Flag("--layer-bits", "quant.layer_bits", _layer_bits, "YAML file of per-layer [weight_bits, act_bits]"),
     Flag("--ste", "quant.ste", choices=("plain", "clipped")),
     Flag("--bn-mode", "quant.bn_mode", choices=("frozen", "paper")),

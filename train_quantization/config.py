@@ -96,6 +96,8 @@ class QuantConfig:
     kernel: str = "auto"  # auto: compiled fused quantizer if it builds, else stock ops | fused | stock
     range: str = "ema"  # ema: EMA of the batch max (the original) | mse: MSE-calibrated, frozen | lsq: learned (LSQ)
     first_last_bits: int = 0  # >0: the first and the last quantized layer use this width for weights and input
+    add_bits: int = 0  # >0: width of the residual adds' codes (both branches); 8 keeps the residual stream
+                       # near float when the convolutions read 2-4 bit inputs, as in LSQ/PACT/APoT's ResNets
     layer_bits: dict = field(default_factory=dict)  # per layer [weight_bits, act_bits], e.g. {classifier.3: [8, 8]}
     quantize_last_layer: bool = True  # False keeps the network's last Dense in float
 
@@ -214,14 +216,15 @@ def _validate(cfg: Config) -> Config:
         if not 2 <= bits <= 8:
             raise UserError(f"config key '{key}' must be between 2 and 8, got {bits}")
     parse_arch(cfg.model.arch)
-    if q.first_last_bits and not 2 <= q.first_last_bits <= 8:
-        raise UserError(f"config key 'quant.first_last_bits' must be 0 (off) or 2-8, got {q.first_last_bits}")
+    for key, bits in (("quant.first_last_bits", q.first_last_bits), ("quant.add_bits", q.add_bits)):
+        if bits and not 2 <= bits <= 8:
+            raise UserError(f"config key '{key}' must be 0 (off) or 2-8, got {bits}")
     for name, pair in q.layer_bits.items():
         if not (isinstance(pair, list) and len(pair) == 2 and all(type(b) is int and 2 <= b <= 8 for b in pair)):
             raise UserError(f"config key 'quant.layer_bits.{name}' must be [weight_bits, act_bits] with "
                             f"widths 2-8, got {pair!r}")
     if q.scheme == "onednn" and (q.weight_bits != 8 or q.act_bits != 8 or q.per_channel is False
-                                 or q.first_last_bits not in (0, 8) or q.layer_bits):
+                                 or q.first_last_bits not in (0, 8) or q.add_bits not in (0, 8) or q.layer_bits):
         raise UserError("config key 'quant.scheme' onednn is oneDNN's 8-bit arithmetic: it needs "
                         "quant.per_channel: true and 8-bit weights and activations everywhere")
     if q.range == "lsq" and q.scheme == "onednn":

@@ -616,8 +616,8 @@ def set_layer_widths(net: gluon.Block, q: QuantConfig) -> None:
     """Give each quantized layer its spec (``q.spec`` at the layer's widths).
 
     Order of precedence: ``q.layer_bits[path]``, then ``q.first_last_bits`` for the first and
-    the last quantized layer (the network input's and the logits' layers), then the global
-    ``q.weight_bits``/``q.act_bits``. Call before ``hybridize()``.
+    the last quantized layer (the network input's and the logits' layers) and ``q.add_bits`` for
+    the residual adds, then the global ``q.weight_bits``/``q.act_bits``. Call before ``hybridize()``.
     """
     layers = quantized_layers(net)
     paths = [p for p, _ in layers]
@@ -631,6 +631,8 @@ def set_layer_widths(net: gluon.Block, q: QuantConfig) -> None:
         wb, ab = q.weight_bits, q.act_bits
         if q.first_last_bits and path in ends:
             wb = ab = q.first_last_bits
+        if q.add_bits and isinstance(block, QAdd):
+            ab = q.add_bits
         wb, ab = q.layer_bits.get(path, (wb, ab))
         block.spec = q.spec(wb, ab, grouped=getattr(block, "groups", 1) > 1)
 

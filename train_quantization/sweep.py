@@ -86,6 +86,7 @@ def run_sweep(cfg: Config, weights: Path, pairs: list, calib_batches: int, skip_
         rows.append(row)
         cli.write_json(run / "sweep.json", {"pretrained": str(weights), "per_channel": cfg.quant.per_channel,
                                             "first_last_bits": cfg.quant.first_last_bits,
+                                            "add_bits": cfg.quant.add_bits,
                                             "calib_batches": calib_batches, "qat_epochs": cfg.qat.epochs,
                                             "qat_extra": list(qat_extra), "rows": rows})
         print(report.sweep_row_text(rows[-1]), flush=True)
