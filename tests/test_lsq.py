@@ -111,21 +111,23 @@ def test_a_weight_step_that_crossed_zero_exports_as_its_magnitude(float_run, tin
     """A learned step that went negative in training (s * c = |s| * (-c) on the symmetric grid): the artifact
     stores |s| and negated weight and bias codes, so the fake-quant network, the simulation and the
     integer-only engine (positive multipliers) compute the same logits."""
-    from conftest import tiny_config
-    from train_quantization import cli
+    from conftest import FLOAT_TOL, tiny_config
+    from train_quantization import cli, train
     from train_quantization.int8 import engine
     from train_quantization.int8.export import export
     from train_quantization.layers import quantized_layers
     from train_quantization.qat import calibrate
 
     cfg = tiny_config(float_run["run"].parent, weight_bits=4, act_bits=4, range="lsq", per_channel=True)
+    train.seed_all(0)  # the calibration batches
     net, _ = cli.qat_from_float(cfg, tiny_ds, float_run["run"] / "best.params", [mx.cpu()])
     calibrate(net, cfg, tiny_ds, [mx.cpu()])
     first = dict(quantized_layers(net))["features.0"]
     step = first.weight_step.data().asnumpy()
     flipped = step.copy()
     flipped[::2] *= -1
-    x = engine.normalize(export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes), tiny_ds.test_x[:200])
+    m0 = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
+    x = engine.normalize(m0, tiny_ds.test_x[:200])
     before = net(mx.nd.array(x)).asnumpy()
     first.weight_step.set_data(mx.nd.array(flipped))
     fq = net(mx.nd.array(x)).asnumpy()
@@ -133,8 +135,13 @@ def test_a_weight_step_that_crossed_zero_exports_as_its_magnitude(float_run, tin
     m = export(net, *tiny_ds.mean_std(), (3, 16, 16), tiny_ds.classes)
     op = m.quantized()[0]
     assert np.array_equal(op.w_scale, np.abs(step).astype(np.float64))
+    assert np.array_equal(op.w, m0.quantized()[0].w) and np.array_equal(op.b, m0.quantized()[0].b)
     sim = engine.simulate(m, x)
-    assert np.abs(sim - fq).max() <= 1e-4 * np.abs(fq).max()
+    np.testing.assert_array_equal(sim, engine.simulate(m0, x))
+    # float32 (oneDNN's kernels, which differ by ISA) against float64: an activation on a rounding tie
+    # moves a 4-bit code, and that image's logits by a step; the others agree to float rounding
+    close = np.abs(fq - sim).max(1) <= FLOAT_TOL * np.maximum(1.0, np.abs(sim).max(1))
+    assert close.mean() >= 0.97, close.mean()
     assert np.array_equal(engine.run_integer(m, x).argmax(1), sim.argmax(1))
 
 
