@@ -5,8 +5,8 @@
 # bits and quartered at 2): W4A4 with the residual adds at 4 bits too (seeds 0 and 1), then with the adds at
 # 8 bits (--add-bits 8, the convolutions' inputs at the stated width) at W4A4 (seeds 0 and 1), W3A3 and W2A2
 # (from LSQ's own initialization); each run through the simulated and integer-only engines.
-# usage: benchmarks/lsq_resnet20.sh [OUT_DIR]   (one core: float 4 min an epoch, QAT 4.4; finished runs are
-# skipped, started ones continue with --resume)
+# usage: benchmarks/lsq_resnet20.sh [OUT_DIR]   (one core: float 3.9-4.4 min an epoch, QAT 4.0-4.6;
+# finished runs are skipped, started ones continue with --resume)
 set -e
 cd "$(dirname "$0")/.." && . .venv/bin/activate
 O=${1:-runs}; C=configs/cifar10_resnet20.yaml; F=$O/r20-fp32-s0
