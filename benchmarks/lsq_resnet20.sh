@@ -6,7 +6,7 @@
 # 8 bits (--add-bits 8, the convolutions' inputs at the stated width) at W4A4 (seeds 0 and 1), W3A3 (10 and
 # 20 QAT epochs) and W2A2 (from LSQ's own initialization, 20 QAT epochs); each run through the simulated and
 # integer-only engines.
-# usage: benchmarks/lsq_resnet20.sh [OUT_DIR]   (one core: float 3.9-4.4 min an epoch, QAT 4.0-4.6;
+# usage: benchmarks/lsq_resnet20.sh [OUT_DIR]   (one core: float 3.9-4.4 min an epoch, QAT 4.0-6.2;
 # finished runs are skipped, started ones continue with --resume)
 set -e
 cd "$(dirname "$0")/.." && . .venv/bin/activate

@@ -136,7 +136,8 @@ def test_a_weight_step_that_crossed_zero_exports_as_its_magnitude(float_run, tin
     op = m.quantized()[0]
     assert np.array_equal(op.w_scale, np.abs(step).astype(np.float64))
     assert np.array_equal(op.w, m0.quantized()[0].w) and np.array_equal(op.b, m0.quantized()[0].b)
-    sim = engine.simulate(m, x)  # codes and scales equal to the unflipped artifact's: the same computation
+    sim = engine.simulate(m, x)
+    np.testing.assert_array_equal(sim, engine.simulate(m0, x))  # the artifact computes the unflipped model
     # float32 (oneDNN's kernels, which differ by ISA) against float64: an activation on a rounding tie
     # moves a 4-bit code, and that image's logits by a step; the others agree to float rounding
     close = np.abs(fq - sim).max(1) <= FLOAT_TOL * np.maximum(1.0, np.abs(sim).max(1))
