@@ -1,11 +1,16 @@
 """Real int8 on oneDNN: the learned ranges land in the graph; PTQ baselines run."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mxnet as mx
 import numpy as np
 import pytest
 
-from train_quantization import cli
+from train_quantization import cli, machine
 from train_quantization.int8 import engine, onednn
 from train_quantization.int8.export import export
 from train_quantization.layers import quantized_layers
@@ -134,3 +139,48 @@ def test_conv_dropout_trains_and_every_engine_skips_it(tiny_ds, tmp_path):
     fnet.load_parameters(str(path), ignore_extra=True)
     block = onednn.with_learned_ranges(fnet, qnet, (3, 16, 16), mx.nd.array(x[:256]))
     assert np.mean(onednn.logits(block, x).argmax(1) == sim) >= 0.97  # as the original scheme's test above
+
+
+AMX_CHILD = """
+import sys, numpy as np
+import train_quantization  # first: it enables AMX before MXNet runs anything
+import mxnet as mx, os
+from train_quantization import machine
+from train_quantization.int8 import onednn
+block = mx.gluon.SymbolBlock.imports(sys.argv[1] + "-symbol.json", ["data"], sys.argv[1] + "-0000.params")
+np.save(sys.argv[2], onednn.logits(block, np.load(sys.argv[3])))
+print("amx_on", machine.amx_on(), "left", os.environ.get("DNNL_MAX_CPU_ISA"), "isa", machine.onednn_isa())
+"""
+
+
+@pytest.mark.skipif(not {"amx_tile", "amx_int8"} <= set(open("/proc/cpuinfo").read().split())
+                    or "DNNL_MAX_CPU_ISA" in os.environ, reason="needs an AMX CPU and no DNNL_MAX_CPU_ISA cap")
+def test_amx_int8_computes_what_the_vnni_kernels_compute(nets, tiny_ds, tmp_path):
+    """The same oneDNN int8 graph in a process that switched AMX on (``machine.enable_amx``: its convolutions
+    run on AMX tiles) gives the logits of this process, which imported MXNet first and runs AVX-512 VNNI."""
+    qnet, fnet, m, calib = nets
+    block = onednn.with_learned_ranges(fnet, qnet, (3, 16, 16), calib)
+    x = engine.normalize(m, tiny_ds.test_x).astype(np.float32)
+    here = onednn.logits(block, x)
+    block.export(str(tmp_path / "q"))
+    np.save(tmp_path / "x.npy", x)
+    env = {k: v for k, v in os.environ.items() if k != "DNNL_MAX_CPU_ISA"}
+    env["DNNL_VERBOSE"] = "1"
+    out = subprocess.run([sys.executable, "-c", AMX_CHILD, str(tmp_path / "q"), str(tmp_path / "amx.npy"),
+                          str(tmp_path / "x.npy")], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "amx_on True left None isa" in out.stdout and "AMX" in out.stdout.splitlines()[-1]
+    assert "avx512_core_amx_int8" in out.stdout  # oneDNN's verbose lines name the kernels that ran
+    assert not machine.amx_on()  # MXNet was imported before train_quantization here
+    np.testing.assert_array_equal(np.load(tmp_path / "amx.npy"), here)
+
+
+def test_amx_stays_off_under_a_cap():
+    """``DNNL_MAX_CPU_ISA`` set by the user wins: nothing is switched on and the variable is left as it was."""
+    code = "import os, train_quantization.machine as m; import train_quantization; " \
+           "print(m.amx_on(), os.environ['DNNL_MAX_CPU_ISA'])"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DNNL_MAX_CPU_ISA="AVX2"),
+                         capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).resolve().parent.parent))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "AVX2"]

@@ -8,7 +8,7 @@ here: ``tq.convert``, ``tq.calibrate``, ``tq.fit``, ``tq.train_float``, ``tq.tra
 """
 import os
 
-from .machine import openblas_coretype
+from .machine import enable_amx, openblas_coretype
 
 # MXNet sizes its OpenMP pool at import; without this it uses half the cores here.
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
@@ -17,6 +17,9 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 # numpy engines' GEMMs 3-4x slower. Set before numpy loads; a value already set wins.
 if openblas_coretype():
     os.environ.setdefault("OPENBLAS_CORETYPE", openblas_coretype())
+# oneDNN's AMX int8 convolutions where the CPU has them (machine.enable_amx); after the two
+# settings above, which must precede MXNet's import, and before any MXNet operator runs.
+enable_amx()
 
 __version__ = "0.1.0"
 

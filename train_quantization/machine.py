@@ -1,4 +1,4 @@
-"""What a number ran on: the CPU model, its ISA flags and the ISA oneDNN dispatches.
+"""What a number ran on: the CPU model, its ISA flags and the ISA oneDNN dispatches; AMX for oneDNN.
 
 oneDNN (MXNet's kernels) picks its kernels from the CPU and ``DNNL_MAX_CPU_ISA`` (e.g. ``AVX2``
 on an AVX-512 machine makes it behave like an AVX2-only one); ONNX Runtime's MLAS picks its
@@ -15,6 +15,9 @@ import sys
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # u8 x s8 products summed in int32, no 16-bit saturation
+AMX_ISA = "AVX512_CORE_AMX"  # oneDNN's name of the ISA with AMX tiles
+# x86-64 Linux: the arch_prctl system call, its request for a permission, and the AMX tile-data state
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,6 +55,46 @@ def onednn_vnni() -> bool:
     return "DL Boost" in isa or "AMX" in isa
 
 
+@functools.lru_cache(maxsize=1)
+def enable_amx() -> bool:
+    """Let oneDNN run its AMX int8 kernels in this process (Sapphire Rapids and later); whether it does.
+
+    MXNet 1.9.1's oneDNN (v2.4) has AMX convolutions but dispatches them only under
+    ``DNNL_MAX_CPU_ISA=AVX512_CORE_AMX``, and it does not ask Linux (5.16+) for the tile state, without
+    which an AMX instruction kills the process (SIGILL). This asks for it (``arch_prctl``), sets the
+    variable for oneDNN's first primitive (oneDNN reads it once, then keeps its ISA) and removes it
+    again, so child processes, which start without the permission, do not inherit it. Integer results
+    are those of the AVX-512 VNNI kernels (int32 sums either way); float kernels are the same at this ISA.
+
+    Nothing happens (False) without ``amx_tile``/``amx_int8`` in the CPU flags, outside x86-64 Linux, when
+    ``DNNL_MAX_CPU_ISA`` is set (the user's cap wins; ``AVX512_CORE_BF16`` is oneDNN's default) or when
+    MXNet was imported first (its ISA may already be fixed): import ``train_quantization`` before ``mxnet``.
+    """
+    if not {"amx_tile", "amx_int8"} <= _cpuinfo()[1] or sys.platform != "linux" or platform.machine() != "x86_64":
+        return False
+    if "DNNL_MAX_CPU_ISA" in os.environ or "mxnet" in sys.modules:
+        return False
+    import ctypes
+
+    try:
+        granted = ctypes.CDLL(None).syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
+    if not granted:
+        return False
+    os.environ["DNNL_MAX_CPU_ISA"] = AMX_ISA
+    try:
+        import mxnet as mx
+
+        x = mx.nd.ones((1, 1, 2, 2))
+        mx.nd.Convolution(x, mx.nd.ones((1, 1, 1, 1)), kernel=(1, 1), num_filter=1, no_bias=True).wait_to_read()
+    except (ImportError, OSError):  # the numpy engines run without MXNet (or with a broken one)
+        return False
+    finally:
+        del os.environ["DNNL_MAX_CPU_ISA"]
+    return True
+
+
 _PROBE = ("import mxnet as mx; x = mx.nd.ones((1, 3, 8, 8)); w = mx.nd.ones((4, 3, 3, 3)); "
           "mx.nd.Convolution(x, w, kernel=(3, 3), num_filter=4, no_bias=True).wait_to_read()")
 
@@ -59,8 +102,10 @@ _PROBE = ("import mxnet as mx; x = mx.nd.ones((1, 3, 8, 8)); w = mx.nd.ones((4, 
 @functools.lru_cache(maxsize=1)
 def onednn_isa() -> str:
     """The ISA oneDNN dispatches in this environment (its verbose line, from a child process that
-    inherits ``DNNL_MAX_CPU_ISA``), or ``unknown``."""
+    inherits ``DNNL_MAX_CPU_ISA``, or gets ``AVX512_CORE_AMX`` where ``enable_amx`` raised it here), or ``unknown``."""
     env = dict(os.environ, DNNL_VERBOSE="1", MKLDNN_VERBOSE="1")
+    if amx_on():
+        env["DNNL_MAX_CPU_ISA"] = AMX_ISA  # the probe runs float kernels only, which need no tile permission
     try:
         out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
                              timeout=120).stdout
@@ -146,9 +191,14 @@ def facts() -> dict:
     the OpenBLAS kernels of the numpy engines' GEMMs and ``OMP_NUM_THREADS`` (unset: MXNet picks its own
     count, one thread on the 2-CPU VMs measured; float results and speeds depend on it)."""
     return {"cpu": _cpuinfo()[0], "isa_flags": isa_flags(), "onednn_isa": onednn_isa(),
-            "dnnl_max_cpu_isa": os.environ.get("DNNL_MAX_CPU_ISA"), "cpus": os.cpu_count(),
+            "dnnl_max_cpu_isa": os.environ.get("DNNL_MAX_CPU_ISA"), "amx": amx_on(), "cpus": os.cpu_count(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "openblas_core": blas_core(),
             "machine": platform.machine()}
+
+
+def amx_on() -> bool:
+    """Whether ``enable_amx`` switched AMX on in this process (it is not called here)."""
+    return bool(enable_amx.cache_info().currsize) and enable_amx()
 
 
 def describe(f: dict) -> str:
