@@ -4,12 +4,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import mxnet as mx
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from train_quantization import cli, machine
 from train_quantization.int8 import engine, onednn
 from train_quantization.int8.export import export
@@ -153,8 +153,8 @@ print("amx_on", machine.amx_on(), "left", os.environ.get("DNNL_MAX_CPU_ISA"), "i
 """
 
 
-@pytest.mark.skipif(not {"amx_tile", "amx_int8"} <= set(open("/proc/cpuinfo").read().split())
-                    or "DNNL_MAX_CPU_ISA" in os.environ, reason="needs an AMX CPU and no DNNL_MAX_CPU_ISA cap")
+@pytest.mark.skipif(not machine.has_amx() or "DNNL_MAX_CPU_ISA" in os.environ,
+                    reason="needs an AMX CPU and no DNNL_MAX_CPU_ISA cap")
 def test_amx_int8_computes_what_the_vnni_kernels_compute(nets, tiny_ds, tmp_path):
     """The same oneDNN int8 graph in a process that switched AMX on (``machine.enable_amx``: its convolutions
     run on AMX tiles) gives the logits of this process, which imported MXNet first and runs AVX-512 VNNI."""
@@ -168,7 +168,7 @@ def test_amx_int8_computes_what_the_vnni_kernels_compute(nets, tiny_ds, tmp_path
     env["DNNL_VERBOSE"] = "1"
     out = subprocess.run([sys.executable, "-c", AMX_CHILD, str(tmp_path / "q"), str(tmp_path / "amx.npy"),
                           str(tmp_path / "x.npy")], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=str(Path(__file__).resolve().parent.parent))
+                         cwd=str(ROOT))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "amx_on True left None isa" in out.stdout and "AMX" in out.stdout.splitlines()[-1]
     assert "avx512_core_amx_int8" in out.stdout  # oneDNN's verbose lines name the kernels that ran
@@ -181,6 +181,6 @@ def test_amx_stays_off_under_a_cap():
     code = "import os, train_quantization.machine as m; import train_quantization; " \
            "print(m.amx_on(), os.environ['DNNL_MAX_CPU_ISA'])"
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, DNNL_MAX_CPU_ISA="AVX2"),
-                         capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).resolve().parent.parent))
+                         capture_output=True, text=True, timeout=120, cwd=str(ROOT))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "AVX2"]

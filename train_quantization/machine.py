@@ -47,6 +47,11 @@ def has_vnni() -> bool:
     return any(f in _cpuinfo()[1] for f in VNNI_FLAGS)
 
 
+def has_amx() -> bool:
+    """Whether the CPU has AMX tiles with int8 products, on x86-64 Linux (where ``enable_amx`` can ask for them)."""
+    return {"amx_tile", "amx_int8"} <= _cpuinfo()[1] and sys.platform == "linux" and platform.machine() == "x86_64"
+
+
 def onednn_vnni() -> bool:
     """Whether the ISA oneDNN dispatches (``onednn_isa``, so under ``DNNL_MAX_CPU_ISA`` too) has VNNI. Without
     it oneDNN's convolutions of int8 (signed) inputs run on weights scaled by 0.5, so on other codes than the
@@ -70,9 +75,7 @@ def enable_amx() -> bool:
     ``DNNL_MAX_CPU_ISA`` is set (the user's cap wins; ``AVX512_CORE_BF16`` is oneDNN's default) or when
     MXNet was imported first (its ISA may already be fixed): import ``train_quantization`` before ``mxnet``.
     """
-    if not {"amx_tile", "amx_int8"} <= _cpuinfo()[1] or sys.platform != "linux" or platform.machine() != "x86_64":
-        return False
-    if "DNNL_MAX_CPU_ISA" in os.environ or "mxnet" in sys.modules:
+    if not has_amx() or "DNNL_MAX_CPU_ISA" in os.environ or "mxnet" in sys.modules:
         return False
     import ctypes
 
@@ -197,8 +200,9 @@ def facts() -> dict:
 
 
 def amx_on() -> bool:
-    """Whether ``enable_amx`` switched AMX on in this process (it is not called here)."""
-    return bool(enable_amx.cache_info().currsize) and enable_amx()
+    """Whether ``enable_amx`` switched AMX on in this process (the package's import made its one call;
+    the answer is cached)."""
+    return enable_amx()
 
 
 def describe(f: dict) -> str:
