@@ -1,16 +1,17 @@
 #!/usr/bin/env python
 """The simulated and integer-only engines of a QAT run, layer by layer, and where their top-1 decisions part.
 
-  python benchmarks/engine_codes.py --qat RUN [--images 500]
+  python benchmarks/engine_codes.py --qat RUN [--images 500] [--sim-precision float32]
 
 Per quantized layer: the share of its input codes where the integer-only engine differs from the simulation
 when both run the whole network ("chained") and when the integer-only layer reads the simulation's input
 codes ("one step": that layer's requantization only), the largest one-step difference, and the share where
 the fake-quant network's input codes (its float32 layer input, quantized as the graph does) differ from
 the simulation's ("fake-quant", chained: float32 convolutions against exact integer ones). The two engines
-requantize differently by design: the simulation divides a float32 value by the scale (as the fake-quant
-graph does), the integer engine multiplies the exact accumulator by a 31-bit fixed-point multiplier; they
-part only where a value lies within float32 rounding of a half-code boundary. Then, on every test image,
+requantize differently by design: the simulation divides a float64 value by the scale (``--sim-precision
+float32``: a float32 value, as the fake-quant graph does), the integer engine multiplies the exact
+accumulator by a 31-bit fixed-point multiplier; they part only where a value lies within that rounding of a
+half-code boundary. Then, on every test image,
 top-1 agreement of both engines and of the fake-quant network with the simulation, with the margins of the
 disagreeing images (``evaluate.agreement``).
 """
@@ -52,11 +53,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--qat", required=True, help="QAT run folder")
     p.add_argument("--images", type=int, default=500, help="test images for the layer-by-layer codes")
+    p.add_argument("--sim-precision", choices=("float64", "float32"), default="float64",
+                   help="the simulation's values between layers (engine.simulate)")
     args = p.parse_args()
     m, ds, fq, _ = fake_quant_logits(Path(args.qat), None, "last.params")
     x = engine.normalize(m, ds.test_x[:args.images])
     sim, chained, step = {}, {}, {}
-    engine.simulate(m, x, sim)
+    engine.simulate(m, x, sim, precision=args.sim_precision)
     engine.run_integer(m, x, chained)
     engine.run_integer(m, x, step, force=sim)
     fq_codes = fake_quant_codes(Path(args.qat), ds, m, x)
@@ -68,7 +71,7 @@ def main() -> None:
     total = sum(c.size for c in sim.values())
     print(f"all layers: chained {sum(int((c != chained[n]).sum()) for n, c in sim.items()) / total:.2e}, "
           f"one step {sum(int((c != step[n]).sum()) for n, c in sim.items()) / total:.2e} of {total} codes")
-    logits = {k: engine.predict(m, ds.test_x, k) for k in ("sim", "integer")}
+    logits = {k: engine.predict(m, ds.test_x, k, precision=args.sim_precision) for k in ("sim", "integer")}
     rep: dict = {}
     agreement(rep, "integer", "sim", logits["sim"], logits["integer"])
     agreement(rep, "fake_quant", "sim", logits["sim"], fq)

@@ -38,6 +38,9 @@ def main() -> None:
     p.add_argument("--onnx", help="also write the QDQ ONNX model to this file")
     p.add_argument("--onnx-target", choices=("auto", "avx2", "vnni"), default="auto",
                    help="ONNX Runtime int8 kernels to export for (auto: vnni on a CPU with VNNI, else avx2)")
+    p.add_argument("--sim-precision", choices=("float64", "float32"), default="float64",
+                   help="the simulation's values between layers: float64 (the exact codes but within 2**-52 of a "
+                        "rounding boundary) or float32 (the fake-quant graph's and ONNX Runtime's division)")
     p.add_argument("--limit", type=int, default=0, help="evaluate N test images drawn at random (0: all)")
     p.add_argument("--json", help="write the report here (default: <run>/int8_eval.json with --qat)")
     args = p.parse_args()
@@ -48,7 +51,8 @@ def main() -> None:
     if args.onnx:
         report["onnx"] = str(model.to_onnx(args.onnx, args.onnx_target))
     report.update(evaluate.evaluate(model, ds.test_x[idx], ds.test_y[idx], engines,
-                                    None if fq_logits is None else fq_logits[idx], args.onnx_target))
+                                    None if fq_logits is None else fq_logits[idx], args.onnx_target,
+                                    args.sim_precision))
     report["images"] = len(idx)
     evaluate.write(report, args.json or (str(Path(args.qat) / "int8_eval.json") if args.qat else None),
                    args.onnx_target if "onnx" in engines or args.onnx else None)

@@ -295,8 +295,8 @@ def test_preactivation_resnet_through_every_engine():
     xs = x.asnumpy()
     assert_kernels_agree(m, xs[:64])
     ref, got = layerwise_codes(m, xs, engine.simulate, engine.run_integer)
-    assert all(np.abs(ref[n] - got[n]).max() <= 1 for n in ref)  # measured 1.4e-5 of the codes differ
-    assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-4 * sum(c.size for c in ref.values())
+    assert all(np.abs(ref[n] - got[n]).max() <= 1 for n in ref)  # measured: none differ (float32 division: 1.4e-5)
+    assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-6 * sum(c.size for c in ref.values())
     sim = engine.simulate(m, xs)
     assert top1_agreement(sim, fq, tol=1e-3) >= 0.99 and np.abs(sim - fq).max() <= 0.02 * np.abs(fq).max()
     if onnx_export.available():

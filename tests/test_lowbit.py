@@ -73,7 +73,7 @@ def test_engines_agree_at_low_bits(float_run, tiny_ds, bits):
     for name, codes in ref.items():
         assert codes.min() >= amin and codes.max() <= amax
         assert np.abs(codes - got[name]).max() <= 1
-    assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-5 * sum(c.size for c in ref.values())
+    assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-6 * sum(c.size for c in ref.values())  # measured 0
     fq = evaluate(net, make_loaders(tiny_ds, 64, 250, False, 0)[1], norm, [mx.cpu()], return_outputs=True)["logits"]
     sim = engine.simulate(m, x)
     close = np.abs(fq - sim).max(1) <= FLOAT_TOL * np.maximum(1.0, np.abs(sim).max(1))

@@ -96,7 +96,7 @@ def test_learned_steps_through_both_engines_code_for_code(float_run, tiny_ds, bi
     assert_kernels_agree(m, x[:100])
     ref, got = layerwise_codes(m, x, engine.simulate, engine.run_integer)
     assert all(np.abs(ref[n] - got[n]).max() <= 1 for n in ref)
-    assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-5 * sum(c.size for c in ref.values())
+    assert sum(int((ref[n] != got[n]).sum()) for n in ref) <= 1e-6 * sum(c.size for c in ref.values())  # measured 0
     assert ref["features.1"].min() >= 0 and ref["features.1"].max() == 2**bits - 1  # unsigned grid, top code used
     fq = evaluate(net, make_loaders(tiny_ds, 64, 250, False, 0)[1], normalizer(*tiny_ds.mean_std()), [mx.cpu()],
                   return_outputs=True)["logits"]

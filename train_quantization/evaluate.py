@@ -98,15 +98,20 @@ def agreement(report: dict, name: str, ref_name: str, ref: np.ndarray, other: np
 
 
 def evaluate(model: int8_model.Int8Model, images: np.ndarray, labels: np.ndarray, engines: list,
-             fq_logits: Optional[np.ndarray] = None, onnx_target: str = "auto") -> dict:
+             fq_logits: Optional[np.ndarray] = None, onnx_target: str = "auto",
+             sim_precision: str = "float64") -> dict:
     """Accuracy and time of each engine; agreement with the fake-quant network and of the other engines with
-    the simulation (``agreement``: top-1, logit difference, margin of the disagreements)."""
+    the simulation (``agreement``: top-1, logit difference, margin of the disagreements); the simulation
+    at ``sim_precision`` (``engine.simulate``)."""
     report, logits = {}, {}
+    if "sim" in engines:
+        report["sim_precision"] = sim_precision
     if fq_logits is not None:
         report["fake_quant_acc"] = float((fq_logits.argmax(1) == labels).mean())
     for name in engines:
         t0 = time.time()
-        logits[name] = engine.predict(model, images, name, progress=True, onnx_target=onnx_target)
+        logits[name] = engine.predict(model, images, name, progress=True, onnx_target=onnx_target,
+                                      precision=sim_precision)
         report[f"{name}_acc"] = float((logits[name].argmax(1) == labels).mean())
         report[f"{name}_seconds"] = round(time.time() - t0, 2)
         if fq_logits is not None:

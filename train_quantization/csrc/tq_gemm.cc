@@ -19,8 +19,8 @@
 // with (p + 2**(k-1) - 1 + ((p >> k) & 1)) >> k for p = acc * m0 (|acc| < 2**31, 0 <= m0 < 2**31, 1 <= k <= 62).
 //
 // tq_quantize: the simulation's input quantization (engine.input_codes) written as bytes into the GEMM's
-// channels-last input buffer: code = clip(rint(float(x) / float(s)), qmin, qmax), float32 division and
-// round half to even, as numpy computes it.
+// channels-last input buffer: code = clip(rint(x / s), qmin, qmax) in the input's precision (float32 input:
+// float32 division; float64: float64 division) and round half to even, as numpy computes it.
 // tq_depthwise: a depthwise convolution (one filter per channel) on the channels-last buffer, int32 sums of
 // int8 x int8 (or uint8 x int8) products: exact, vectorized over channels.
 // tq_im2col: the GEMM's input rows from the channels-last buffer, one memcpy per kernel row (kw * C bytes).
@@ -213,9 +213,10 @@ extern "C" int tq_requantize(const int64_t* acc, int64_t rows, int64_t channels,
 template <typename T>
 static inline void quantize_run(const T* x, int64_t xs, uint8_t* o, int64_t os, int64_t c, float scale, float lo,
                                 float hi) {
+  const T s = (T)scale, l = (T)lo, h = (T)hi;  // T: the input's precision (the scale is exact in both)
   for (int64_t k = 0; k < c; ++k) {
-    float q = std::nearbyint((float)x[k * xs] / scale);
-    q = q < lo ? lo : q > hi ? hi : q;
+    T q = std::nearbyint(x[k * xs] / s);
+    q = q < l ? l : q > h ? h : q;
     o[k * os] = (uint8_t)(int32_t)q;
   }
 }

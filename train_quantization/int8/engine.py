@@ -2,9 +2,15 @@
 
 ``simulate`` — float-simulated integer inference, as the original experiment did it::
 
-    x_q = clip(round(x / s_a), qmin, qmax)            (float32 division, half to even)
+    x_q = clip(round(x / s_a), qmin, qmax)            (half to even, see below)
     acc = conv(x_q, w_q) + b_q                          (exact integers, see below)
-    y   = acc * (s_w * s_a)                             dequantized, then ReLU / pool in float
+    y   = acc * (s_w * s_a)                             dequantized (float64), then ReLU / pool in float
+
+The network's input is quantized in float32, as the training graph does; the dequantized values between
+layers in float64, so a code is the exact ``round(acc * s_w * s_a / s_a')`` but for values within 2**-52 (of
+their size) of a half-code boundary. The integer engine's multipliers carry 31 bits, so the two engines part
+only on a value within about 2**-31 of such a boundary (``precision="float32"``, the fake-quant graph's
+division: 2**-24).
 
     add: y = (clip(round(a / s)) + clip(round(b / s))) * s   both branches on the add's scale
          y = a + clip(round(b / s)) * s                       the onednn scheme: shortcut only
@@ -333,8 +339,19 @@ def _saturate_pairs(op: Conv | Dense, codes: np.ndarray, acc: np.ndarray) -> Non
 
 
 def input_codes(grid: InGrid, x: np.ndarray) -> np.ndarray:
-    """``clip(round(x / s_a), qmin, qmax)`` in float32 (bit-identical to the training graph)."""
-    q = np.divide(x, np.float32(grid.scale), dtype=np.float32)  # float64 x is rounded to float32 first
+    """``clip(round(x / s_a), qmin, qmax)`` in the input's precision: float64 for float64 ``x`` (the
+    simulation's dequantized values), else float32 (the network's input: bit-identical to the training
+    graph).
+
+    >>> g = InGrid(scale=float(np.float32(0.1)), qmin=-8, qmax=7)  # an exported scale: a float32 number
+    >>> x = 6.5 * g.scale  # exactly half-way between codes 6 and 7
+    >>> input_codes(g, np.array([x, -x, 0.04, 9.0])).tolist()  # half to even; clipped at qmax
+    [6.0, -6.0, 0.0, 7.0]
+    >>> input_codes(g, np.array([x, -x], np.float32)).tolist()  # float32(x) lies above the tie
+    [7.0, -7.0]
+    """
+    dtype = np.float64 if np.asarray(x).dtype == np.float64 else np.float32
+    q = np.divide(x, dtype(grid.scale), dtype=dtype)  # the scale is a float32 number: exact in both
     np.rint(q, out=q)
     return np.clip(q, grid.qmin, grid.qmax, out=q)
 
@@ -364,15 +381,20 @@ def _dequantize(v: tuple) -> np.ndarray:
     return np.asarray(arr, np.float64) if scale is None else arr * scale
 
 
-def _codes(grid: InGrid, v: tuple, kernel: str = "reference") -> np.ndarray:
+def _float_input(r: "_Run", arr: np.ndarray) -> np.ndarray:
+    """Float data as the simulation quantizes it: as is, or in float32 (``_Run.precision``)."""
+    return arr if r.precision == "float64" else arr.astype(np.float32, copy=False)
+
+
+def _codes(grid: InGrid, v: tuple, r: "_Run") -> np.ndarray:
     """The input codes of a quantized op: float data is quantized (``input_codes``); integer data at
     scale ``s`` is requantized by the fixed-point multiplier of ``s / s_a`` (``model.requantize``; compiled
     with the ``int8`` kernel, the same codes)."""
     arr, scale = v
     if scale is None:
-        return input_codes(grid, arr)
+        return input_codes(grid, _float_input(r, arr))
     m0, shift = quantize_multiplier(np.ravel(scale / np.float64(grid.scale)))
-    if resolve(kernel) == "int8" and arr.ndim in (2, 4):
+    if resolve(r.kernel) == "int8" and arr.ndim in (2, 4):
         last = np.moveaxis(arr, 1, -1)  # channels last: a view when the array came from a channels-last GEMM
         out = igemm.requantize(last.reshape(-1, arr.shape[1]), m0, shift, grid.qmin, grid.qmax)
         if out is not None:
@@ -390,6 +412,7 @@ class _Run:
     record: Optional[dict] = None
     force: Optional[dict] = None
     kernel: str = "fast"  # GEMMs: fast, int8, float32 or reference (``resolve``): the same integers
+    precision: str = "float64"  # the simulation's values between layers: float64, or float32 (``simulate``)
 
 
 def _quantized(r: _Run, op: Conv | Dense, ins: list) -> tuple:
@@ -399,7 +422,7 @@ def _quantized(r: _Run, op: Conv | Dense, ins: list) -> tuple:
     fast = _quantized_int8(r, op, v) if resolve(r.kernel) == "int8" else None
     if fast is not None:
         return fast
-    codes = _codes(op.act, v, r.kernel)
+    codes = _codes(op.act, v, r)
     bounds: Optional[tuple] = (op.act.qmin, op.act.qmax)  # the grid bounds the codes
     if r.record is not None:
         r.record[op.name] = codes.astype(np.int32)
@@ -445,9 +468,10 @@ def _quantized_int8(r: _Run, op: Conv | Dense, v: tuple) -> Optional[tuple]:
     buf = np.zeros((n, h + 2 * pad, w + 2 * pad, width), dtype)
     inner = buf[:, pad:pad + h, pad:pad + w, :c].transpose(0, 3, 1, 2)  # (N, C, H, W) view of the codes
     if scale is None:
-        igemm.quantize_into(arr if conv else arr.reshape(n, c, 1, 1), op.act.scale, op.act.qmin, op.act.qmax, inner)
+        src = _float_input(r, arr if conv else arr.reshape(n, c, 1, 1))
+        igemm.quantize_into(src, op.act.scale, op.act.qmin, op.act.qmax, inner)
     else:
-        inner[...] = _codes(op.act, v, r.kernel).reshape(inner.shape)
+        inner[...] = _codes(op.act, v, r).reshape(inner.shape)
     if r.record is not None:
         r.record[op.name] = inner.astype(np.int32).reshape(arr.shape)
     if depthwise:
@@ -478,10 +502,10 @@ def _add(r: _Run, op: Add, ins: list) -> tuple:
     rounding boundary), then adds the codes."""
     s = np.float64(op.act.scale)
     if not op.shortcut_only:
-        codes = [_codes(op.act, v, r.kernel) for v in ins]
+        codes = [_codes(op.act, v, r) for v in ins]
         total = codes[0] + codes[1]
         return (total.astype(np.int64), np.reshape(s, (1, 1, 1, 1))) if r.integer else (total * s, None)
-    codes = _codes(op.act, ins[1], r.kernel)
+    codes = _codes(op.act, ins[1], r)
     if not r.integer:
         return _dequantize(ins[0]) + codes * s, None
     acc, scale = ins[0]
@@ -496,7 +520,7 @@ def _avgpool(r: _Run, op: AvgPool, ins: list) -> tuple:
     onednn scheme, ``layers.QAvgPool``) it pools its input's codes."""
     arr, scale = ins[0]
     if op.act is not None:
-        arr = _codes(op.act, ins[0], r.kernel)
+        arr = _codes(op.act, ins[0], r)
         scale = np.reshape(np.float64(op.act.scale), (1, 1, 1, 1))
         arr, scale = (arr.astype(np.int64), scale) if r.integer else (arr * scale, None)
     hw = arr.shape[2] * arr.shape[3]
@@ -536,7 +560,7 @@ def _affine(r: _Run, op: Affine, ins: list) -> tuple:
 
 def _concat(r: _Run, op: Concat, ins: list) -> tuple:
     """Both inputs' codes on the concatenation's grid (``layers.QConcat``), side by side."""
-    codes = np.concatenate([_codes(op.act, v, r.kernel) for v in ins], axis=1)
+    codes = np.concatenate([_codes(op.act, v, r) for v in ins], axis=1)
     s = np.float64(op.act.scale)
     return (codes.astype(np.int64), np.reshape(s, (1, 1, 1, 1))) if r.integer else (codes * s, None)
 
@@ -574,10 +598,15 @@ def _run(model: Int8Model, x: np.ndarray, r: _Run) -> np.ndarray:
 
 
 def simulate(model: Int8Model, x: np.ndarray, record: Optional[dict] = None,
-             force: Optional[dict] = None, kernel: str = "fast") -> np.ndarray:
+             force: Optional[dict] = None, kernel: str = "fast", precision: str = "float64") -> np.ndarray:
     """Float-simulated integer inference on normalized float NCHW input; returns logits. ``kernel``:
-    ``fast`` (float32 GEMMs, exact by chunking) or ``reference`` (float64): the same numbers."""
-    return _run(model, x, _Run(False, record, force, kernel))
+    ``fast`` (float32 GEMMs, exact by chunking) or ``reference`` (float64): the same numbers. ``precision``:
+    the values between layers, ``float64`` (the exact codes but within 2**-52 of a rounding boundary) or
+    ``float32`` (each requantization a float32 division, as in the fake-quant graph and ONNX Runtime's
+    dequantized tensors)."""
+    if precision not in ("float64", "float32"):
+        raise ValueError(f"precision must be float64 or float32, got {precision!r}")
+    return _run(model, x, _Run(False, record, force, kernel, precision))
 
 
 def run_integer(model: Int8Model, x: np.ndarray, record: Optional[dict] = None,
@@ -588,9 +617,9 @@ def run_integer(model: Int8Model, x: np.ndarray, record: Optional[dict] = None,
 
 
 def predict(model: Int8Model, images: np.ndarray, engine: str = "sim", batch: int = 200,
-            progress: bool = False, onnx_target: str = "auto") -> np.ndarray:
-    """Logits for uint8 NHWC images with the ``sim``, ``integer`` or ``onnx`` (ONNX Runtime, exported
-    for ``onnx_target``) engine."""
+            progress: bool = False, onnx_target: str = "auto", precision: str = "float64") -> np.ndarray:
+    """Logits for uint8 NHWC images with the ``sim`` (at ``precision``, ``simulate``), ``integer`` or ``onnx``
+    (ONNX Runtime, exported for ``onnx_target``) engine."""
     if engine == "onnx":
         from .onnx_export import build_qdq, runner, session
 
@@ -599,7 +628,7 @@ def predict(model: Int8Model, images: np.ndarray, engine: str = "sim", batch: in
         def fn(_: Int8Model, x: np.ndarray) -> np.ndarray:
             return ort_fn(x)
     else:
-        fn = {"sim": simulate, "integer": run_integer}[engine]
+        fn = {"sim": lambda m, x: simulate(m, x, precision=precision), "integer": run_integer}[engine]
     out = []
     rng = range(0, len(images), batch)
     if progress:
