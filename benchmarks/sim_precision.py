@@ -4,8 +4,8 @@
   python benchmarks/sim_precision.py --qat RUN [--images 2000] [--rounds 2]
 
 Alternates the two precisions ``rounds`` times on the first ``images`` test images (the integer-only
-engine does not depend on it) and prints images/s with the machine. Float64 halves the vector width of
-the requantizing division and doubles the memory the numpy adds and poolings read.
+engine does not depend on it) and prints images/s with the machine. Float32 converts each layer's float64
+output before it divides; float64 divides at half the vector width.
 """
 from __future__ import annotations
 

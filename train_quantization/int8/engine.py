@@ -388,11 +388,17 @@ def _float_input(r: "_Run", arr: np.ndarray) -> np.ndarray:
 
 def _codes(grid: InGrid, v: tuple, r: "_Run") -> np.ndarray:
     """The input codes of a quantized op: float data is quantized (``input_codes``); integer data at
-    scale ``s`` is requantized by the fixed-point multiplier of ``s / s_a`` (``model.requantize``; compiled
-    with the ``int8`` kernel, the same codes)."""
+    scale ``s`` is requantized by the fixed-point multiplier of ``s / s_a`` (``model.requantize``). With the
+    ``int8`` kernel both run compiled: the same codes (float data's as int16, which a sum of two holds)."""
     arr, scale = v
     if scale is None:
-        return input_codes(grid, _float_input(r, arr))
+        src = _float_input(r, arr)
+        dtype = _int8_input((grid.qmin, grid.qmax), any_isa=True)
+        if resolve(r.kernel) == "int8" and src.ndim == 4 and dtype is not None:
+            out = np.empty(src.shape, dtype)
+            igemm.quantize_into(src, grid.scale, grid.qmin, grid.qmax, out)
+            return out.astype(np.int16)
+        return input_codes(grid, src)
     m0, shift = quantize_multiplier(np.ravel(scale / np.float64(grid.scale)))
     if resolve(r.kernel) == "int8" and arr.ndim in (2, 4):
         last = np.moveaxis(arr, 1, -1)  # channels last: a view when the array came from a channels-last GEMM
