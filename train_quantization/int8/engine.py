@@ -386,19 +386,24 @@ def _float_input(r: "_Run", arr: np.ndarray) -> np.ndarray:
     return arr if r.precision == "float64" else arr.astype(np.float32, copy=False)
 
 
+def _quantize_float_into(r: "_Run", grid: InGrid, arr: np.ndarray, out: np.ndarray) -> None:
+    """``input_codes`` of float data (at ``_Run.precision``) written by the compiled pass into the byte view
+    ``out``."""
+    igemm.quantize_into(_float_input(r, arr), grid.scale, grid.qmin, grid.qmax, out)
+
+
 def _codes(grid: InGrid, v: tuple, r: "_Run") -> np.ndarray:
     """The input codes of a quantized op: float data is quantized (``input_codes``); integer data at
     scale ``s`` is requantized by the fixed-point multiplier of ``s / s_a`` (``model.requantize``). With the
     ``int8`` kernel both run compiled: the same codes (float data's as int16, which a sum of two holds)."""
     arr, scale = v
     if scale is None:
-        src = _float_input(r, arr)
         dtype = _int8_input((grid.qmin, grid.qmax), any_isa=True)
-        if resolve(r.kernel) == "int8" and src.ndim == 4 and dtype is not None:
-            out = np.empty(src.shape, dtype)
-            igemm.quantize_into(src, grid.scale, grid.qmin, grid.qmax, out)
+        if resolve(r.kernel) == "int8" and arr.ndim == 4 and dtype is not None:
+            out = np.empty(arr.shape, dtype)
+            _quantize_float_into(r, grid, arr, out)
             return out.astype(np.int16)
-        return input_codes(grid, src)
+        return input_codes(grid, _float_input(r, arr))
     m0, shift = quantize_multiplier(np.ravel(scale / np.float64(grid.scale)))
     if resolve(r.kernel) == "int8" and arr.ndim in (2, 4):
         last = np.moveaxis(arr, 1, -1)  # channels last: a view when the array came from a channels-last GEMM
@@ -474,8 +479,7 @@ def _quantized_int8(r: _Run, op: Conv | Dense, v: tuple) -> Optional[tuple]:
     buf = np.zeros((n, h + 2 * pad, w + 2 * pad, width), dtype)
     inner = buf[:, pad:pad + h, pad:pad + w, :c].transpose(0, 3, 1, 2)  # (N, C, H, W) view of the codes
     if scale is None:
-        src = _float_input(r, arr if conv else arr.reshape(n, c, 1, 1))
-        igemm.quantize_into(src, op.act.scale, op.act.qmin, op.act.qmax, inner)
+        _quantize_float_into(r, op.act, arr if conv else arr.reshape(n, c, 1, 1), inner)
     else:
         inner[...] = _codes(op.act, v, r).reshape(inner.shape)
     if r.record is not None:
