@@ -276,3 +276,39 @@ def test_label_smoothing_loss_against_float64_reference(eps):
     assert np.abs(got - ref).max() <= 1e-5
     with pytest.raises(UserError, match="optim.label_smoothing"):
         from_dict({"optim": {"label_smoothing": 1.0}})
+
+
+def test_weight_average_against_float64_reference(tmp_path):
+    from train_quantization.config import from_dict
+    from train_quantization.errors import UserError
+    from train_quantization.train import WeightAverage
+
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(4, 3, in_channels=2), gluon.nn.BatchNorm(in_channels=4))
+    net.initialize()
+    net.hybridize(static_alloc=True)
+    params = list(net.collect_params().values())
+    rng = np.random.default_rng(0)
+    steps = [[rng.uniform(0.5, 1.5, p.shape) for p in params] for _ in range(4)]  # > 0: also variances
+    avg, d = WeightAverage(net, 0.9), 0.9
+    ref = [v.copy() for v in steps[0]]  # the first step's values start the average
+    for t, values in enumerate(steps):
+        for p, v in zip(params, values):
+            p.set_data(mx.nd.array(v))
+        avg.update()
+        if t > 0:
+            ref = [d * r + (1 - d) * v for r, v in zip(ref, values)]
+    x = mx.nd.array(rng.normal(0, 1, (2, 2, 6, 6)))
+    trained = net(x).asnumpy()
+    with avg.swapped():
+        assert max(np.abs(p.data().asnumpy() - r).max() for p, r in zip(params, ref)) <= 1e-6
+        averaged = net(x).asnumpy()  # the cached graph sees the swapped values
+    assert all((p.data().asnumpy() == np.float32(v)).all() for p, v in zip(params, steps[-1]))
+    assert np.array_equal(net(x).asnumpy(), trained) and not np.allclose(averaged, trained)
+    avg.save(tmp_path / "average.params")
+    again = WeightAverage(net, 0.9)
+    again.load(tmp_path / "average.params")
+    assert all((a.asnumpy() == b.asnumpy()).all() for a, b in zip(again.avg, avg.avg))
+    assert all((p.data().asnumpy() == np.float32(v)).all() for p, v in zip(params, steps[-1]))
+    with pytest.raises(UserError, match="optim.average_decay"):
+        from_dict({"optim": {"average_decay": 1.0}})

@@ -27,10 +27,12 @@ def _train(out, name, *extra):
 
 
 def test_same_seed_same_metrics_and_kill_resume(tmp_path):
-    ref = _train(tmp_path, "ref")
-    assert ref.wait(timeout=300) == 0
+    # with weight averaging on, so that the average too continues where it stopped
+    ref = _train(tmp_path, "ref", "--average-decay", "0.9")
+    plain = _train(tmp_path, "plain")
+    assert ref.wait(timeout=300) == 0 and plain.wait(timeout=300) == 0
 
-    victim = _train(tmp_path, "killed")
+    victim = _train(tmp_path, "killed", "--average-decay", "0.9")
     state = tmp_path / "killed" / "state.json"
     try:
         deadline = time.time() + 240
@@ -63,3 +65,8 @@ def test_same_seed_same_metrics_and_kill_resume(tmp_path):
     ref_steps = [json.loads(ln) for ln in (tmp_path / "ref" / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [s["step"] for s in ref_steps]
     assert steps == ref_steps
+    # the average never feeds back into training: the trained weights test as a run without it
+    plain = _metrics(tmp_path / "plain")
+    assert [m["raw_test_acc"] for m in got] == [m["test_acc"] for m in plain]
+    assert [m["raw_test_loss"] for m in got] == [m["test_loss"] for m in plain]
+    assert got[-1]["test_loss"] != got[-1]["raw_test_loss"]  # and the average is another model

@@ -59,7 +59,8 @@ RUN_FLAGS = (
     Flag("--kvstore", "kvstore", choices=("device", "local", "dist_sync"),
          help="gradient aggregation; dist_sync: run under scripts/launch_dist.py"),
 )
-FLOAT_FLAGS = RUN_FLAGS + (Flag("--epochs", "optim.epochs", int), Flag("--lr", "optim.lr", float, "peak learning rate"))
+FLOAT_FLAGS = RUN_FLAGS + (Flag("--epochs", "optim.epochs", int), Flag("--lr", "optim.lr", float, "peak learning rate"),
+                           Flag("--average-decay", "optim.average_decay", float, "weight averaging decay, 0 off"))
 def _layer_bits(path: str) -> dict:
     """``--layer-bits FILE``: a YAML/JSON mapping of layer -> [weight_bits, act_bits] (sensitivity.py writes one)."""
     import yaml

@@ -57,6 +57,9 @@ class OptimConfig:
     step_epochs: list = field(default_factory=lambda: [])  # step schedule: epochs where lr *= step_factor
     step_factor: float = 0.1
     label_smoothing: float = 0.0  # target = (1 - e) * one_hot + e / classes; 0 = plain cross-entropy
+    # float training: weight averaging, avg = d * avg + (1 - d) * w after each step (0 = off; horizon
+    # 1 / (1 - d) steps); test accuracy and best.params are the average's, the raw weights keep training
+    average_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,9 @@ def _validate(cfg: Config) -> Config:
         raise UserError(f"config key 'qat.wd' must be >= 0 (or null: optim.wd), got {cfg.qat.wd}")
     if not 0.0 <= cfg.optim.label_smoothing < 1.0:
         raise UserError(f"config key 'optim.label_smoothing' must be in [0, 1), got {cfg.optim.label_smoothing}")
+    if not 0.0 <= cfg.optim.average_decay < 1.0:
+        raise UserError(f"config key 'optim.average_decay' must be in [0, 1) (0 = no weight averaging), "
+                        f"got {cfg.optim.average_decay}")
     if not 0.0 <= q.momentum < 1.0:
         raise UserError(f"config key 'quant.momentum' must be in [0, 1), got {q.momentum}")
     drop = cfg.model.conv_dropout

@@ -105,6 +105,10 @@ def plot_curves(runs: list, out: Path) -> None:
                     label=f"{label} test")
             a2.plot([epoch0 + r["epoch"] for r in epochs], [100 * r["train_acc"] for r in epochs], ls=":",
                     label=f"{label} train")
+            raw = [r for r in epochs if "raw_test_acc" in r]  # weight averaging: the trained weights' test accuracy
+            if raw:
+                a2.plot([epoch0 + r["epoch"] for r in raw], [100 * r["raw_test_acc"] for r in raw], ls="--",
+                        label=f"{label} test, trained weights (not averaged)")
             step0, epoch0 = step0 + epochs[-1]["step"], epoch0 + epochs[-1]["epoch"]
     a1.set(xlabel="optimizer step", ylabel="training loss (batch mean)", yscale="log", title="loss")
     a2.set(xlabel="epoch", ylabel="top-1 %", title="accuracy")

@@ -2,7 +2,8 @@
 
 A run folder holds ``config.yaml`` (resolved), ``env.json`` (versions, commit, command),
 ``train.log``, ``metrics.jsonl`` (one JSON object per epoch), ``best.params``,
-``last.params`` and ``last.states`` (trainer state) and ``state.json`` (epoch, step).
+``last.params`` and ``last.states`` (trainer state), ``average.params`` (with
+``optim.average_decay``: the weight average) and ``state.json`` (epoch, step).
 Every file is written to a temporary name and renamed, so a crash never leaves a
 half-written checkpoint.
 """
@@ -18,9 +19,10 @@ import random
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import mxnet as mx
 import numpy as np
@@ -135,7 +137,7 @@ def schedule_of(cfg: Config, qat: bool) -> OptimConfig:
         return cfg.optim
     wd = cfg.optim.wd if cfg.qat.wd is None else cfg.qat.wd
     return dataclasses.replace(cfg.optim, epochs=cfg.qat.epochs, lr=cfg.qat.lr, wd=wd, warmup_epochs=0.0,
-                               schedule="cosine")
+                               schedule="cosine", average_decay=0.0)
 
 
 def make_trainer(net: gluon.Block, cfg: Config, steps_per_epoch: int, qat: bool = False) -> gluon.Trainer:
@@ -244,6 +246,54 @@ class WorkerCheck:
         return diff
 
 
+class WeightAverage:
+    r"""Exponential moving average of every value of a network (Polyak averaging, as timm's
+    ``ModelEmaV2``), BatchNorm's running statistics included:
+
+    .. math:: \bar w_1 = w_1, \qquad \bar w_t = d \, \bar w_{t-1} + (1 - d) \, w_t
+
+    after each optimizer step ``t``. Training never reads the average; ``swapped()`` puts it into
+    the network for evaluation and checkpoints and then restores the trained values exactly.
+    """
+
+    def __init__(self, net: gluon.Block, decay: float):
+        self.net, self.decay = net, decay
+        self.params = list(net.collect_params().values())
+        self.avg: Optional[list] = None  # set by the first update (or load)
+
+    def update(self) -> None:
+        if self.avg is None:
+            self.avg = [p.data().copy() for p in self.params]
+            return
+        for a, p in zip(self.avg, self.params):
+            a *= self.decay
+            a += (1.0 - self.decay) * p.data()
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The average in the network inside the ``with`` block, the trained values after it."""
+        raw = [p.data().copy() for p in self.params]
+        for a, p in zip(self.avg, self.params):
+            p.set_data(a)
+        try:
+            yield
+        finally:
+            for r, p in zip(raw, self.params):
+                p.set_data(r)
+
+    def save(self, path: Path) -> None:
+        with self.swapped():
+            save_params(self.net, path)
+
+    def load(self, path: Path) -> None:
+        """The average from a file written by ``save`` (the network's values are kept)."""
+        raw = [p.data().copy() for p in self.params]
+        self.net.load_parameters(str(path))
+        self.avg = [p.data().copy() for p in self.params]
+        for r, p in zip(raw, self.params):
+            p.set_data(r)
+
+
 def split(batch: Any, ctxs: list) -> list:
     return gluon.utils.split_and_load(batch, ctxs, even_split=False)
 
@@ -312,12 +362,17 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
+def check_resumable(run: Path) -> None:
+    if not (run / "state.json").is_file() or not (run / "last.params").is_file():
+        raise UserError(f"{run} has no completed epoch to resume from (no state.json/last.params); "
+                        "start the run again with --config (and another --name, or delete the folder)")
+
+
 def resume_point(run: Path) -> tuple:
     """(completed epochs, global step, best record, last record) of an interrupted run; drops metrics lines
     of an epoch whose checkpoint was not completed."""
+    check_resumable(run)
     state_file = run / "state.json"
-    if not state_file.is_file() or not (run / "last.params").is_file():
-        raise UserError(f"{run} has no completed epoch to resume from (no state.json/last.params); start it again")
     state = json.loads(state_file.read_text())
     lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
     rows = [json.loads(ln) for ln in lines if ln.strip()]
@@ -370,6 +425,7 @@ class _Loop:
     step: int = 0
     phase: Optional[tuple] = None
     teacher: Optional[gluon.HybridBlock] = None  # distillation: the float model's logits are the soft targets
+    average: Optional[WeightAverage] = None  # optim.average_decay > 0: evaluated and saved as the model
 
     def train_step(self, x: Any, y: Any, epoch: int) -> tuple:
         """One optimizer step; returns ``(summed loss, correct predictions)`` of the batch."""
@@ -384,6 +440,8 @@ class _Loop:
                 [self.loss_fn(o, b, t) for o, b, t in zip(outs, ys, soft)]
         autograd.backward(losses)
         self.trainer.step(x.shape[0] * self.workers)
+        if self.average:
+            self.average.update()
         if qat:
             sync_ranges(net)
             if self.worker_ranges:
@@ -422,6 +480,16 @@ class _Loop:
                 "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                 "epoch_time_s": round(train_time, 2), "images_per_s": round(seen / train_time, 1)}
 
+    def test(self, loader: Any) -> dict:
+        """The epoch's test metrics: of the weight average when there is one (``raw_*``: the trained weights)."""
+        ev = evaluate(self.net, loader, self.norm, self.ctxs)
+        if not self.average:
+            return {"test_loss": ev["loss"], "test_acc": ev["acc"]}
+        with self.average.swapped():
+            avg = evaluate(self.net, loader, self.norm, self.ctxs)
+        return {"test_loss": avg["loss"], "test_acc": avg["acc"], "raw_test_loss": ev["loss"],
+                "raw_test_acc": ev["acc"]}
+
     def checkpoint(self, rec: dict, best: dict) -> dict:
         """Write the epoch's checkpoint, trainer state, metrics row and position; returns the best record."""
         run = self.run
@@ -429,8 +497,13 @@ class _Loop:
         tmp = run / "last.states.tmp"
         self.trainer.save_states(str(tmp))
         os.replace(tmp, run / "last.states")
+        if self.average:
+            self.average.save(run / "average.params")
         if rec["test_acc"] > best["test_acc"]:
-            save_params(self.net, run / "best.params")
+            if self.average:
+                self.average.save(run / "best.params")
+            else:
+                save_params(self.net, run / "best.params")
             best = dict(rec)
         with open(run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -469,26 +542,32 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
         loss_fn = distilled_loss(loss_fn, cfg.qat.distill, cfg.qat.distill_weight)
     best: dict = {"test_acc": -1.0}
     start, step, rec = 0, 0, best
+    decay = schedule_of(cfg, qat).average_decay
+    average = WeightAverage(net, decay) if decay > 0 else None
     if resume:  # before steps.jsonl is opened: resume_point rewrites it
         start, step, best, rec = resume_point(run)
         trainer.load_states(str(run / "last.states"))
         log.info("resuming %s after epoch %d (step %d)", run, start, step)
+        if average and (run / "average.params").is_file():
+            average.load(run / "average.params")
+        elif average:
+            log.info("no average.params: the weight average starts from the weights after epoch %d", start)
     loop = _Loop(net, cfg, run, ctxs, qat, trainer, norm, loss_fn, workers, worker_ranges,
-                 open(run / "steps.jsonl", "a"), step, teacher=teacher)  # steps.jsonl: loss, lr (and ranges)
+                 open(run / "steps.jsonl", "a"), step, teacher=teacher, average=average)  # steps: loss, lr, ranges
     loop.phase = qat_phase(net, cfg, loop.step, None) if qat else None
     for epoch in range(start, epochs):
         rec = loop.train_epoch(epoch, epochs, train_loader)
         worker_diff = worker_check.run(epoch + 1) if worker_check else None
-        ev = evaluate(net, test_loader, norm, ctxs)
-        rec = {**{k: rec[k] for k in ("epoch", "step", "lr", "train_loss", "train_acc")}, "test_loss": ev["loss"],
-               "test_acc": ev["acc"], "epoch_time_s": rec["epoch_time_s"], "images_per_s": rec["images_per_s"]}
+        rec = {**{k: rec[k] for k in ("epoch", "step", "lr", "train_loss", "train_acc")}, **loop.test(test_loader),
+               "epoch_time_s": rec["epoch_time_s"], "images_per_s": rec["images_per_s"]}
         if qat:
             rec["ranges"] = range_summary(net)
         if worker_diff is not None:
             rec["worker_max_diff"] = worker_diff
         best = loop.checkpoint(rec, best)
-        log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f  test_acc %.4f  %.0f img/s  %.1f s", epoch + 1, epochs,
-                 rec["train_loss"], rec["train_acc"], ev["acc"], rec["images_per_s"], rec["epoch_time_s"])
+        log.info("epoch %d/%d  train_loss %.4f  train_acc %.4f  test_acc %.4f  %.0f img/s  %.1f s%s", epoch + 1,
+                 epochs, rec["train_loss"], rec["train_acc"], rec["test_acc"], rec["images_per_s"],
+                 rec["epoch_time_s"], f"  (trained weights {rec['raw_test_acc']:.4f})" if average else "")
     loop.steps_log.close()
     return best, rec
 
@@ -551,6 +630,7 @@ def train_float(cfg: Config, resume: Optional[Path] = None, ds: Optional[data_mo
     net = cli.build_for(cfg, ds, quant=False)
     if resume:
         run = Path(resume)
+        check_resumable(run)
         cli.load_weights(net, run / "last.params", ctxs, expect_ranges=False)
         log_to(run)
     else:
