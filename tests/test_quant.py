@@ -310,5 +310,19 @@ def test_weight_average_against_float64_reference(tmp_path):
     again.load(tmp_path / "average.params")
     assert all((a.asnumpy() == b.asnumpy()).all() for a, b in zip(again.avg, avg.avg))
     assert all((p.data().asnumpy() == np.float32(v)).all() for p, v in zip(params, steps[-1]))
+    # BatchNorm statistics of the average: the mean of each batch's statistics under the averaged weights
+    batches = [(mx.nd.array(rng.normal(0, 1, (5, 2, 6, 6))), None) for _ in range(3)]
+    avg.recompute_bn(batches, lambda v: v, [mx.cpu()], 5)
+    w, b = ref[0], ref[1]  # conv weight and bias; a 3x3 convolution in float64
+    zs = [np.einsum("nchwij,kcij->nkhw", np.lib.stride_tricks.sliding_window_view(x.asnumpy().astype(np.float64),
+                                                                                 (3, 3), axis=(2, 3)), w)
+          + b[None, :, None, None] for x, _ in batches]
+    mean_ref = np.mean([z.mean(axis=(0, 2, 3)) for z in zs], axis=0)
+    var_ref = np.mean([z.var(axis=(0, 2, 3)) for z in zs], axis=0)
+    names = [p.name for p in params]
+    got = {n.rsplit("_", 2)[-2] + "_" + n.rsplit("_", 1)[-1]: a.asnumpy() for n, a in zip(names, avg.avg)}
+    assert np.abs(got["running_mean"] - mean_ref).max() <= 1e-5
+    assert np.abs(got["running_var"] - var_ref).max() <= 1e-5 * var_ref.max()
+    assert all((p.data().asnumpy() == np.float32(v)).all() for p, v in zip(params, steps[-1]))  # net untouched
     with pytest.raises(UserError, match="optim.average_decay"):
         from_dict({"optim": {"average_decay": 1.0}})

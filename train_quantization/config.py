@@ -60,6 +60,9 @@ class OptimConfig:
     # float training: weight averaging, avg = d * avg + (1 - d) * w after each step (0 = off; horizon
     # 1 / (1 - d) steps); test accuracy and best.params are the average's, the raw weights keep training
     average_decay: float = 0.0
+    # >0: before each test pass and save, the average's BatchNorm statistics are recomputed over this many
+    # training batches (SWA's update_bn; averaged statistics do not fit averaged weights)
+    average_bn_batches: int = 50
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,8 @@ def _validate(cfg: Config) -> Config:
     if not 0.0 <= cfg.optim.average_decay < 1.0:
         raise UserError(f"config key 'optim.average_decay' must be in [0, 1) (0 = no weight averaging), "
                         f"got {cfg.optim.average_decay}")
+    if cfg.optim.average_bn_batches < 0:
+        raise UserError(f"config key 'optim.average_bn_batches' must be >= 0, got {cfg.optim.average_bn_batches}")
     if not 0.0 <= q.momentum < 1.0:
         raise UserError(f"config key 'quant.momentum' must be in [0, 1), got {q.momentum}")
     drop = cfg.model.conv_dropout

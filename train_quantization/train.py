@@ -10,6 +10,7 @@ half-written checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from tqdm import tqdm
 from . import data as data_mod
 from .config import Config, OptimConfig, dump_config
 from .errors import UserError
-from .layers import QConv2DBN, quantized_layers, set_quant_state, visit_layer_inputs
+from .layers import BN_MOMENTUM, QConv2DBN, quantized_layers, set_quant_state, visit_layer_inputs
 
 log = logging.getLogger("train_quantization")
 
@@ -281,6 +282,30 @@ class WeightAverage:
             for r, p in zip(raw, self.params):
                 p.set_data(r)
 
+    def recompute_bn(self, loader: Any, norm: Any, ctxs: list, batches: int) -> None:
+        r"""Set the average's BatchNorm running statistics to the mean over ``batches`` training batches of
+        the batch statistics under the averaged weights (SWA's ``update_bn``, Izmailov et al. 2018).
+
+        MXNet updates running statistics in the backward pass, :math:`r \leftarrow m r + (1 - m) s` with
+        ``m = BN_MOMENTUM`` (every BatchNorm here, and Gluon's default): from ``r = 0`` one forward and
+        backward (no optimizer step) leaves ``(1 - m) s``.
+        """
+        stats = [i for i, p in enumerate(self.params) if p.name.endswith(("running_mean", "running_var"))]
+        sums = {i: mx.nd.zeros(self.params[i].shape) for i in stats}
+        n = 0
+        with self.swapped():
+            for x, _ in itertools.islice(loader, batches):
+                for i in stats:
+                    self.params[i].set_data(mx.nd.zeros(self.params[i].shape))
+                with autograd.record():
+                    outs = [self.net(norm(a)) for a in split(x, ctxs)]
+                autograd.backward(outs)
+                for i in stats:
+                    sums[i] += self.params[i].data().as_in_context(mx.cpu()) / (1.0 - BN_MOMENTUM)
+                n += 1
+        for i in stats:
+            self.avg[i][:] = (sums[i] / max(n, 1)).as_in_context(self.avg[i].context)
+
     def save(self, path: Path) -> None:
         with self.swapped():
             save_params(self.net, path)
@@ -426,6 +451,7 @@ class _Loop:
     phase: Optional[tuple] = None
     teacher: Optional[gluon.HybridBlock] = None  # distillation: the float model's logits are the soft targets
     average: Optional[WeightAverage] = None  # optim.average_decay > 0: evaluated and saved as the model
+    bn_loader: Any = None  # training batches that recompute the average's BatchNorm statistics
 
     def train_step(self, x: Any, y: Any, epoch: int) -> tuple:
         """One optimizer step; returns ``(summed loss, correct predictions)`` of the batch."""
@@ -485,6 +511,8 @@ class _Loop:
         ev = evaluate(self.net, loader, self.norm, self.ctxs)
         if not self.average:
             return {"test_loss": ev["loss"], "test_acc": ev["acc"]}
+        if self.bn_loader is not None:
+            self.average.recompute_bn(self.bn_loader, self.norm, self.ctxs, self.cfg.optim.average_bn_batches)
         with self.average.swapped():
             avg = evaluate(self.net, loader, self.norm, self.ctxs)
         return {"test_loss": avg["loss"], "test_acc": avg["acc"], "raw_test_loss": ev["loss"],
@@ -555,6 +583,9 @@ def fit(net: gluon.HybridBlock, cfg: Config, ds: data_mod.Dataset, run: Path, ct
     loop = _Loop(net, cfg, run, ctxs, qat, trainer, norm, loss_fn, workers, worker_ranges,
                  open(run / "steps.jsonl", "a"), step, teacher=teacher, average=average)  # steps: loss, lr, ranges
     loop.phase = qat_phase(net, cfg, loop.step, None) if qat else None
+    if average and cfg.optim.average_bn_batches:  # a fixed subset: the same images every epoch
+        loop.bn_loader = data_mod.calib_loader(shard, cfg.data.batch_size // workers, cfg.optim.average_bn_batches,
+                                               cfg.seed)
     for epoch in range(start, epochs):
         rec = loop.train_epoch(epoch, epochs, train_loader)
         worker_diff = worker_check.run(epoch + 1) if worker_check else None
