@@ -312,7 +312,7 @@ def test_weight_average_against_float64_reference(tmp_path):
     assert all((p.data().asnumpy() == np.float32(v)).all() for p, v in zip(params, steps[-1]))
     # BatchNorm statistics of the average: the mean of each batch's statistics under the averaged weights
     batches = [(mx.nd.array(rng.normal(0, 1, (5, 2, 6, 6))), None) for _ in range(3)]
-    avg.recompute_bn(batches, lambda v: v, [mx.cpu()], 5)
+    avg.recompute_bn(batches, lambda v: v, [mx.cpu()])
     w, b = ref[0], ref[1]  # conv weight and bias; a 3x3 convolution in float64
     zs = [np.einsum("nchwij,kcij->nkhw", np.lib.stride_tricks.sliding_window_view(x.asnumpy().astype(np.float64),
                                                                                  (3, 3), axis=(2, 3)), w)

@@ -82,6 +82,7 @@ def train_qat(cfg: Config, pretrained: Optional[str] = None, resume: Optional[Pa
     train.seed_all(cfg.seed)
     if resume:
         run = Path(resume)
+        train.check_resumable(run)
         net = cli.build_for(cfg, ds, quant=True)
         cli.load_weights(net, run / "last.params", ctxs, expect_ranges=True)
         net.hybridize(static_alloc=True)

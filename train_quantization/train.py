@@ -10,13 +10,13 @@ half-written checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import math
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -271,20 +271,26 @@ class WeightAverage:
             a += (1.0 - self.decay) * p.data()
 
     @contextmanager
-    def swapped(self) -> Iterator[None]:
-        """The average in the network inside the ``with`` block, the trained values after it."""
+    def _restoring(self) -> Iterator[None]:
+        """The network's values after the ``with`` block are those before it, bit for bit."""
         raw = [p.data().copy() for p in self.params]
-        for a, p in zip(self.avg, self.params):
-            p.set_data(a)
         try:
             yield
         finally:
             for r, p in zip(raw, self.params):
                 p.set_data(r)
 
-    def recompute_bn(self, loader: Any, norm: Any, ctxs: list, batches: int) -> None:
-        r"""Set the average's BatchNorm running statistics to the mean over ``batches`` training batches of
-        the batch statistics under the averaged weights (SWA's ``update_bn``, Izmailov et al. 2018).
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The average in the network inside the ``with`` block, the trained values after it."""
+        with self._restoring():
+            for a, p in zip(self.avg, self.params):
+                p.set_data(a)
+            yield
+
+    def recompute_bn(self, loader: Any, norm: Any, ctxs: list) -> None:
+        r"""Set the average's BatchNorm running statistics to the mean over the batches of ``loader`` (training
+        images) of the batch statistics under the averaged weights (SWA's ``update_bn``, Izmailov et al. 2018).
 
         MXNet updates running statistics in the backward pass, :math:`r \leftarrow m r + (1 - m) s` with
         ``m = BN_MOMENTUM`` (every BatchNorm here, and Gluon's default): from ``r = 0`` one forward and
@@ -294,7 +300,7 @@ class WeightAverage:
         sums = {i: mx.nd.zeros(self.params[i].shape) for i in stats}
         n = 0
         with self.swapped():
-            for x, _ in itertools.islice(loader, batches):
+            for x, _ in loader:
                 for i in stats:
                     self.params[i].set_data(mx.nd.zeros(self.params[i].shape))
                 with autograd.record():
@@ -312,11 +318,9 @@ class WeightAverage:
 
     def load(self, path: Path) -> None:
         """The average from a file written by ``save`` (the network's values are kept)."""
-        raw = [p.data().copy() for p in self.params]
-        self.net.load_parameters(str(path))
-        self.avg = [p.data().copy() for p in self.params]
-        for r, p in zip(raw, self.params):
-            p.set_data(r)
+        with self._restoring():
+            self.net.load_parameters(str(path))
+            self.avg = [p.data().copy() for p in self.params]
 
 
 def split(batch: Any, ctxs: list) -> list:
@@ -388,17 +392,16 @@ def _step_of(line: str) -> float:
 
 
 def check_resumable(run: Path) -> None:
+    """Before a resumed run loads ``last.params``: a UserError unless an epoch finished."""
     if not (run / "state.json").is_file() or not (run / "last.params").is_file():
         raise UserError(f"{run} has no completed epoch to resume from (no state.json/last.params); "
                         "start the run again with --config (and another --name, or delete the folder)")
 
 
 def resume_point(run: Path) -> tuple:
-    """(completed epochs, global step, best record, last record) of an interrupted run; drops metrics lines
-    of an epoch whose checkpoint was not completed."""
-    check_resumable(run)
-    state_file = run / "state.json"
-    state = json.loads(state_file.read_text())
+    """(completed epochs, global step, best record, last record) of an interrupted run that passed
+    ``check_resumable``; drops metrics lines of an epoch whose checkpoint was not completed."""
+    state = json.loads((run / "state.json").read_text())
     lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
     rows = [json.loads(ln) for ln in lines if ln.strip()]
     rows = [r for r in rows if r["epoch"] <= state["epoch"]]
@@ -512,7 +515,7 @@ class _Loop:
         if not self.average:
             return {"test_loss": ev["loss"], "test_acc": ev["acc"]}
         if self.bn_loader is not None:
-            self.average.recompute_bn(self.bn_loader, self.norm, self.ctxs, self.cfg.optim.average_bn_batches)
+            self.average.recompute_bn(self.bn_loader, self.norm, self.ctxs)
         with self.average.swapped():
             avg = evaluate(self.net, loader, self.norm, self.ctxs)
         return {"test_loss": avg["loss"], "test_acc": avg["acc"], "raw_test_loss": ev["loss"],
@@ -528,8 +531,9 @@ class _Loop:
         if self.average:
             self.average.save(run / "average.params")
         if rec["test_acc"] > best["test_acc"]:
-            if self.average:
-                self.average.save(run / "best.params")
+            if self.average:  # the model is the average just written
+                shutil.copyfile(run / "average.params", run / "best.params.tmp")
+                os.replace(run / "best.params.tmp", run / "best.params")
             else:
                 save_params(self.net, run / "best.params")
             best = dict(rec)
