@@ -2,12 +2,13 @@
 # The original experiment at full width (docs/results.md): float VGG16-BN without augmentation, QAT W8A8
 # per tensor and per channel, every int8 engine, PTQ vs QAT at W4A8 and W4A4, the speed tables (full width and
 # width 0.25, the ONNX export for this CPU's kernels and for AVX2's).
-# usage: benchmarks/full_width.sh [OUT_DIR]   (hours on a 2-core CPU; every step resumes or is skipped when done)
+# usage: benchmarks/full_width.sh [OUT_DIR [FLOAT_RUN]]   (hours on a 2-core CPU; every step resumes or is skipped
+# when done; FLOAT_RUN, default OUT_DIR/vgg16-noaug-fp32-s0, names a float run of the config to start from)
 set -e
 cd "$(dirname "$0")/.." && . .venv/bin/activate
-O=${1:-runs}; C=configs/cifar10_vgg16.yaml; F=$O/vgg16-noaug-fp32-s0
+O=${1:-runs}; C=configs/cifar10_vgg16.yaml; F=${2:-$O/vgg16-noaug-fp32-s0}
 if [ ! -f $F/result.json ]; then
-  if [ -f $F/state.json ]; then python scripts/train_fp32.py --resume $F; else python scripts/train_fp32.py --config $C --out $O --name vgg16-noaug-fp32-s0; fi
+  if [ -f $F/state.json ]; then python scripts/train_fp32.py --resume $F; else python scripts/train_fp32.py --config $C --out $(dirname $F) --name $(basename $F); fi
 fi
 qat() {  # qat 0|1 (per channel): QAT from the float run, every int8 engine, the comparison table
   local Q=$O/vgg16-noaug-qat-$([ $1 = 1 ] && echo pc || echo pt)-s0
